@@ -1,0 +1,11 @@
+"""Step3_Pretrain_Unet: not implemented yet (see the training-pipeline issue)."""
+import sys
+
+
+def main(argv=None) -> int:
+    print("Step3_Pretrain_Unet: not implemented yet.", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
