@@ -1,0 +1,123 @@
+"""Read and write the landmark CSV files of an image root.
+
+Format (compatible with the original code): one row per image, no header,
+``filename, x0, y0, x1, y1, ..., x67, y67``: the filename (relative to ``IMAGE_ROOT/Dataset/``) and
+136 numbers, the 68 iBUG/300-W points interleaved x then y. Coordinates are pixels of the image file,
+origin top-left, x right, y down, pixel centres at integer coordinates. Integers and floats are both
+accepted (the original parsed with ``int()`` and crashed on floats). Blank lines are skipped.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+
+from utils.errors import DataError
+
+N_LANDMARKS = 68
+N_FIELDS = 1 + 2 * N_LANDMARKS
+
+LandmarkRow = tuple[str, np.ndarray]
+
+
+class LandmarkCSVError(DataError):
+    """A landmark CSV is missing, empty or malformed; the message names the file and the 1-based line."""
+
+
+def _parse_number(text: str, column: int, where: str) -> float:
+    """Parse one coordinate field; `column` is the 0-based field index (1 = x0)."""
+    point, axis = divmod(column - 1, 2)
+    label = f"{'xy'[axis]}{point}"
+    try:
+        value = float(text)
+    except ValueError:
+        hint = " (the CSV must not have a header row)" if where.endswith("line 1") else ""
+        raise LandmarkCSVError(f"{where}: field {column + 1} ({label}) is not a number: {text!r}{hint}") from None
+    if not math.isfinite(value):
+        raise LandmarkCSVError(f"{where}: field {column + 1} ({label}) is not finite: {text!r}")
+    return value
+
+
+def _parse_row(fields: Sequence[str], where: str) -> LandmarkRow:
+    """Turn one CSV row into (filename, (68, 2) float32 array) or raise `LandmarkCSVError`."""
+    if len(fields) != N_FIELDS:
+        raise LandmarkCSVError(
+            f"{where}: expected {N_FIELDS} fields (filename + {N_FIELDS - 1} numbers), found {len(fields)}"
+        )
+    filename = fields[0].strip()
+    if not filename:
+        raise LandmarkCSVError(f"{where}: empty filename in field 1")
+    values = [_parse_number(text.strip(), column, where) for column, text in enumerate(fields[1:], start=1)]
+    return filename, np.asarray(values, dtype=np.float32).reshape(N_LANDMARKS, 2)
+
+
+def _check_images(rows: list[tuple[int, LandmarkRow]], path: Path, image_dir: Path) -> None:
+    """Raise one error listing (up to 5 of) the rows whose image file does not exist."""
+    missing = [(line, name) for line, (name, _) in rows if not (image_dir / name).is_file()]
+    if not missing:
+        return
+    shown = "; ".join(f"line {line}: {name!r}" for line, name in missing[:5])
+    more = f" (and {len(missing) - 5} more)" if len(missing) > 5 else ""
+    raise LandmarkCSVError(
+        f"{path}: {len(missing)} image file(s) not found in {image_dir}: {shown}{more}; "
+        "filenames must be relative to IMAGE_ROOT/Dataset/"
+    )
+
+
+def read_landmarks_csv(
+    path: str | Path, image_dir: str | Path | None = None, allow_empty: bool = False
+) -> list[LandmarkRow]:
+    """Read a landmark CSV.
+
+    Args:
+        path: the CSV file.
+        image_dir: when given, every filename must name an existing file under this folder.
+        allow_empty: return ``[]`` for a CSV without rows instead of raising.
+    Returns:
+        ``[(filename, landmarks)]`` in file order; landmarks is a ``(68, 2)`` float32 array of pixel
+        coordinates (x right, y down) in the frame of the image file.
+    Raises:
+        LandmarkCSVError: the file is missing, has no rows, or a row is malformed (the message names
+        the file, the 1-based line number and the problem).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise LandmarkCSVError(f"landmark CSV not found: {path}")
+    rows: list[tuple[int, LandmarkRow]] = []
+    with path.open(newline="", encoding="utf-8-sig") as handle:
+        reader = csv.reader(handle)
+        try:
+            for fields in reader:
+                if all(not field.strip() for field in fields):
+                    continue
+                rows.append((reader.line_num, _parse_row(fields, f"{path} line {reader.line_num}")))
+        except (csv.Error, UnicodeDecodeError) as err:
+            raise LandmarkCSVError(f"{path} line {reader.line_num + 1}: cannot parse CSV: {err}") from None
+    if not rows and not allow_empty:
+        raise LandmarkCSVError(f"{path}: no rows (expected one line per image: filename, x0, y0, ..., x67, y67)")
+    if image_dir is not None:
+        _check_images(rows, path, Path(image_dir))
+    return [row for _, row in rows]
+
+
+def write_landmarks_csv(path: str | Path, rows: Iterable[tuple[str, np.ndarray]]) -> None:
+    """Write ``[(filename, (68, 2) array)]`` in the format `read_landmarks_csv` reads (3 decimals).
+
+    The parent folder is created if needed.
+    """
+    path = Path(path)
+    lines = []
+    for filename, landmarks in rows:
+        points = np.asarray(landmarks, dtype=np.float64)
+        if points.shape != (N_LANDMARKS, 2) or not np.isfinite(points).all():
+            raise DataError(f"{path}: landmarks of {filename!r} must be a finite (68, 2) array, got {points.shape}")
+        if not filename or "\n" in filename:
+            raise DataError(f"{path}: invalid filename {filename!r}")
+        lines.append([filename] + [f"{value:.3f}" for value in points.reshape(-1)])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", newline="", encoding="utf-8") as handle:
+        csv.writer(handle, lineterminator="\n").writerows(lines)
