@@ -1,0 +1,230 @@
+"""Self-describing, atomically written training checkpoints (state dicts only, never pickled modules).
+
+A checkpoint is one ``torch.save``d dict:
+    {"format": "mofa-ckpt-v1", "step": int, "models": {name: state_dict}, "optimizers": {name: state_dict},
+     "schedulers": {name: state_dict}, "config": dict (JSON-able, the resolved run config),
+     "rng": {"torch", "cuda", "numpy", "python"}, "extra": dict or None}
+It contains only tensors and plain Python values, so it is loaded with ``torch.load(weights_only=True)``.
+Every file is written to a temporary file in the same directory, fsynced, then moved into place with
+``os.replace``: a crash mid-write leaves the previous file intact.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import random
+import re
+import shutil
+import tempfile
+from argparse import Namespace
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import numpy as np
+import torch
+from torch import nn
+
+from utils.errors import MofaError
+
+FORMAT = "mofa-ckpt-v1"
+LATEST_NAME = "latest.pt"
+CONFIG_NAME = "config.json"
+_CKPT_RE = re.compile(r"^ckpt_(\d+)\.pt$")
+
+
+class CheckpointError(MofaError):
+    """A checkpoint is missing, unreadable, of another format, or does not fit the networks."""
+
+
+def _atomic_write(path: Path, write: Callable[[Any], None]) -> None:
+    """Call ``write(binary file)`` on a temp file beside ``path``, fsync it and rename it over ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _reject_modules(obj: Any, where: str = "payload") -> None:
+    if isinstance(obj, nn.Module):
+        raise TypeError(f"save_checkpoint: {where} is an nn.Module; save its state_dict() instead")
+    if isinstance(obj, Mapping):
+        for key, value in obj.items():
+            _reject_modules(value, f"{where}[{key!r}]")
+    elif isinstance(obj, (list, tuple)):
+        for i, value in enumerate(obj):
+            _reject_modules(value, f"{where}[{i}]")
+
+
+def save_checkpoint(path: str | Path, payload: dict) -> None:
+    """Write ``payload`` to ``path`` atomically (temp file in the same directory, fsync, os.replace)."""
+    _reject_modules(payload)
+    _atomic_write(Path(path), lambda f: torch.save(payload, f))
+
+
+def config_to_dict(config: Any) -> dict:
+    """A JSON-able dict from a dict, dataclass or argparse Namespace (paths and other objects become str)."""
+    if config is None:
+        return {}
+    if dataclasses.is_dataclass(config) and not isinstance(config, type):
+        config = dataclasses.asdict(config)
+    elif isinstance(config, Namespace):
+        config = vars(config)
+    if not isinstance(config, Mapping):
+        raise TypeError(f"config must be a dict, dataclass or Namespace, got {type(config).__name__}")
+    return json.loads(json.dumps(dict(config), default=str))
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    """The wrapped module of DistributedDataParallel / DataParallel, else the model itself."""
+    return model.module if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)) else model
+
+
+def rng_state() -> dict:
+    """Current states of torch (CPU and every CUDA device), numpy and Python ``random``, as plain values."""
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "numpy": {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+        "python": random.getstate(),
+    }
+
+
+def set_rng_state(state: Mapping) -> None:
+    """Restore states saved by ``rng_state``; CUDA states are restored for the devices present."""
+    torch.set_rng_state(state["torch"].cpu())
+    cuda = state.get("cuda") or []
+    if cuda and torch.cuda.is_available():
+        n = min(len(cuda), torch.cuda.device_count())
+        torch.cuda.set_rng_state_all([s.cpu() for s in cuda[:n]])
+    npy = state["numpy"]
+    np.random.set_state((npy["name"], npy["keys"].cpu().numpy().astype(np.uint32), npy["pos"], npy["has_gauss"],
+                         npy["cached_gaussian"]))
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+
+
+def save_training_state(directory: str | Path, step: int, models: Mapping[str, nn.Module],
+                        optimizers: Mapping[str, Any] | None = None, schedulers: Mapping[str, Any] | None = None,
+                        config: Any = None, extra: dict | None = None, keep_latest: bool = True) -> Path:
+    """Write ``ckpt_{step:06d}.pt`` (and ``latest.pt`` if keep_latest) plus ``config.json`` into ``directory``.
+
+    models: name -> module (DDP wrappers are unwrapped); optimizers / schedulers: name -> object with
+    ``state_dict()``. Call it on the main process only. Returns the path of the step checkpoint.
+    """
+    directory = Path(directory)
+    cfg = config_to_dict(config)
+    payload = {
+        "format": FORMAT,
+        "step": int(step),
+        "models": {name: _unwrap(m).state_dict() for name, m in models.items()},
+        "optimizers": {name: o.state_dict() for name, o in (optimizers or {}).items()},
+        "schedulers": {name: s.state_dict() for name, s in (schedulers or {}).items()},
+        "config": cfg,
+        "rng": rng_state(),
+        "extra": extra,
+    }
+    path = directory / f"ckpt_{int(step):06d}.pt"
+    save_checkpoint(path, payload)
+    if keep_latest:
+        _atomic_write(directory / LATEST_NAME, lambda f: _copy_into(path, f))
+    _atomic_write(directory / CONFIG_NAME, lambda f: f.write((json.dumps(cfg, indent=2) + "\n").encode()))
+    return path
+
+
+def _copy_into(src: Path, f) -> None:
+    with open(src, "rb") as s:
+        shutil.copyfileobj(s, f)
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu", hint: str | None = None) -> dict:
+    """Load and validate a checkpoint written by ``save_checkpoint`` / ``save_training_state``.
+
+    hint: what the user should do if the file is missing (e.g. "run Step1_Pretrain_MoFA.py first").
+    Raises CheckpointError naming the file when it is missing, unreadable or not a mofa-ckpt-v1 checkpoint.
+    """
+    path = Path(path)
+    todo = hint or "check the path, or run the step that writes it"
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} not found: {todo}")
+    try:
+        payload = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as exc:  # torch raises several types for truncated / foreign files
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(f"checkpoint {path} is corrupt or unreadable ({reason}): {todo}") from None
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        found = payload.get("format") if isinstance(payload, dict) else type(payload).__name__
+        raise CheckpointError(f"{path} is not a {FORMAT} checkpoint (format: {found!r}): pass a checkpoint "
+                              "written by this project's steps")
+    return payload
+
+
+def _short(keys: list[str], limit: int = 5) -> str:
+    shown = ", ".join(keys[:limit])
+    return shown + (f" (+{len(keys) - limit} more)" if len(keys) > limit else "")
+
+
+def load_model_state(model: nn.Module, state: Mapping[str, torch.Tensor], name: str) -> None:
+    """Load ``state`` into ``model`` (DDP unwrapped) with strict=True; CheckpointError on any mismatch."""
+    target = _unwrap(model)
+    expected, got = set(target.state_dict()), set(state)
+    missing, unexpected = sorted(expected - got), sorted(got - expected)
+    if missing or unexpected:
+        raise CheckpointError(f"model '{name}' does not match the checkpoint: missing keys [{_short(missing)}], "
+                              f"unexpected keys [{_short(unexpected)}]")
+    try:
+        target.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        detail = " ".join(line.strip() for line in str(exc).splitlines()[1:3])
+        raise CheckpointError(f"model '{name}' does not match the checkpoint: {detail}") from None
+
+
+def _section(payload: dict, key: str, name: str) -> Any:
+    section = payload.get(key) or {}
+    if name not in section:
+        raise CheckpointError(f"checkpoint has no {key[:-1]} '{name}' (it has: {sorted(section)})")
+    return section[name]
+
+
+def restore_training_state(payload: dict, models: Mapping[str, nn.Module],
+                           optimizers: Mapping[str, Any] | None = None, schedulers: Mapping[str, Any] | None = None,
+                           restore_rng: bool = True) -> int:
+    """Load the named models (strictly), optimizers and schedulers from ``payload``; optionally the RNG states.
+
+    Returns the checkpoint's step. Raises CheckpointError naming the model/optimizer on any mismatch.
+    """
+    for name, model in models.items():
+        load_model_state(model, _section(payload, "models", name), name)
+    for name, opt in (optimizers or {}).items():
+        try:
+            opt.load_state_dict(_section(payload, "optimizers", name))
+        except (ValueError, KeyError) as exc:
+            raise CheckpointError(f"optimizer '{name}' does not match the checkpoint: {exc}") from None
+    for name, sched in (schedulers or {}).items():
+        sched.load_state_dict(_section(payload, "schedulers", name))
+    if restore_rng and payload.get("rng"):
+        set_rng_state(payload["rng"])
+    return int(payload["step"])
+
+
+def find_latest(directory: str | Path) -> Path | None:
+    """The highest-step ``ckpt_*.pt`` in ``directory``, else ``latest.pt`` if present, else None."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return None
+    steps = [(int(m.group(1)), p) for p in directory.iterdir() if (m := _CKPT_RE.match(p.name)) and p.is_file()]
+    if steps:
+        return max(steps)[1]
+    latest = directory / LATEST_NAME
+    return latest if latest.is_file() else None
