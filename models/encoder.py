@@ -1,0 +1,88 @@
+"""ResNet encoder: image -> post-scaled face coefficients (section 5 of the reference design)."""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+import torchvision
+from torch import nn
+
+from models.errors import WeightsError
+from models.layout import CoeffLayout
+
+logger = logging.getLogger(__name__)
+
+ARCHS = ("resnet18", "resnet34", "resnet50")
+TEX_SCALE = 3.0
+ANGLE_SCALE = 0.3
+TZ_SCALE = 0.005
+
+
+def output_scale(layout: CoeffLayout) -> torch.Tensor:
+    """`(total,)` post-scaling of the raw head output: tex x3, angles x0.3, t_z x0.005, everything else x1."""
+    scale = torch.ones(layout.total)
+    scale[layout.slice("tex")] = TEX_SCALE
+    scale[layout.slice("angles")] = ANGLE_SCALE
+    scale[layout.slice("trans").stop - 1] = TZ_SCALE
+    return scale
+
+
+class ResNetEncoder(nn.Module):
+    """torchvision ResNet whose `fc` is a zero-initialised `Linear(features, layout.total)`.
+
+    Input `(B, 3, H, W)` RGB in [0, 1] (no ImageNet normalisation, as the original); output `(B, layout.total)`
+    post-scaled coefficients (all zeros at initialisation: mean face, default pose and light).
+    `weights_path`: a local torchvision ImageNet state dict for the backbone (its `fc.*` entries are ignored);
+    nothing is ever downloaded.
+    """
+
+    def __init__(self, layout: CoeffLayout = CoeffLayout(), arch: str = "resnet50",
+                 weights_path: str | Path | None = None) -> None:
+        super().__init__()
+        if arch not in ARCHS:
+            raise ValueError(f"unknown encoder arch {arch!r}; expected one of {ARCHS}")
+        self.layout = layout
+        self.arch = arch
+        self.backbone = getattr(torchvision.models, arch)(weights=None)
+        if weights_path is None:
+            logger.info("ResNetEncoder(%s): no weights_path given, backbone randomly initialised "
+                        "(the original started from ImageNet weights)", arch)
+        else:
+            _load_backbone(self.backbone, Path(weights_path), arch)
+        head = nn.Linear(self.backbone.fc.in_features, layout.total)
+        nn.init.zeros_(head.weight)
+        nn.init.zeros_(head.bias)
+        self.backbone.fc = head
+        self.register_buffer("scale", output_scale(layout), persistent=False)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """`(B, 3, H, W)` in [0, 1] -> `(B, layout.total)` post-scaled coefficients."""
+        if images.ndim != 4 or images.shape[1] != 3:
+            raise ValueError(f"images must be (B, 3, H, W), got {tuple(images.shape)}")
+        return self.backbone(images) * self.scale
+
+
+def _load_backbone(backbone: nn.Module, path: Path, arch: str) -> None:
+    """Load an ImageNet state dict into `backbone` strictly, except for its `fc.*` entries."""
+    if not path.is_file():
+        raise WeightsError(f"encoder weights file not found: {path} (expected a local torchvision {arch} "
+                           f"ImageNet state dict; give none to start from random weights)")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch.load raises many types for corrupt / foreign files
+        raise WeightsError(f"{path}: cannot be read as a torch state dict ({err})") from None
+    if not isinstance(state, dict):
+        raise WeightsError(f"{path}: expected a state dict, got {type(state).__name__}")
+    state = {k: v for k, v in state.items() if not k.startswith("fc.")}
+    expected = {k for k in backbone.state_dict() if not k.startswith("fc.")}
+    missing, unexpected = sorted(expected - state.keys()), sorted(state.keys() - expected)
+    if missing or unexpected:
+        raise WeightsError(f"{path}: not a torchvision {arch} state dict (missing {missing[:3]}, "
+                           f"unexpected {unexpected[:3]}, {len(missing)} / {len(unexpected)} in all)")
+    reference = backbone.state_dict()
+    for key in sorted(expected):
+        found, wanted = tuple(getattr(state[key], "shape", ())), tuple(reference[key].shape)
+        if found != wanted:
+            raise WeightsError(f"{path}: '{key}' has shape {found}, torchvision {arch} expects {wanted}")
+    backbone.load_state_dict(state, strict=False)
