@@ -46,6 +46,16 @@ def read_mask(path: str | Path) -> np.ndarray:
     return (mask.astype(np.float32) >= 0.5 * full_scale).astype(np.float32)
 
 
+def resize_mask(mask: np.ndarray, height: int, width: int) -> np.ndarray:
+    """Resize a ``(H, W)`` {0, 1} mask smoothly (area when shrinking, else bilinear) and re-binarise at 0.5."""
+    if mask.shape == (height, width):
+        return mask.astype(np.float32)
+    shrinking = height <= mask.shape[0] and width <= mask.shape[1]
+    interpolation = cv2.INTER_AREA if shrinking else cv2.INTER_LINEAR
+    resized = cv2.resize(mask.astype(np.float32), (width, height), interpolation=interpolation)
+    return (resized >= 0.5).astype(np.float32)
+
+
 def _to_numpy_hwc(image: np.ndarray | torch.Tensor) -> np.ndarray:
     """Tensor ``(3, H, W)`` / ``(1, H, W)`` -> numpy ``(H, W, C)``; numpy is returned unchanged."""
     if isinstance(image, torch.Tensor):
