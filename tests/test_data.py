@@ -114,7 +114,8 @@ def test_csv_missing_image_reports_line(tmp_path):
     path = tmp_path / "train_landmarks_3D.csv"
     path.write_text("\n".join([GOOD, GOOD.replace("ok.png", "gone.png")]) + "\n")
     assert len(read_landmarks_csv(path)) == 2
-    with pytest.raises(LandmarkCSVError, match=r"train_landmarks_3D.csv: 1 image file\(s\) not found .*line 2: 'gone.png'"):
+    expected = r"train_landmarks_3D.csv: 1 image file\(s\) not found .*line 2: 'gone.png'"
+    with pytest.raises(LandmarkCSVError, match=expected):
         read_landmarks_csv(path, image_dir=tmp_path / "Dataset")
 
 
@@ -211,6 +212,7 @@ def test_dataset_item_shapes_and_ranges(tmp_path):
     assert item["image"].shape == (3, 32, 32) and item["image"].dtype == torch.float32
     assert 0.0 <= item["image"].min() and item["image"].max() <= 1.0
     assert item["landmarks"].shape == (68, 2) and item["index"] == 2
+    assert dataset.filenames == [f"face_{i}.png" for i in range(4)] and dataset.split == "train"
     assert "filename" not in item and "gt_mask" not in item
 
 

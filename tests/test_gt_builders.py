@@ -10,7 +10,7 @@ from utils import ar_gt, celebamask_gt
 from utils.ar_gt import LABEL_COLOURS, ar_category, ar_visible_skin
 from utils.celebamask_gt import compose_visible_skin
 from utils.errors import DataError
-from utils.image_io import read_image_rgb, read_mask, write_image_rgb, write_mask
+from utils.image_io import read_image_rgb, read_mask, write_image_rgb
 
 
 def _box(shape, y0, y1, x0, x1) -> np.ndarray:
@@ -61,10 +61,12 @@ def test_compose_visible_skin_rejects_bad_labels():
 def _write_celeba(root, ids, n_img=64, n_lab=32):
     rng = np.random.default_rng(0)
     for image_id in ids:
-        write_image_rgb(root / "CelebA-HQ-img" / f"{image_id}.jpg", rng.integers(0, 255, (n_img, n_img, 3), dtype=np.uint8))
+        image = rng.integers(0, 255, (n_img, n_img, 3), dtype=np.uint8)
+        write_image_rgb(root / "CelebA-HQ-img" / f"{image_id}.jpg", image)
         folder = root / "CelebAMask-HQ-mask-anno" / str(image_id // 2000)
         for name, label in _celeba_labels(n_lab).items():
-            write_image_rgb(folder / f"{image_id:05d}_{name}.png", np.repeat((label * 255).astype(np.uint8)[..., None], 3, 2))
+            grey3 = np.repeat((label * 255).astype(np.uint8)[..., None], 3, axis=2)
+            write_image_rgb(folder / f"{image_id:05d}_{name}.png", grey3)
 
 
 def test_compose_from_the_annotation_folder(tmp_path):
@@ -79,7 +81,8 @@ def test_compose_from_the_annotation_folder(tmp_path):
 def test_celebamask_cli(tmp_path, capsys):
     _write_celeba(tmp_path / "celeba", [0, 1, 2])
     out = tmp_path / "root"
-    assert celebamask_gt.main(["--celeba_root", str(tmp_path / "celeba"), "--out", str(out), "--size", "16", "--limit", "2"]) == 0
+    args = ["--celeba_root", str(tmp_path / "celeba"), "--out", str(out)]
+    assert celebamask_gt.main(args + ["--size", "16", "--limit", "2"]) == 0
     assert "detect_landmarks" in capsys.readouterr().out
     written = sorted(p.name for p in (out / "Dataset").iterdir())
     assert written == ["0.png", "0_visible_skin_mask.png", "1.png", "1_visible_skin_mask.png"]

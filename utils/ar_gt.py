@@ -170,7 +170,9 @@ def run(args: argparse.Namespace) -> list[str]:
         raise DataError(f"--size must be positive, got {args.size}")
     pairs = match_labels(image_dir, label_dir)
     if not pairs:
-        raise DataError(f"no label in {label_dir} matches an image in {image_dir} (label X.png or X_*.png for image X.*)")
+        raise DataError(
+            f"no label in {label_dir} matches an image in {image_dir} (label X.png or X_*.png for image X.*)"
+        )
     image_root = ImageRoot(args.out)
     written = [convert_pair(i, lab, image_root, args.size, args.tolerance) for i, lab in tqdm(pairs, desc="ar_gt")]
     with (image_root.root / "ar_categories.csv").open("w", newline="") as handle:
@@ -186,8 +188,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     out = ImageRoot(args.out)
-    print(f"wrote {len(written)} images + visible-skin masks to {out.dataset_dir} (categories: {out.root / 'ar_categories.csv'})")
-    print(f"no landmarks were produced: run `python -m utils.detect_landmarks --images {out.dataset_dir} --out ALIGNED_ROOT`")
+    print(f"wrote {len(written)} images + visible-skin masks to {out.dataset_dir}")
+    print(f"categories: {out.root / 'ar_categories.csv'}")
+    print("no landmarks were produced: run "
+          f"`python -m utils.detect_landmarks --images {out.dataset_dir} --out ALIGNED_ROOT`")
     return 0
 
 

@@ -135,7 +135,9 @@ def run(args: argparse.Namespace) -> tuple[int, list[int]]:
     if not ids:
         raise DataError(f"--celeba_root {args.celeba_root}: no images selected")
     image_root = ImageRoot(args.out)
-    skipped = [i for i in tqdm(ids, desc="celebamask_gt") if not convert_image(args.celeba_root, i, image_root, args.size)]
+    skipped = [
+        i for i in tqdm(ids, desc="celebamask_gt") if not convert_image(args.celeba_root, i, image_root, args.size)
+    ]
     return len(ids) - len(skipped), skipped
 
 

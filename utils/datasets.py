@@ -94,6 +94,11 @@ class FaceDataset(Dataset):
     def __len__(self) -> int:
         return len(self.rows)
 
+    @property
+    def filenames(self) -> list[str]:
+        """Filenames of the split, relative to ``IMAGE_ROOT/Dataset``, in CSV (= index) order."""
+        return [filename for filename, _ in self.rows]
+
     def _load_gt_mask(self, image_path: Path) -> torch.Tensor | None:
         path = gt_mask_path(image_path)
         if not path.is_file():

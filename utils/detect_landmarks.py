@@ -111,8 +111,10 @@ def warp_to_crop(image: np.ndarray, matrix: np.ndarray, size: int, interpolation
         image = cv2.resize(image, (small_w, small_h), interpolation=cv2.INTER_AREA)
         fx, fy = small_w / width, small_h / height
         small_to_full = np.array([[1 / fx, 0, 0.5 / fx - 0.5], [0, 1 / fy, 0.5 / fy - 0.5]])
-        matrix = np.hstack([matrix[:, :2] @ small_to_full[:, :2], (matrix[:, :2] @ small_to_full[:, 2] + matrix[:, 2])[:, None]])
-    return cv2.warpAffine(image, matrix, (size, size), flags=interpolation, borderMode=cv2.BORDER_CONSTANT, borderValue=0)
+        linear = matrix[:, :2] @ small_to_full[:, :2]
+        offset = matrix[:, :2] @ small_to_full[:, 2] + matrix[:, 2]
+        matrix = np.hstack([linear, offset[:, None]])
+    return cv2.warpAffine(image, matrix, (size, size), flags=interpolation, borderMode=cv2.BORDER_CONSTANT)
 
 
 def align_face(image: np.ndarray, landmarks68: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
@@ -142,7 +144,9 @@ def predictor_path() -> Path:
         path = Path(folder) / "models" / "shape_predictor_68_face_landmarks.dat"
         if path.is_file():
             return path
-    raise LandmarkExtraMissing(f"the 68-point dlib model (package face-recognition-models) is missing: {REQUIREMENTS_HINT}")
+    raise LandmarkExtraMissing(
+        f"the 68-point dlib model (package face-recognition-models) is missing: {REQUIREMENTS_HINT}"
+    )
 
 
 def load_dlib() -> tuple[Any, Any]:
@@ -205,20 +209,22 @@ def split_rows(rows: list, fractions: tuple[float, float, float], seed: int) -> 
     return splits
 
 
-def process_image(path: Path, relative: Path, models: tuple[Any, Any], size: int, root: ImageRoot) -> tuple[str, np.ndarray]:
+def process_image(
+    path: Path, relative: Path, models: tuple[Any, Any], size: int, root: ImageRoot
+) -> tuple[str, np.ndarray]:
     """Align one image (and its GT mask, if any) into the image root; DataError when no face is found."""
     image = read_image_rgb(path)
+    mask_path = gt_mask_path(path)
+    mask = read_mask(mask_path) if mask_path.is_file() else None
+    if mask is not None and mask.shape != image.shape[:2]:
+        raise DataError(f"GT mask {mask_path.name} is {mask.shape}, image is {image.shape[:2]}")
     landmarks = detect_landmarks68(image, *models)
     if landmarks is None:
         raise DataError("no face found")
     matrix = alignment_matrix(landmarks, size)
     filename = relative.with_suffix(".png").as_posix()
     write_image_rgb(root.dataset_dir / filename, warp_to_crop(image, matrix, size))
-    mask_path = gt_mask_path(path)
-    if mask_path.is_file():
-        mask = read_mask(mask_path)
-        if mask.shape != image.shape[:2]:
-            raise DataError(f"GT mask {mask_path.name} is {mask.shape}, image is {image.shape[:2]}")
+    if mask is not None:
         write_mask(gt_mask_path(root.dataset_dir / filename), warp_to_crop(mask, matrix, size) >= 0.5)
     return filename, transform_points(landmarks, matrix).astype(np.float32)
 
@@ -255,7 +261,10 @@ def align_folder(args: argparse.Namespace) -> tuple[int, list[str]]:
     root.root.mkdir(parents=True, exist_ok=True)
     (root.root / "no_face_found.txt").write_text("".join(line + "\n" for line in skipped))
     if not rows:
-        raise DataError(f"no face found in any of the {len(paths)} images under {image_dir} (see {root.root / 'no_face_found.txt'})")
+        raise DataError(
+            f"no face found in any of the {len(paths)} images under {image_dir} "
+            f"(see {root.root / 'no_face_found.txt'})"
+        )
     for split, split_rows_ in split_rows(rows, fractions, args.seed).items():
         write_landmarks_csv(root.root / f"{split}_landmarks_3D.csv", split_rows_)
     return len(rows), skipped
