@@ -38,7 +38,8 @@ def light_with_offset(light: torch.Tensor) -> torch.Tensor:
     """
     if light.ndim != 2 or light.shape[-1] != N_LIGHT:
         raise ValueError(f"light must be (B, {N_LIGHT}), got {tuple(light.shape)}")
-    offset = torch.tensor(SH_INIT, dtype=light.dtype, device=light.device)
+    offset = torch.zeros(N_LIGHT, dtype=light.dtype, device=light.device)  # built on the device: no host copy
+    offset[::N_SH_BASIS] = SH_DC_OFFSET
     return light + offset
 
 
