@@ -58,7 +58,8 @@ def _shape_ok(found: tuple[int, ...], expected: tuple[int | AtLeast | None, ...]
 
 def _read(h5, key: str, expected: tuple[int | AtLeast | None, ...], path: Path) -> np.ndarray:
     """Read dataset `key`, checking its shape; `None` in `expected` matches any size."""
-    shown = "(" + ", ".join("any" if e is None else str(e) for e in expected) + ")"
+    entries = ["any" if e is None else str(e) for e in expected]
+    shown = f"({entries[0]},)" if len(entries) == 1 else "(" + ", ".join(entries) + ")"
     if key not in h5:
         raise FaceModelError(f"{path}: key '{key}' is missing (expected a dataset of shape {shown}); "
                              f"is this a BFM2017 h5 file?")

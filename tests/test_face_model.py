@@ -75,8 +75,8 @@ def test_linearity(tiny):
     assert_close(sum_offset, parts, atol=1e-3, msg="v(a+b) - mean")
     tex_a, tex_b = torch.randn(2, 80), torch.randn(2, 80)
     mean_alb = tiny.mean_albedo
-    assert_close(tiny.albedo(tex_a + tex_b) - mean_alb, (tiny.albedo(tex_a) - mean_alb) + (tiny.albedo(tex_b) - mean_alb),
-                 atol=1e-5, msg="albedo linearity")
+    separate = (tiny.albedo(tex_a) - mean_alb) + (tiny.albedo(tex_b) - mean_alb)
+    assert_close(tiny.albedo(tex_a + tex_b) - mean_alb, separate, atol=1e-5, msg="albedo linearity")
 
 
 def test_wrong_coefficient_sizes_raise(tiny):
@@ -172,7 +172,7 @@ def test_missing_key_names_the_key(tmp_path):
 
 def test_wrong_shape_names_key_found_and_expected(tmp_path):
     path = _write_variant(tmp_path, color__model__mean=np.zeros(100, np.float32))
-    with pytest.raises(FaceModelError, match=r"'color/model/mean' has shape \(100,\), expected \(1125\)"):
+    with pytest.raises(FaceModelError, match=r"'color/model/mean' has shape \(100,\), expected \(1125,\)"):
         FaceModel.from_h5(path)
 
 

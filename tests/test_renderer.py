@@ -1,6 +1,7 @@
 """FaceRenderer and MoFA end to end on the tiny BFM-layout model."""
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -12,7 +13,7 @@ from models.face_model import FaceModel
 from models.layout import CoeffLayout
 from models.mofa import MoFA
 from models.renderer import FaceRenderer
-from tests.helpers import assert_close
+from tests.helpers import assert_close, requires_cuda
 
 SIZE = 128
 
@@ -145,3 +146,15 @@ def test_demo_face_model_renders(demo_bfm_h5):
     out = renderer(renderer.layout.zeros(1))
     assert 0.05 < float(out.mask.mean()) < 0.95, "the demo face should fill part of the 224 px image"
     assert bool(((out.landmarks >= 0) & (out.landmarks <= 223)).all()), "landmarks leave the image"
+
+
+@requires_cuda
+def test_cuda_render_matches_cpu(renderer):
+    coeffs = 0.2 * torch.randn(2, renderer.layout.total)
+    cpu = renderer(coeffs)
+    gpu = copy.deepcopy(renderer).to("cuda")(coeffs.to("cuda"))
+    assert_close(gpu.screen, cpu.screen, atol=1e-3, msg="screen vertices on CUDA")
+    mismatch = (gpu.mask.cpu() != cpu.mask).float().mean()
+    assert float(mismatch) < 1e-3, f"{float(mismatch):.2%} of mask pixels differ between CUDA and CPU"
+    same = (gpu.mask.cpu() == cpu.mask).expand_as(cpu.image)
+    assert_close(gpu.image.cpu()[same], cpu.image[same], atol=1e-3, msg="image on CUDA")
