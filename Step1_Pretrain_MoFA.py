@@ -1,11 +1,122 @@
-"""Step1_Pretrain_MoFA: not implemented yet (see the training-pipeline issue)."""
-import sys
+"""Step 1: pretrain MoFA (encoder + face model + renderer) with the occlusion-robust photometric loss.
+
+    python Step1_Pretrain_MoFA.py --img_path ./image_root [--bfm basel_3DMM/model2017-1_bfm_nomouth.h5]
+
+Loss (reference 8.1): photo * robust photometric + reg * coefficient prior + landmark * landmark loss
++ identity * ArcFace identity loss (only with --arcface_weights). Adadelta, StepLR(5000, 0.99) per step.
+Writes <save_root>/pretrain_mofa/: ckpt_NNNNNN.pt, latest.pt, final.pt, config.json, loss CSVs, TensorBoard, vis/.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+
+import torch
+
+from models.arcface import load_identity_encoder
+from models.face_model import FaceModel
+from models.layout import CoeffLayout
+from utils import losses, runtime
+from utils.builders import build_mofa, model_spec
+from utils.datasets import FaceDataset, collate_faces
+from utils.monitor import RunMonitor
+from utils.objectives import LossSetup, step1_terms
+from utils.run import add_training_args, conclude, due, start_run
+from utils.training import (NonFiniteGuard, RunningMean, StopFlag, iterate_steps, make_eval_loader, make_train_loader,
+                            total_steps, validate)
+from utils.visuals import composite
+
+log = logging.getLogger("step1")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    runtime.add_common_args(p)
+    add_training_args(p, lr=0.1, epochs=100, batch_size=12, ckpt_every=5000, vis_every=500, eval_every=5000)
+    p.add_argument("--encoder_weights", default=None, help="local torchvision ImageNet weights for the encoder")
+    p.add_argument("--arcface_weights", default=None, help="local ArcFace iresnet-50 backbone.pth (identity loss)")
+    p.add_argument("--camera", choices=("g2", "g1"), default="g2", help="camera defaults (G2: f=1014.72, G1: f=250)")
+    p.add_argument("--loss_preset", choices=("g2", "g1"), default="g2", help="loss weights of the G2 or G1 code")
+    p.add_argument("--lr_step", type=int, default=5000, help="StepLR period in steps")
+    p.add_argument("--lr_gamma", type=float, default=0.99, help="StepLR decay")
+    return runtime.resolve_paths(p.parse_args(argv))
+
+
+def loss_setup(args, layout: CoeffLayout, g1: bool) -> LossSetup:
+    weights = losses.LANDMARK_WEIGHTS_G1 if g1 else losses.LANDMARK_WEIGHTS_G2
+    return LossSetup(layout, torch.tensor(weights), landmark_scale=224.0 / args.image_size)
+
+
+def train(args) -> int:
+    run = start_run(args, step=1)
+    device, layout = run.device, CoeffLayout()
+    face_model = FaceModel.from_h5(args.bfm, layout).to(device)
+    spec = model_spec(args, face_model, layout)
+    mofa = build_mofa(spec, face_model, args.encoder_weights).to(device)
+    encoder = run.ddp(mofa.encoder)
+    identity = load_identity_encoder(args.arcface_weights, device)
+    g1 = args.loss_preset == "g1"
+    weights, setup = (losses.Step1Weights.g1() if g1 else losses.Step1Weights()), loss_setup(args, layout, g1)
+
+    train_set = FaceDataset(args.img_path, "train", args.image_size)
+    val_set = FaceDataset(args.img_path, "val", args.image_size)
+    loader, sampler = make_train_loader(train_set, args.batch_size, args.seed, args.workers, run.dist.rank,
+                                        run.dist.world_size, collate_faces)
+    val_loader = make_eval_loader(val_set, args.batch_size, args.workers, collate_faces)
+    vis_batch = next(iter(val_loader))
+
+    opt = torch.optim.Adadelta(mofa.encoder.parameters(), lr=args.learning_rate)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=args.lr_step, gamma=args.lr_gamma)
+    state = ({"encoder": mofa.encoder}, {"encoder": opt}, {"encoder": sched})
+    start = run.resume(*state)
+    end = total_steps(args.max_iters, args.epochs, sampler.batches_per_epoch)
+    columns = ["total", "photo", "landmark", "reg", "identity"]
+    monitor = RunMonitor(run.out_dir, columns, start, end, run.is_main, desc="step1")
+    guard, running = NonFiniteGuard(), RunningMean()
+
+    def objective(batch, net):
+        images, lms = batch["image"].to(device), batch["landmarks"].to(device)
+        out = mofa.renderer(net(images))
+        terms, inliers = step1_terms(out, images, lms, setup, identity)
+        return losses.weighted_sum(terms, weights), terms, (images, out, inliers)
+
+    step = start
+    with StopFlag() as stop:
+        for step, batch in iterate_steps(loader, sampler, start, end):
+            mofa.encoder.train()
+            loss, terms, _ = objective(batch, encoder)
+            opt.zero_grad(set_to_none=True)
+            if guard.ok(loss, step):
+                loss.backward()
+                opt.step()
+            sched.step()
+            step += 1
+            running.add({"total": loss, **terms})
+            monitor.advance(float(loss.detach()))
+            if due(step, args.log_every, end):
+                monitor.scalars(step, {**running.mean(), "lr": sched.get_last_lr()[0]})
+                running.reset()
+            if run.is_main and due(step, args.vis_every, end):
+                with torch.no_grad():
+                    mofa.encoder.eval()
+                    _, _, (images, out, inliers) = objective(vis_batch, mofa.encoder)
+                monitor.images(step, {"input": images, "composite": composite(images, out.image, out.mask),
+                                      "inlier_mask": inliers})
+            if run.is_main and due(step, args.eval_every, end):
+                mofa.encoder.eval()
+                monitor.scalars(step, validate(lambda b: objective(b, mofa.encoder)[:2], val_loader,
+                                               args.val_batches), split="val")
+            if step % args.ckpt_every == 0 or stop.requested:
+                run.save(step, *state, spec)
+            if stop.requested:
+                break
+    return conclude(run, step, end, stop.requested, state, spec, monitor)
 
 
 def main(argv=None) -> int:
-    print("Step1_Pretrain_MoFA: not implemented yet.", file=sys.stderr)
-    return 2
+    """Run the step; project errors propagate (the command line turns them into one-line messages)."""
+    return train(parse_args(argv))
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    runtime.cli_main(main)

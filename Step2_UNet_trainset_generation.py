@@ -1,11 +1,84 @@
-"""Step2_UNet_trainset_generation: not implemented yet (see the training-pipeline issue)."""
-import sys
+"""Step 2: write the preliminary occlusion masks that pretrain the UNet in Step 3.
+
+    python Step2_UNet_trainset_generation.py --img_path ./image_root
+
+With the Step-1 encoder (eval, no grad) every image of the chosen splits is reconstructed; its preliminary mask is
+the robust loss's inlier mask (reference 9): inside the rendered face and ||I - R||_RGB < 3 sigma (0.129).
+Writes <save_root>/UNet_trainset/: <stem>_org.png, <stem>_raster.png, <stem>_mask.png (PNG keeps masks binary)
+and <split>_list.csv for each split (what Step 3 reads).
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+
+import torch
+from torch.utils.data import DataLoader, Subset
+from tqdm import tqdm
+
+from models.face_model import FaceModel
+from models.layout import CoeffLayout
+from utils import losses, runtime
+from utils.builders import build_mofa, load_spec_checkpoint, load_weights, previous_checkpoint
+from utils.datasets import FaceDataset, collate_faces
+from utils.run import finish_run, start_run
+from utils.unet_trainset import stem_for, write_list, write_sample
+
+log = logging.getLogger("step2")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    runtime.add_common_args(p)
+    p.add_argument("--pretrained_MoFA", "--mofa_checkpoint", dest="mofa_checkpoint", default=None,
+                   help="Step-1 checkpoint (default: <save_root>/pretrain_mofa/final.pt)")
+    p.add_argument("--batch_size", type=int, default=32)
+    p.add_argument("--splits", default="train,val", help="comma-separated splits to process (default %(default)s)")
+    p.add_argument("--sigma", type=float, default=0.043, help="robust-loss sigma; inliers are within 3 sigma")
+    return runtime.resolve_paths(p.parse_args(argv))
+
+
+@torch.no_grad()
+def write_split(mofa, dataset: FaceDataset, run, args, out_dir) -> list[tuple[str, str]]:
+    """Process this rank's share of one split; return every ``(stem, filename)`` row of the split."""
+    mine = Subset(dataset, range(run.dist.rank, len(dataset), run.dist.world_size))
+    loader = DataLoader(mine, batch_size=args.batch_size, num_workers=args.workers, collate_fn=collate_faces)
+    for batch in tqdm(loader, desc=f"step2 {dataset.split}", disable=not run.is_main, mininterval=2.0):
+        images = batch["image"].to(run.device)
+        out = mofa(images)
+        masks = losses.inlier_mask(images, out.image, out.mask, sigma=args.sigma)
+        for name, image, raster, mask in zip(batch["filename"], images, out.image, masks):
+            write_sample(out_dir, stem_for(name), image, raster, mask)
+    return [(stem_for(name), name) for name in dataset.filenames]
+
+
+def generate(args) -> int:
+    run = start_run(args, step=2)
+    face_model = FaceModel.from_h5(args.bfm, CoeffLayout()).to(run.device)
+    ckpt = previous_checkpoint(args.mofa_checkpoint, args.save_root, step=1)
+    payload, spec = load_spec_checkpoint(ckpt, face_model, run.device)
+    mofa = build_mofa(spec, face_model).to(run.device).eval()
+    load_weights(mofa.encoder, payload, "encoder", ckpt)
+    for split in [s.strip() for s in args.splits.split(",") if s.strip()]:
+        dataset = FaceDataset(args.img_path, split, spec["image_size"], test_mode=True)
+        rows = write_split(mofa, dataset, run, args, run.out_dir if run.is_main else _ensure(run.out_dir))
+        run.barrier()
+        if run.is_main:
+            write_list(run.out_dir / f"{split}_list.csv", rows)
+            log.info("%s: %d images -> %s", split, len(rows), run.out_dir)
+    finish_run(run)
+    return 0
+
+
+def _ensure(path):
+    path.mkdir(parents=True, exist_ok=True)
+    return path
 
 
 def main(argv=None) -> int:
-    print("Step2_UNet_trainset_generation: not implemented yet.", file=sys.stderr)
-    return 2
+    """Run the step; project errors propagate (the command line turns them into one-line messages)."""
+    return generate(parse_args(argv))
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    runtime.cli_main(main)

@@ -1,11 +1,108 @@
-"""Step3_Pretrain_Unet: not implemented yet (see the training-pipeline issue)."""
-import sys
+"""Step 3: pretrain the UNet on the Step-2 preliminary masks.
+
+    python Step3_Pretrain_Unet.py [--save_root MoFA_UNet_Save]
+
+Input: cat([render, image]) (6 channels) from <save_root>/UNet_trainset/{train,val}_list.csv. Loss: binary
+cross-entropy on the UNet logits (the sigmoid applied once; the original applied it twice). Adadelta,
+StepLR(5000, 0.99) per step. Writes <save_root>/Pretrain_UNet/ like Step 1.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+import torch
+
+from utils import losses, runtime
+from utils.builders import build_unet, step_dir
+from utils.monitor import RunMonitor
+from utils.run import add_training_args, conclude, due, start_run
+from utils.training import (NonFiniteGuard, RunningMean, StopFlag, CollapseAlarm, iterate_steps, make_eval_loader,
+                            make_train_loader, total_steps, validate)
+from utils.unet_trainset import UNetTrainset
+
+log = logging.getLogger("step3")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    runtime.add_common_args(p)
+    add_training_args(p, lr=0.03, epochs=51, batch_size=12, ckpt_every=5000, vis_every=1000, eval_every=2000)
+    p.add_argument("--trainset_dir", default=None, help="Step-2 output (default: <save_root>/UNet_trainset)")
+    p.add_argument("--lr_step", type=int, default=5000)
+    p.add_argument("--lr_gamma", type=float, default=0.99)
+    return runtime.resolve_paths(p.parse_args(argv))
+
+
+def train(args) -> int:
+    run = start_run(args, step=3)
+    device = run.device
+    data_dir = Path(args.trainset_dir) if args.trainset_dir else step_dir(args.save_root, 2)
+    train_set, val_set = UNetTrainset(data_dir, "train"), UNetTrainset(data_dir, "val")
+    spec = {"unet_width": args.unet_width}
+    unet = build_unet(spec).to(device)
+    net = run.ddp(unet)
+    loader, sampler = make_train_loader(train_set, args.batch_size, args.seed, args.workers, run.dist.rank,
+                                        run.dist.world_size)
+    val_loader = make_eval_loader(val_set, args.batch_size, args.workers)
+    vis_batch = next(iter(val_loader))
+
+    opt = torch.optim.Adadelta(unet.parameters(), lr=args.learning_rate)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=args.lr_step, gamma=args.lr_gamma)
+    state = ({"unet": unet}, {"unet": opt}, {"unet": sched})
+    start = run.resume(*state)
+    end = total_steps(args.max_iters, args.epochs, sampler.batches_per_epoch)
+    monitor = RunMonitor(run.out_dir, ["bce", "mask_in_face"], start, end, run.is_main, desc="step3")
+    guard, running, alarm = NonFiniteGuard(), RunningMean(), CollapseAlarm()
+
+    def objective(batch, model):
+        inputs, target = batch["input"].to(device), batch["target"].to(device)
+        logits = model(inputs)
+        face = (inputs[:, :3].sum(1, keepdim=True) > 0).float()  # the render is black off the face
+        in_face = (torch.sigmoid(logits) * face).sum() / face.sum().clamp(min=1)
+        return losses.unet_bce_loss(logits, target), {"bce": losses.unet_bce_loss(logits, target).detach(),
+                                                      "mask_in_face": in_face.detach()}, logits
+
+    step = start
+    with StopFlag() as stop:
+        for step, batch in iterate_steps(loader, sampler, start, end):
+            unet.train()
+            loss, terms, _ = objective(batch, net)
+            opt.zero_grad(set_to_none=True)
+            if guard.ok(loss, step):
+                loss.backward()
+                opt.step()
+            sched.step()
+            step += 1
+            running.add(terms)
+            monitor.advance(float(loss.detach()))
+            if due(step, args.log_every, end):
+                monitor.scalars(step, {**running.mean(), "lr": sched.get_last_lr()[0]})
+                running.reset()
+            if run.is_main and due(step, args.vis_every, end):
+                unet.eval()
+                with torch.no_grad():
+                    logits = objective(vis_batch, unet)[2]
+                monitor.images(step, {"unet_input_render": vis_batch["input"][:, :3],
+                                      "unet_input_image": vis_batch["input"][:, 3:],
+                                      "target": vis_batch["target"], "unet_mask": torch.sigmoid(logits)})
+            if run.is_main and due(step, args.eval_every, end):
+                unet.eval()
+                val = validate(lambda b: objective(b, unet)[:2], val_loader, args.val_batches)
+                monitor.scalars(step, val, split="val")
+                alarm.update(val["mask_in_face"], step)
+            if step % args.ckpt_every == 0 or stop.requested:
+                run.save(step, *state, spec)
+            if stop.requested:
+                break
+    return conclude(run, step, end, stop.requested, state, spec, monitor)
 
 
 def main(argv=None) -> int:
-    print("Step3_Pretrain_Unet: not implemented yet.", file=sys.stderr)
-    return 2
+    """Run the step; project errors propagate (the command line turns them into one-line messages)."""
+    return train(parse_args(argv))
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    runtime.cli_main(main)

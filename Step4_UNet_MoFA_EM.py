@@ -1,11 +1,179 @@
-"""Step4_UNet_MoFA_EM: not implemented yet (see the training-pipeline issue)."""
-import sys
+"""Step 4: joint EM-style training of the UNet (segmentation) and MoFA (reconstruction).
+
+    python Step4_UNet_MoFA_EM.py --img_path ./image_root
+
+Starts from Step 1's encoder and Step 3's UNet. Step counter ct: if ct % em_cycle > unet_iters a MoFA step
+(encoder trained, UNet frozen), else a UNet step; the first of every 30 000 steps are the 5 001 UNet steps
+(reference 10). Both schedulers step every iteration. Losses and weights: reference 8.3 (utils/objectives.py).
+Writes <save_root>/MoFA_UNet/ like Step 1; checkpoints hold both networks.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+
+import torch
+
+from models.arcface import load_identity_encoder
+from models.face_model import FaceModel
+from models.layout import CoeffLayout
+from utils import losses, runtime
+from utils.builders import build_mofa, build_unet, load_spec_checkpoint, load_weights, previous_checkpoint
+from utils.checkpoint import load_checkpoint
+from utils.datasets import FaceDataset, collate_faces
+from utils.monitor import RunMonitor
+from utils.objectives import LossSetup, step4_mofa_terms, step4_unet_terms, unet_mask
+from utils.run import add_training_args, conclude, due, start_run
+from utils.training import (CollapseAlarm, NonFiniteGuard, RunningMean, StopFlag, iterate_steps, make_eval_loader,
+                            make_train_loader, total_steps, validate)
+from utils.visuals import composite, residual
+
+log = logging.getLogger("step4")
+COLUMNS = ["total", "rec", "identity", "reg", "landmark", "area", "binary", "preserve", "dist", "neighbour",
+           "mask_in_face"]
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    runtime.add_common_args(p)
+    add_training_args(p, lr=0.1, epochs=130, batch_size=12, ckpt_every=10000, vis_every=1000, eval_every=5000)
+    p.add_argument("--pretrained_MoFA", "--mofa_checkpoint", dest="mofa_checkpoint", default=None,
+                   help="Step-1 checkpoint (default: <save_root>/pretrain_mofa/final.pt)")
+    p.add_argument("--pretrained_unet", "--unet_checkpoint", dest="unet_checkpoint", default=None,
+                   help="Step-3 checkpoint (default: <save_root>/Pretrain_UNet/final.pt)")
+    p.add_argument("--arcface_weights", default=None, help="local ArcFace iresnet-50 backbone.pth")
+    p.add_argument("--loss_preset", choices=("g2", "g1"), default="g2")
+    p.add_argument("--em_cycle", type=int, default=30000, help="length of one EM cycle in steps")
+    p.add_argument("--unet_iters", type=int, default=5000, help="UNet steps at the start of every cycle")
+    p.add_argument("--lr_mofa", type=float, default=None,
+                   help="default: learning_rate x Step 1's final decay (0.99^(steps//5000)) x 0.8 (G2)")
+    p.add_argument("--lr_unet", type=float, default=None, help="default: 0.06 x the MoFA learning rate")
+    return runtime.resolve_paths(p.parse_args(argv))
+
+
+def learning_rates(args, step1_steps: int) -> tuple[float, float]:
+    """Continue Step 1's StepLR decay (the original hard-coded 300k steps: 0.99^60), G2's x0.8, UNet x0.06."""
+    base = args.learning_rate * 0.99 ** (step1_steps // 5000) * (1.0 if args.loss_preset == "g1" else 0.8)
+    lr_mofa = args.lr_mofa if args.lr_mofa is not None else base
+    return lr_mofa, args.lr_unet if args.lr_unet is not None else 0.06 * base
+
+
+def build(args, run):
+    """Step 1's MoFA and Step 3's UNet, restored from their final checkpoints."""
+    face_model = FaceModel.from_h5(args.bfm, CoeffLayout()).to(run.device)
+    mofa_ckpt = previous_checkpoint(args.mofa_checkpoint, args.save_root, step=1)
+    payload, spec = load_spec_checkpoint(mofa_ckpt, face_model, run.device)
+    mofa = build_mofa(spec, face_model).to(run.device)
+    load_weights(mofa.encoder, payload, "encoder", mofa_ckpt)
+    unet_ckpt = previous_checkpoint(args.unet_checkpoint, args.save_root, step=3)
+    unet_payload = load_checkpoint(unet_ckpt, map_location=run.device)
+    spec = {**spec, "unet_width": unet_payload["extra"]["model"]["unet_width"]}
+    unet = build_unet(spec).to(run.device)
+    load_weights(unet, unet_payload, "unet", unet_ckpt)
+    return mofa, unet, spec, int(payload["step"])
+
+
+def train(args) -> int:
+    run = start_run(args, step=4)
+    device = run.device
+    mofa, unet, spec, step1_steps = build(args, run)
+    encoder, unet_ddp = run.ddp(mofa.encoder), run.ddp(unet)
+    identity = load_identity_encoder(args.arcface_weights, device)
+    g1 = args.loss_preset == "g1"
+    w_unet = losses.Step4UNetWeights.g1() if g1 else losses.Step4UNetWeights()
+    w_mofa = losses.Step4MoFAWeights.g1() if g1 else losses.Step4MoFAWeights()
+    setup = LossSetup(CoeffLayout(**spec["layout"]),
+                      torch.tensor(losses.LANDMARK_WEIGHTS_G1 if g1 else losses.LANDMARK_WEIGHTS_G2),
+                      landmark_scale=224.0 / spec["image_size"], neighbour_radius=1 if g1 else 2)
+
+    size = spec["image_size"]
+    loader, sampler = make_train_loader(FaceDataset(args.img_path, "train", size), args.batch_size, args.seed,
+                                        args.workers, run.dist.rank, run.dist.world_size, collate_faces)
+    val_loader = make_eval_loader(FaceDataset(args.img_path, "val", size), args.batch_size, args.workers,
+                                  collate_faces)
+    vis_batch = next(iter(val_loader))
+
+    lr_mofa, lr_unet = learning_rates(args, step1_steps)
+    opt_mofa = torch.optim.Adadelta(mofa.encoder.parameters(), lr=lr_mofa)
+    opt_unet = torch.optim.Adadelta(unet.parameters(), lr=lr_unet)
+    sched_mofa = torch.optim.lr_scheduler.StepLR(opt_mofa, step_size=5000, gamma=0.99)
+    sched_unet = torch.optim.lr_scheduler.StepLR(opt_unet, step_size=5000, gamma=0.95)
+    state = ({"encoder": mofa.encoder, "unet": unet}, {"encoder": opt_mofa, "unet": opt_unet},
+             {"encoder": sched_mofa, "unet": sched_unet})
+    start = run.resume(*state)
+    end = total_steps(args.max_iters, args.epochs, sampler.batches_per_epoch)
+    monitor = RunMonitor(run.out_dir, COLUMNS, start, end, run.is_main, desc="step4")
+    guard, running, alarm = NonFiniteGuard(), RunningMean(), CollapseAlarm()
+
+    def objective(batch, phase, enc, seg):
+        """Forward one batch; ``phase`` picks the loss: 'unet' or 'mofa'."""
+        images, lms = batch["image"].to(device), batch["landmarks"].to(device)
+        with torch.set_grad_enabled(phase == "mofa" and torch.is_grad_enabled()):
+            coeffs = enc(images)
+        out = mofa.renderer(coeffs)
+        U = unet_mask(seg, out, images)
+        if phase == "unet":
+            terms = step4_unet_terms(U, out, images, lms, setup, identity)
+            total = losses.weighted_sum(terms, w_unet)
+        else:
+            terms = step4_mofa_terms(U, out, images, lms, setup, identity)
+            total = losses.weighted_sum(terms, w_mofa)
+        terms["mask_in_face"] = (U * out.mask).sum().detach() / out.mask.sum().clamp(min=1)
+        return total, terms, (images, out, U)
+
+    def evaluate(batch):
+        t_unet, terms_unet, _ = objective(batch, "unet", mofa.encoder, unet)
+        t_mofa, terms_mofa, _ = objective(batch, "mofa", mofa.encoder, unet)
+        return t_unet + t_mofa, {**terms_unet, **terms_mofa, "total_unet": t_unet, "total_mofa": t_mofa}
+
+    step = start
+    with StopFlag() as stop:
+        for step, batch in iterate_steps(loader, sampler, start, end):
+            phase = "mofa" if step % args.em_cycle > args.unet_iters else "unet"
+            mofa.encoder.train(phase == "mofa")
+            unet.train(phase == "unet")
+            if phase == "unet":
+                loss, terms, _ = objective(batch, phase, mofa.encoder, unet_ddp)
+            else:
+                loss, terms, _ = objective(batch, phase, encoder, unet)
+            opt_mofa.zero_grad(set_to_none=True)
+            opt_unet.zero_grad(set_to_none=True)
+            if guard.ok(loss, step):
+                loss.backward()
+                (opt_mofa if phase == "mofa" else opt_unet).step()
+            sched_mofa.step()
+            sched_unet.step()
+            step += 1
+            running.add({"total": loss, **terms})
+            monitor.advance(float(loss.detach()))
+            if due(step, args.log_every, end):
+                monitor.scalars(step, {**running.mean(), "lr_mofa": sched_mofa.get_last_lr()[0],
+                                       "lr_unet": sched_unet.get_last_lr()[0]})
+                running.reset()
+            if run.is_main and due(step, args.vis_every, end):
+                mofa.encoder.eval()
+                unet.eval()
+                with torch.no_grad():
+                    images, out, U = objective(vis_batch, "unet", mofa.encoder, unet)[2]
+                monitor.images(step, {"input": images, "composite": composite(images, out.image, out.mask),
+                                      "unet_mask": U * out.mask, "residual": residual(images, out.image, out.mask)})
+            if run.is_main and due(step, args.eval_every, end):
+                mofa.encoder.eval()
+                unet.eval()
+                val = validate(evaluate, val_loader, args.val_batches)
+                monitor.scalars(step, val, split="val")
+                alarm.update(val["mask_in_face"], step)
+            if step % args.ckpt_every == 0 or stop.requested:
+                run.save(step, *state, spec)
+            if stop.requested:
+                break
+    return conclude(run, step, end, stop.requested, state, spec, monitor)
 
 
 def main(argv=None) -> int:
-    print("Step4_UNet_MoFA_EM: not implemented yet.", file=sys.stderr)
-    return 2
+    """Run the step; project errors propagate (the command line turns them into one-line messages)."""
+    return train(parse_args(argv))
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    runtime.cli_main(main)

@@ -1,0 +1,105 @@
+"""Build the networks of a step from flags, and rebuild them from a previous step's checkpoint.
+
+A checkpoint's ``extra["model"]`` (written by ``model_spec``) records everything needed to rebuild the networks
+from the file alone: encoder architecture, image size, camera preset, coefficient layout, UNet width and the face
+model's identity, which is checked against the ``--bfm`` file given now.
+"""
+from __future__ import annotations
+
+import logging
+import shutil
+from pathlib import Path
+
+import torch
+
+from models.camera import CameraConfig
+from models.encoder import ResNetEncoder
+from models.face_model import FaceModel
+from models.layout import CoeffLayout
+from models.mofa import MoFA
+from models.renderer import FaceRenderer
+from models.unet import UNet
+from utils.checkpoint import CheckpointError, load_checkpoint, load_model_state
+
+log = logging.getLogger(__name__)
+
+STEP_DIRS = {1: "pretrain_mofa", 2: "UNet_trainset", 3: "Pretrain_UNet", 4: "MoFA_UNet"}
+STEP_SCRIPTS = {1: "Step1_Pretrain_MoFA.py", 2: "Step2_UNet_trainset_generation.py", 3: "Step3_Pretrain_Unet.py",
+                4: "Step4_UNet_MoFA_EM.py"}
+FINAL_NAME = "final.pt"
+
+
+def step_dir(save_root: str | Path, step: int) -> Path:
+    return Path(save_root) / STEP_DIRS[step]
+
+
+def model_spec(args, face_model: FaceModel, layout: CoeffLayout) -> dict:
+    """The constructor arguments of the networks, stored in every checkpoint."""
+    return {"encoder": args.encoder, "image_size": int(args.image_size), "camera": args.camera,
+            "layout": {"n_shape": layout.n_shape, "n_exp": layout.n_exp, "n_tex": layout.n_tex},
+            "unet_width": int(getattr(args, "unet_width", 64)), "face_model": face_model.config()}
+
+
+def build_renderer(spec: dict, face_model: FaceModel) -> FaceRenderer:
+    camera = CameraConfig.preset(spec["camera"]).resized(spec["image_size"])
+    return FaceRenderer(face_model, camera, CoeffLayout(**spec["layout"]))
+
+
+def build_mofa(spec: dict, face_model: FaceModel, encoder_weights: str | None = None) -> MoFA:
+    encoder = ResNetEncoder(CoeffLayout(**spec["layout"]), arch=spec["encoder"], weights_path=encoder_weights)
+    return MoFA(encoder, build_renderer(spec, face_model))
+
+
+def build_unet(spec: dict) -> UNet:
+    return UNet(in_ch=6, out_ch=1, base=spec["unet_width"])
+
+
+def previous_checkpoint(explicit: str | None, save_root: str | Path, step: int) -> Path:
+    """The checkpoint a step starts from: the explicit flag, else Step ``step``'s ``final.pt`` under --save_root."""
+    if explicit:
+        path = Path(explicit)
+        if path.is_dir():
+            path = path / FINAL_NAME
+    else:
+        path = step_dir(save_root, step) / FINAL_NAME
+    if not path.is_file():
+        raise CheckpointError(f"{path} not found: run {STEP_SCRIPTS[step]} first (with the same --save_root), "
+                              "or pass the checkpoint path explicitly")
+    return path
+
+
+def load_spec_checkpoint(path: Path, face_model: FaceModel, device: torch.device) -> tuple[dict, dict]:
+    """Load a checkpoint and check it was made with ``face_model``; returns (payload, model spec)."""
+    payload = load_checkpoint(path, map_location=device)
+    spec = (payload.get("extra") or {}).get("model")
+    if spec is None:
+        raise CheckpointError(f"{path} has no model description: it was not written by this project's steps")
+    theirs, ours = spec["face_model"], face_model.config()
+    if theirs != ours:
+        raise CheckpointError(f"{path} was trained with another face model ({_describe(theirs)}) than --bfm "
+                              f"({_describe(ours)}): pass the --bfm file the previous step used")
+    return payload, spec
+
+
+def load_weights(module: torch.nn.Module, payload: dict, name: str, path: Path) -> None:
+    """Load ``payload['models'][name]`` strictly into ``module``; one clear error naming the file on mismatch."""
+    state = payload.get("models", {}).get(name)
+    if state is None:
+        raise CheckpointError(f"{path} holds no '{name}' weights (it has: {sorted(payload.get('models', {}))})")
+    try:
+        load_model_state(module, state, name)
+    except CheckpointError as exc:
+        raise CheckpointError(f"{path}: {exc}") from None
+
+
+def mark_final(out_dir: Path) -> Path:
+    """Copy ``latest.pt`` to ``final.pt`` atomically: the file the next step reads by default."""
+    src, dst = Path(out_dir) / "latest.pt", Path(out_dir) / FINAL_NAME
+    tmp = dst.with_suffix(".pt.tmp")
+    shutil.copyfile(src, tmp)
+    tmp.replace(dst)
+    return dst
+
+
+def _describe(cfg: dict) -> str:
+    return ", ".join(f"{k}={v}" for k, v in sorted(cfg.items()))

@@ -1,0 +1,77 @@
+"""What a training run shows: a tqdm bar, TensorBoard scalars and image grids, a CSV loss log and PNG tiles.
+
+Only the main process (rank 0) writes; on the others every method is a no-op.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from tqdm import tqdm
+
+from utils.training import LossLog
+
+log = logging.getLogger(__name__)
+
+
+class RunMonitor:
+    """One object per step run. ``columns`` are the loss terms written to ``<out>/loss_{split}.csv``."""
+
+    def __init__(self, out_dir: Path, columns: Sequence[str], start: int, total: int, enabled: bool = True,
+                 desc: str = "train") -> None:
+        self.out_dir, self.enabled = Path(out_dir), enabled
+        self.train_log = LossLog(self.out_dir / "loss_train.csv", columns, enabled)
+        self.val_log = LossLog(self.out_dir / "loss_val.csv", columns, enabled)
+        self.bar = tqdm(total=total, initial=start, desc=desc, dynamic_ncols=True, disable=not enabled,
+                        mininterval=2.0)
+        self.tb = None
+        if enabled:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+                self.tb = SummaryWriter(log_dir=str(self.out_dir / "tensorboard"))
+            except ImportError:  # tensorboard is in requirements.txt; keep training if a user removed it
+                log.warning("tensorboard is not installed: no TensorBoard logs")
+
+    def advance(self, loss: float | None) -> None:
+        if self.enabled:
+            self.bar.update(1)
+            if loss is not None:
+                self.bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
+
+    def scalars(self, step: int, values: dict[str, float], split: str = "train") -> None:
+        if not self.enabled:
+            return
+        (self.train_log if split == "train" else self.val_log).write(step, values)
+        if self.tb is not None:
+            for k, v in values.items():
+                self.tb.add_scalar(f"{split}/{k}", v, step)
+
+    def images(self, step: int, grids: dict[str, torch.Tensor], write_png: bool = True) -> None:
+        """``grids``: name -> (B,C,H,W) in [0,1] (C = 1 or 3); written as TensorBoard grids and PNG tiles."""
+        if not self.enabled:
+            return
+        from torchvision.utils import make_grid, save_image
+        for name, imgs in grids.items():
+            imgs = imgs.detach().float().clamp(0, 1).cpu()
+            if imgs.shape[1] == 1:
+                imgs = imgs.expand(-1, 3, -1, -1)
+            grid = make_grid(imgs, nrow=min(10, imgs.shape[0]), padding=1)
+            if self.tb is not None:
+                self.tb.add_image(name, grid, step)
+            if write_png:
+                (self.out_dir / "vis").mkdir(parents=True, exist_ok=True)
+                save_image(grid, str(self.out_dir / "vis" / f"{name}_{step:06d}.png"))
+
+    def message(self, text: str) -> None:
+        if self.enabled:
+            tqdm.write(text)
+
+    def close(self) -> None:
+        if self.enabled:
+            self.bar.close()
+            self.train_log.close()
+            self.val_log.close()
+            if self.tb is not None:
+                self.tb.close()

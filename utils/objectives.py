@@ -1,0 +1,89 @@
+"""The loss terms of each step, computed from model outputs (reference section 8).
+
+Each function returns a dict ``name -> scalar tensor or None`` whose keys are exactly the fields of the matching
+weights dataclass in ``utils.losses``; the step script applies the weights with ``weighted_sum`` in one place.
+A term is None when it cannot be computed (the identity terms without ArcFace weights).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from models.layout import CoeffLayout
+from utils import losses
+
+
+@dataclass(frozen=True)
+class LossSetup:
+    """What the terms need besides the tensors: the layout, landmark weights (68,) and the pixel scale to the
+    224-pixel frame (224 / image_size), so a smaller image is the same scene for the landmark loss."""
+
+    layout: CoeffLayout
+    landmark_weights: torch.Tensor
+    landmark_scale: float = 1.0
+    sigma: float = 0.043
+    neighbour_radius: int = 2
+
+
+def _prior_terms(out, landmarks_gt: torch.Tensor, setup: LossSetup) -> dict:
+    parts = setup.layout.split(out.coeffs)
+    return {
+        "landmark": losses.landmark_loss(out.landmarks, landmarks_gt, setup.landmark_weights.to(out.coeffs),
+                                         scale=setup.landmark_scale),
+        "reg": losses.coeff_regulariser(parts.shape, parts.exp, parts.tex),
+    }
+
+
+def _identity(identity, out, images: torch.Tensor, landmarks_gt: torch.Tensor, target: torch.Tensor | None = None):
+    """ArcFace cosine loss between the render (predicted landmarks) and the input (GT landmarks)."""
+    if identity is None:
+        return None
+    f_rec = identity(out.image, out.landmarks)
+    f_gt = identity(images if target is None else target, landmarks_gt)
+    return losses.identity_loss(f_rec, f_gt.detach())
+
+
+def step1_terms(out, images: torch.Tensor, landmarks_gt: torch.Tensor, setup: LossSetup, identity=None):
+    """Step 1 terms and the robust loss's inlier mask (B,1,H,W), for visualisation."""
+    photo, inliers = losses.robust_photometric(images, out.image, out.mask, sigma=setup.sigma)
+    terms = {"photo": photo, **_prior_terms(out, landmarks_gt, setup),
+             "identity": _identity(identity, out, images, landmarks_gt)}
+    return terms, inliers
+
+
+def unet_mask(unet, out, images: torch.Tensor) -> torch.Tensor:
+    """UNet mask U (B,1,H,W) in (0,1) from ``cat([render, image])``; the render is not detached (section 7)."""
+    return torch.sigmoid(unet(torch.cat([out.image, images], dim=1)))
+
+
+def step4_unet_terms(U: torch.Tensor, out, images: torch.Tensor, landmarks_gt: torch.Tensor, setup: LossSetup,
+                     identity=None) -> dict:
+    """Step 4 UNet-phase terms (reference 8.3): binary, area, preserve, dist, neighbour."""
+    M = out.mask * U
+    preserve = dist = None
+    if identity is not None:
+        phi_i = identity.shallow(images, landmarks_gt)
+        phi_im = identity.shallow(images * M, landmarks_gt)
+        phi_rm = identity.shallow(out.image * M, out.landmarks)
+        preserve = losses.feature_cosine_loss(phi_i, phi_im)
+        dist = losses.feature_cosine_loss(phi_rm, phi_im)
+    return {
+        "binary": losses.binary_loss(M),
+        "area": losses.area_loss(out.mask, U),
+        "preserve": preserve,
+        "dist": dist,
+        "neighbour": losses.neighbour_loss(M, out.image, images, radius=setup.neighbour_radius),
+    }
+
+
+def step4_mofa_terms(U: torch.Tensor, out, images: torch.Tensor, landmarks_gt: torch.Tensor, setup: LossSetup,
+                     identity=None) -> dict:
+    """Step 4 MoFA-phase terms (reference 8.3): masked reconstruction, identity, regulariser, landmark, area."""
+    M = out.mask * U
+    return {
+        "rec": losses.masked_reconstruction(images, out.image, M),
+        "identity": _identity(identity, out, images, landmarks_gt),
+        **_prior_terms(out, landmarks_gt, setup),
+        "area": losses.area_loss(out.mask, U),
+    }
