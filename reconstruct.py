@@ -1,0 +1,176 @@
+"""Reconstruct one face image: occlusion mask, render, and the 3D mesh.
+
+    python reconstruct.py --image PATH --checkpoint MoFA_UNet_Save/MoFA_UNet/final.pt --out DIR
+        [--landmarks auto|CSV] [--bfm PATH] [--device auto|cpu|cuda] [--now]
+
+The checkpoint is a Step-4 one (encoder + UNet); a Step-1 one works too, the mask is then the robust loss's inlier
+mask (Step 2's preliminary mask). The network takes an aligned S x S face crop (S = the checkpoint's image size):
+    --landmarks CSV   the image's row (by file name) of a landmark CSV; the image is aligned with it unless it is S x S;
+    --landmarks auto  68 landmarks from dlib (optional extra: pip install -r requirements-landmarks.txt), then aligned;
+    (none)            the image is taken as an aligned crop (resized to S x S if needed).
+Writes into DIR, for an image NAME.*: NAME_input.png (the network input), NAME_composite.png (render over the
+input), NAME_mask.png (1 = visible face), NAME_overlay.png (visible face tinted green, occluders inside the face red),
+NAME.obj and NAME.ply (cropped mesh with expression, per-vertex albedo colours, model frame, mm).
+--now also writes DIR/now/NAME.obj (the uncropped mesh, shape only, expression 0) and DIR/now/NAME.txt (the 7 NoW
+landmarks; only for the real BFM2017 mesh).
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from models.face_model import FaceModel
+from models.layout import CoeffLayout
+from models.mofa import MoFA
+from models.unet import UNet
+from utils import runtime
+from utils.builders import FINAL_NAME
+from utils.checkpoint import CheckpointError
+from utils.datasets import resize_image
+from utils.detect_landmarks import align_face, detect_landmarks68, load_dlib
+from utils.errors import DataError
+from utils.evaluation import load_mofa, load_unet, predict_masks
+from utils.image_io import read_image_rgb, write_image_rgb, write_mask
+from utils.landmarks_csv import read_landmarks_csv
+from utils.mesh_io import write_now_landmarks, write_obj, write_ply
+from utils.visuals import composite
+
+log = logging.getLogger("reconstruct")
+
+# NoW-challenge landmarks (reference 2.5): full BFM2017 mesh vertex ids, valid only for that mesh.
+NOW_LANDMARK_IDS = (2735, 6088, 10263, 13746, 8165, 5394, 11116)
+BFM2017_N_VERTICES = 53149
+VISIBLE_TINT = (0.0, 1.0, 0.0)
+OCCLUDED_TINT = (1.0, 0.0, 0.0)
+TINT_ALPHA = 0.4
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--image", required=True, help="face image")
+    p.add_argument("--landmarks", default=None, help="'auto' (dlib) or a landmark CSV holding the image's row")
+    p.add_argument("--checkpoint", required=True, help="Step-4 (or Step-1) checkpoint, or its folder")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--bfm", default=runtime.RepoDefault(runtime.DEFAULT_BFM),
+                   help=f"face model the checkpoint was trained with (default: <repo>/{runtime.DEFAULT_BFM})")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:<index> (default: auto)")
+    p.add_argument("--now", action="store_true", help="also export the NoW-challenge mesh and 7 landmarks")
+    return runtime.resolve_paths(p.parse_args(argv), ("image", "bfm", "out", "checkpoint"))
+
+
+def _csv_landmarks(csv_path: Path, image_path: Path) -> np.ndarray:
+    """The (68, 2) row of ``image_path`` in a landmark CSV, matched by relative path ending or base name."""
+    rows = read_landmarks_csv(csv_path)
+    target = image_path.as_posix()
+    for filename, points in rows:
+        if target.endswith("/" + filename.removeprefix("./")) or target == filename:
+            return points
+    for filename, points in rows:
+        if Path(filename).name == image_path.name:
+            return points
+    raise DataError(f"--landmarks {csv_path}: no row for {image_path.name} (rows are matched by file name)")
+
+
+def network_input(image_path: Path, landmarks: str | None, size: int) -> np.ndarray:
+    """The (S, S, 3) uint8 aligned crop the network takes (see the module docstring for --landmarks)."""
+    image = read_image_rgb(image_path)
+    square = image.shape[:2] == (size, size)
+    if landmarks == "auto":
+        points = detect_landmarks68(image, *load_dlib())
+        if points is None:
+            raise DataError(f"--landmarks auto: no face found in {image_path}")
+        return align_face(image, points, size)[0]
+    if landmarks is not None:
+        points = _csv_landmarks(Path(landmarks), image_path)
+        return image if square else align_face(image, points, size)[0]
+    if not square:
+        log.info("%s is %dx%d and no --landmarks were given: taken as an aligned face crop and resized to %dx%d "
+                 "(pass --landmarks auto or CSV to align it)", image_path, image.shape[1], image.shape[0], size, size)
+    return resize_image(image, size)
+
+
+def overlay(images: torch.Tensor, mask: torch.Tensor, region: torch.Tensor) -> torch.Tensor:
+    """Input (B,3,H,W) with the visible face (mask) tinted green and occluded face pixels (region - mask) red."""
+    def tint(colour: tuple[float, float, float]) -> torch.Tensor:
+        return torch.tensor(colour, dtype=images.dtype, device=images.device).view(1, 3, 1, 1)
+
+    occluded = region * (1 - mask)
+    out = images * (1 - TINT_ALPHA * mask) + TINT_ALPHA * mask * tint(VISIBLE_TINT)
+    return (out * (1 - TINT_ALPHA * occluded) + TINT_ALPHA * occluded * tint(OCCLUDED_TINT)).clamp(0, 1)
+
+
+def export_now(bfm: Path, shape: torch.Tensor, out_dir: Path, name: str) -> None:
+    """The uncropped mesh (shape only, expression 0) and, for the real BFM2017, the 7 NoW landmarks."""
+    full = FaceModel.from_h5(bfm, CoeffLayout(n_shape=shape.shape[1]), crop=False)
+    zeros = torch.zeros(1, full.layout.n_exp)
+    vertices = full.vertices(shape.detach().cpu().float(), zeros)[0]
+    write_obj(out_dir / "now" / f"{name}.obj", vertices, full.faces)
+    if full.n_vertices != BFM2017_N_VERTICES:
+        log.warning("NoW landmarks skipped: vertex ids %s are only valid for the BFM2017 mesh (%d vertices), "
+                    "%s has %d", NOW_LANDMARK_IDS, BFM2017_N_VERTICES, bfm, full.n_vertices)
+        return
+    write_now_landmarks(out_dir / "now" / f"{name}.txt", vertices[list(NOW_LANDMARK_IDS)])
+
+
+def find_checkpoint(path: Path) -> Path:
+    """``path`` itself, or ``path/final.pt`` for a folder; a clear error when it does not exist."""
+    path = path / FINAL_NAME if path.is_dir() else path
+    if not path.is_file():
+        raise CheckpointError(f"--checkpoint {path}: not found; pass a Step-4 (or Step-1) checkpoint, "
+                              f"e.g. MoFA_UNet_Save/MoFA_UNet/{FINAL_NAME}")
+    return path
+
+
+def load_networks(args: argparse.Namespace, device: torch.device) -> tuple[MoFA, UNet | None, dict]:
+    """The checkpoint's MoFA and, when it holds one, its UNet (else None: a Step-1 checkpoint)."""
+    checkpoint = find_checkpoint(args.checkpoint)
+    face_model = FaceModel.from_h5(args.bfm, CoeffLayout()).to(device)
+    mofa, payload, spec = load_mofa(checkpoint, face_model, device)
+    if "unet" not in payload.get("models", {}):
+        log.info("%s holds no UNet (a Step-1 checkpoint): the mask is the robust loss's inlier mask", checkpoint)
+        return mofa, None, spec
+    return mofa, load_unet(payload, spec["unet_width"], checkpoint, device), spec
+
+
+def write_outputs(out_dir: Path, name: str, images: torch.Tensor, est: torch.Tensor, region: torch.Tensor,
+                  out, mofa: MoFA) -> None:
+    """The four images and the cropped mesh (expression included, albedo colours, model frame)."""
+    mask = (est >= 0.5).to(est.dtype)
+    write_image_rgb(out_dir / f"{name}_input.png", images[0])
+    write_image_rgb(out_dir / f"{name}_composite.png", composite(images, out.image, out.mask)[0])
+    write_mask(out_dir / f"{name}_mask.png", mask[0])
+    write_image_rgb(out_dir / f"{name}_overlay.png", overlay(images, mask, region)[0])
+    parts = mofa.layout.split(out.coeffs)
+    model = mofa.renderer.face_model
+    vertices = model.vertices(parts.shape, parts.exp)[0]
+    colours = model.albedo(parts.tex)[0].clamp(0, 1)
+    write_obj(out_dir / f"{name}.obj", vertices, model.faces, colours)
+    write_ply(out_dir / f"{name}.ply", vertices, model.faces, colours)
+
+
+def reconstruct(args: argparse.Namespace) -> int:
+    device = runtime.resolve_device(args.device)
+    mofa, unet, spec = load_networks(args, device)
+    size = spec["image_size"]
+    image = torch.from_numpy(network_input(args.image, args.landmarks, size)).permute(2, 0, 1)
+    images = image.float().div(255.0)[None].to(device)
+    est, region, out = predict_masks("step2" if unet is None else "step4", mofa, unet, images)
+    name = args.image.stem
+    write_outputs(args.out, name, images, est, region, out, mofa)
+    if args.now:
+        export_now(args.bfm, mofa.layout.split(out.coeffs).shape, args.out, name)
+    log.info("wrote %s_{input,composite,mask,overlay}.png, %s.obj and %s.ply to %s", name, name, name, args.out)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    with torch.no_grad():
+        return reconstruct(parse_args(argv))
+
+
+if __name__ == "__main__":
+    runtime.cli_main(main)

@@ -1,0 +1,269 @@
+"""Evaluation: mask scores on hand-made masks, stage loading, and tests/evaluate_segmentation.py end to end.
+
+The end-to-end data: a resnet18 MoFA at 64 px on the tiny face model, whose zero-initialised head predicts the mean
+face, and images that ARE that render with coloured squares pasted on as occluders. So the Step-2 inlier mask of
+every image equals its GT mask (render minus squares) and the true landmarks and shape are known exactly.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from models.face_model import FaceModel
+from models.layout import CoeffLayout
+from tests.evaluate_segmentation import evaluate, main
+from tests.helpers import assert_close
+from utils import runtime
+from utils.builders import FINAL_NAME, build_mofa, build_unet, step_dir
+from utils.checkpoint import CheckpointError, save_training_state
+from utils.errors import DataError
+from utils.evaluation import (COUNT_NAMES, GroundTruthTable, image_scores, load_stage, predict_masks,
+                              read_ground_truth, summarise_rows)
+from utils.image_io import write_image_rgb, write_mask
+from utils.landmarks_csv import write_landmarks_csv
+from utils.metrics import mask_metrics
+
+REPO = Path(__file__).resolve().parents[1]
+SIZE = 64
+UNET_WIDTH = 4
+# name -> (occluder square (row0, row1, col0, col1) or None, RGB of the square, category, has GT mask, shape_0,
+#          landmark x offset in the CSV)
+IMAGES = {
+    "a.png": ((20, 34, 22, 40), (0.0, 0.0, 1.0), "square", True, 0.0, 0.0),
+    "b.png": ((36, 48, 18, 30), (0.0, 1.0, 0.0), "square", True, 1.5, 2.0),
+    "c.png": (None, None, "none", True, 0.0, 0.0),
+    "d.png": ((10, 20, 10, 20), (1.0, 0.0, 1.0), "none", False, 0.0, 0.0),
+}
+
+
+# ----- fixtures: checkpoints and an image root, shared with tests/test_mesh_io.py ---------------------------------
+
+def tiny_spec(face_model: FaceModel) -> dict:
+    """The model spec of a small Step-4-style run on ``face_model``: resnet18, 64 px, UNet width 4."""
+    layout = CoeffLayout()
+    return {"encoder": "resnet18", "image_size": SIZE, "camera": "g2",
+            "layout": {"n_shape": layout.n_shape, "n_exp": layout.n_exp, "n_tex": layout.n_tex},
+            "unet_width": UNET_WIDTH, "face_model": face_model.config()}
+
+
+def make_checkpoints(save_root: Path, bfm: Path) -> tuple[FaceModel, dict]:
+    """Write Step-1, Step-3 and Step-4 ``final.pt`` files under ``save_root`` with the steps' payloads."""
+    face_model = FaceModel.from_h5(bfm, CoeffLayout())
+    spec = tiny_spec(face_model)
+    mofa, unet = build_mofa(spec, face_model), build_unet(spec)
+    for step, models, model_spec in ((1, {"encoder": mofa.encoder}, spec),
+                                     (3, {"unet": unet}, {"unet_width": UNET_WIDTH}),
+                                     (4, {"encoder": mofa.encoder, "unet": unet}, spec)):
+        written = save_training_state(step_dir(save_root, step), 1, models, config={}, extra={"model": model_spec},
+                                      keep_latest=False)
+        written.replace(written.with_name(FINAL_NAME))  # what mark_final leaves, without copying 45 MB twice
+    return face_model, spec
+
+
+def mean_face_render(face_model: FaceModel, spec: dict):
+    """The render of all-zero coefficients (what the untrained encoder predicts)."""
+    mofa = build_mofa(spec, face_model).eval()
+    with torch.no_grad():
+        return mofa.renderer(mofa.layout.zeros(1))
+
+
+def make_image_root(root: Path, face_model: FaceModel, spec: dict) -> dict:
+    """Write IMAGES (render + occluders), GT masks, the test CSV and ground_truth.csv; returns expectations."""
+    out = mean_face_render(face_model, spec)
+    render, region, landmarks = out.image[0], out.mask[0], out.landmarks[0].numpy()
+    rows, truth, gts = [], [], {}
+    for name, (square, colour, category, has_gt, shape0, dx) in IMAGES.items():
+        image, gt = render.clone(), region.clone()
+        visible = np.ones(68, dtype=bool)
+        if square is not None:
+            r0, r1, c0, c1 = square
+            image[:, r0:r1, c0:c1] = torch.tensor(colour)[:, None, None]
+            gt[:, r0:r1, c0:c1] = 0
+            x, y = np.round(landmarks[:, 0]), np.round(landmarks[:, 1])
+            visible = ~((y >= r0) & (y < r1) & (x >= c0) & (x < c1))
+        write_image_rgb(root / "Dataset" / name, image.clamp(0, 1))
+        if has_gt:
+            write_mask(root / "Dataset" / name.replace(".png", "_visible_skin_mask.png"), gt)
+            gts[name] = gt
+        rows.append((name, landmarks + np.array([dx, 0.0])))
+        truth.append([name, "test", category, "".join("1" if v else "0" for v in visible),
+                      *[shape0 if k == 0 else 0.0 for k in range(CoeffLayout().n_shape)]])
+    write_landmarks_csv(root / "test_landmarks_3D.csv", rows)
+    with (root / "ground_truth.csv").open("w", newline="") as fh:
+        header = ["filename", "split", "category", "visible_landmarks"]
+        csv.writer(fh).writerows([header + [f"shape_{k}" for k in range(CoeffLayout().n_shape)], *truth])
+    return {"region_area": float(region.sum()), "gts": gts}
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory, tiny_bfm_h5) -> dict:
+    base = tmp_path_factory.mktemp("evaluation")
+    face_model, spec = make_checkpoints(base / "save", tiny_bfm_h5)
+    expected = make_image_root(base / "root", face_model, spec)
+    return {"base": base, "save_root": base / "save", "img_path": base / "root", "bfm": tiny_bfm_h5,
+            "face_model": face_model, "spec": spec, **expected}
+
+
+def run_eval(setup: dict, out: Path, *extra: str) -> dict:
+    return evaluate(["--img_path", str(setup["img_path"]), "--save_root", str(setup["save_root"]),
+                     "--bfm", str(setup["bfm"]), "--device", "cpu", "--out", str(out), *extra])
+
+
+def read_rows(out: Path) -> dict[str, dict]:
+    with (out / "per_image.csv").open() as fh:
+        return {r["filename"]: r for r in csv.DictReader(fh)}
+
+
+# ----- hand-made masks --------------------------------------------------------------------------------------------
+
+def test_image_scores_count_inside_the_region_only():
+    gt = torch.tensor([[1, 1, 0, 0], [1, 1, 0, 0], [1, 1, 1, 1], [0, 0, 0, 0]], dtype=torch.float32)
+    est = torch.tensor([[1, 0, 1, 0], [1, 0.6, 0, 0], [0.4, 1, 1, 1], [1, 1, 1, 1]], dtype=torch.float32)
+    region = torch.ones(4, 4)
+    region[3] = 0  # the last row is outside the rendered face: its errors must not count
+    s = image_scores(gt[None, None], est[None, None], region[None, None])
+    assert [s[k].item() for k in ("tp", "fp", "tn", "fn")] == [6, 1, 3, 2]
+    assert_close(s["iou"], [6 / 9])
+    assert_close(s["accuracy"], [9 / 12])
+    assert_close(s["precision"], [6 / 7])
+    assert_close(s["recall"], [6 / 8])
+    strict = image_scores(gt[None, None], est[None, None], region[None, None], threshold=0.7)
+    assert [strict[k].item() for k in ("tp", "fn")] == [5, 3]  # the 0.6 pixel turns into a miss
+    soft = image_scores(gt[None, None], est[None, None], region[None, None], soft=True)
+    assert_close(soft["tp"], [1 + 1.6 + 3.4])  # sum of gt * est over the first three rows
+    assert_close(soft["fn"], [1 + 0.4 + 0.6])  # sum of gt * (1 - est)
+
+
+def test_summarise_rows_pools_counts_and_skips_images_without_gt():
+    rows = [{"filename": "x-1.png", "category": "neutral", "has_gt_mask": True,
+             "tp": 9.0, "fp": 1.0, "tn": 0.0, "fn": 0.0},
+            {"filename": "x-8.png", "category": "sunglasses", "has_gt_mask": True,
+             "tp": 1.0, "fp": 0.0, "tn": 0.0, "fn": 1.0},
+            {"filename": "x-9.png", "category": "sunglasses", "has_gt_mask": False}]
+    for r in rows[:2]:
+        r.update({k: v.item() for k, v in mask_metrics(*(torch.tensor([r[c]]) for c in COUNT_NAMES)).items()})
+    s = summarise_rows(rows, "step4", "test")
+    assert (s["n_images"], s["n_with_gt"]) == (3, 2)
+    assert_close(s["paper_protocol"]["iou"]["mean"], (0.9 + 0.5) / 2)
+    assert_close(s["pooled"]["iou"], 10 / 12)  # pooled: (9 + 1) / (10 + 1 + 1)
+    assert set(s["per_category"]) == {"neutral", "sunglasses"}
+    assert (s["per_category"]["sunglasses"]["n_images"], s["per_category"]["sunglasses"]["n_with_gt"]) == (2, 1)
+    assert "reconstruction" not in s
+    only_other = summarise_rows([{**rows[0], "category": "other"}], "step4", "test")
+    assert only_other["per_category"] == {}
+
+
+def test_ground_truth_table_parses_flags_and_shape(tmp_path):
+    assert read_ground_truth(tmp_path) is None
+    flags = "1" * 60 + "0" * 8
+    (tmp_path / "ground_truth.csv").write_text(
+        "filename,split,category,visible_landmarks,shape_0,shape_1\n"
+        f"sub/a.png,test,hand,{flags},0.5,-1\nb.png,test,scarf,1 0 1,0,0\n")
+    table = read_ground_truth(tmp_path)
+    layout = CoeffLayout(n_shape=2, n_exp=1, n_tex=1)
+    assert table.category("sub/a.png") == "hand" and table.category("a.png") == "hand"
+    assert int(table.visible("sub/a.png").sum()) == 60
+    assert_close(table.shape("sub/a.png", layout), [0.5, -1.0])
+    assert table.shape("a.png", CoeffLayout()) is None  # too few shape columns for 80 coefficients
+    assert table.row("missing.png") is None and table.visible("missing.png") is None
+    with pytest.raises(DataError, match="visible_landmarks of b.png has 3 flags"):
+        table.visible("b.png")
+    assert isinstance(table, GroundTruthTable)
+
+
+# ----- models -----------------------------------------------------------------------------------------------------
+
+def test_load_stage_rebuilds_each_stage(setup):
+    device = torch.device("cpu")
+    for stage, has_unet in (("step2", False), ("step3", True), ("step4", True)):
+        mofa, unet, spec = load_stage(stage, setup["save_root"], setup["bfm"], device)
+        assert (unet is not None) == has_unet and spec["image_size"] == SIZE
+        assert not mofa.training and (unet is None or not unet.training)
+    with pytest.raises(CheckpointError, match="Step4_UNet_MoFA_EM.py"):
+        load_stage("step4", setup["base"] / "nowhere", setup["bfm"], device)
+    with pytest.raises(DataError, match="--stage"):
+        load_stage("step5", setup["save_root"], setup["bfm"], device)
+
+
+def test_predict_masks_step2_flags_occluders_inside_the_face(setup):
+    mofa, _, _ = load_stage("step2", setup["save_root"], setup["face_model"], torch.device("cpu"))
+    images = mean_face_render(setup["face_model"], setup["spec"]).image.clamp(0, 1)
+    images[:, :, 20:34, 22:40] = torch.tensor([0.0, 0.0, 1.0])[:, None, None]
+    est, region, out = predict_masks("step2", mofa, None, images)
+    expected = region.clone()
+    expected[:, :, 20:34, 22:40] = 0
+    assert torch.equal(est, expected)
+    assert region.sum() == setup["region_area"] and out.image.shape == images.shape
+    with pytest.raises(ValueError, match="needs a UNet"):
+        predict_masks("step4", mofa, None, images)
+
+
+# ----- the script -------------------------------------------------------------------------------------------------
+
+def test_oracle_scores_gt_as_estimate_and_reconstruction_errors(setup, tmp_path):
+    summary = run_eval(setup, tmp_path, "--stage", "step4", "--oracle")
+    assert (summary["n_images"], summary["n_with_gt"]) == (4, 3)
+    for metric in ("iou", "accuracy", "precision", "recall", "f1"):
+        assert summary["paper_protocol"][metric]["mean"] == 1.0 and summary["pooled"][metric] == 1.0
+    cats = summary["per_category"]
+    assert (cats["square"]["n_with_gt"], cats["none"]["n_images"], cats["none"]["n_with_gt"]) == (2, 2, 1)
+    rows = read_rows(tmp_path)
+    assert rows["d.png"]["has_gt_mask"] == "False" and rows["d.png"]["iou"] == ""
+    rec = {name: {k: float(r[k]) for k in ("landmark_px", "vertex_mm")}
+           for name, r in rows.items()}
+    assert rec["a.png"]["landmark_px"] < 1e-3 and rec["a.png"]["vertex_mm"] < 1e-3
+    assert abs(rec["b.png"]["landmark_px"] - 2.0) < 1e-3  # the CSV landmarks of b are shifted by 2 px
+    model = setup["face_model"]
+    unaligned = (model.shape_basis[:, 0].view(-1, 3) * 1.5).norm(dim=1).mean().item()
+    assert 0.05 < rec["b.png"]["vertex_mm"] <= unaligned + 1e-4
+    assert rows["c.png"]["landmark_px_occluded"] == "" and float(rows["a.png"]["landmark_px_occluded"]) < 1e-3
+    assert summary["reconstruction"]["n_images"] == 4
+    saved = json.loads((tmp_path / "summary.json").read_text())
+    assert saved["paper_protocol"]["iou"]["mean"] == 1.0 and saved["stage"] == "step4"
+    assert "| iou |" in (tmp_path / "summary.md").read_text()
+
+
+def test_step2_masks_match_gt_and_images_are_saved(setup, tmp_path):
+    summary = run_eval(setup, tmp_path, "--stage", "step2", "--save_images")
+    assert summary["paper_protocol"]["iou"]["mean"] == pytest.approx(1.0)
+    for stem in ("a", "b", "c", "d"):
+        for suffix in ("_org.png", "_result.png", "_estmask.png"):
+            assert (tmp_path / "images" / f"{stem}{suffix}").is_file()
+
+
+def test_step4_counts_cover_exactly_the_rendered_face(setup, tmp_path):
+    summary = run_eval(setup, tmp_path, "--stage", "step4", "--threshold", "0.3")
+    rows = [r for r in read_rows(tmp_path).values() if r["has_gt_mask"] == "True"]
+    for r in rows:
+        assert sum(float(r[k]) for k in ("tp", "fp", "tn", "fn")) == setup["region_area"]
+    ious = [float(r["iou"]) for r in rows]
+    assert_close(summary["paper_protocol"]["iou"]["mean"], sum(ious) / len(ious))
+    assert summary["settings"]["threshold"] == 0.3
+
+
+def test_script_runs_from_another_directory(setup, tmp_path):
+    out = tmp_path / "res"
+    cmd = [sys.executable, str(REPO / "tests" / "evaluate_segmentation.py"), "--img_path", str(setup["img_path"]),
+           "--save_root", str(setup["save_root"]), "--bfm", str(setup["bfm"]), "--device", "cpu",
+           "--stage", "step3", "--out", "res"]
+    done = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert json.loads((out / "summary.json").read_text())["stage"] == "step3"
+    assert "| iou |" in done.stdout
+
+
+def test_missing_checkpoint_is_one_line_error(setup, tmp_path, capsys):
+    argv = ["--img_path", str(setup["img_path"]), "--save_root", str(tmp_path / "empty"), "--bfm", str(setup["bfm"]),
+            "--device", "cpu", "--out", str(tmp_path / "out")]
+    with pytest.raises(SystemExit) as exc:
+        runtime.cli_main(main, argv)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error:") and "MoFA_UNet" in err and len(err.splitlines()) == 1

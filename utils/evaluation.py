@@ -1,0 +1,388 @@
+"""Evaluation of occlusion masks and reconstructions on a split of an image root (reference section 11).
+
+Stages (what produces the estimated mask E; the region F is always the rendered face of the stage's encoder):
+    step2  the robust loss's inlier mask of the Step-1 encoder (Step 2's preliminary masks, no UNet);
+    step3  the Step-1 encoder with the Step-3 UNet:  E = F * sigmoid(UNet([render, image]));
+    step4  the Step-4 encoder and UNet (final model), same formula.
+Mask metrics (utils.metrics) follow the paper protocol: pixels inside F only, E and GT binarised at ``threshold``
+(or the original's soft counts with ``soft``), computed per image and averaged; pixel-pooled counts over the split
+are reported as well. Images without a GT mask are processed but left out of the mask metrics.
+
+On the synthetic benchmark (``IMAGE_ROOT/ground_truth.csv`` with columns filename, split, category,
+visible_landmarks, shape_0 ...), reconstruction is scored too: the 2-D landmark error in pixels of the network
+image (against the split CSV's landmarks; all / visible / occluded points from ``visible_landmarks``), and the
+per-vertex error in mm of the NEUTRAL shape (shape coefficients only, expression 0) against the true one, after a
+rigid alignment.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from models.face_model import FaceModel
+from models.layout import CoeffLayout
+from models.mofa import MoFA
+from models.unet import UNet
+from utils import losses
+from utils.ar_gt import ar_category
+from utils.builders import build_mofa, build_unet, load_spec_checkpoint, load_weights, previous_checkpoint
+from utils.checkpoint import CheckpointError, load_checkpoint
+from utils.datasets import FaceDataset, collate_faces
+from utils.errors import DataError
+from utils.image_io import write_image_rgb, write_mask
+from utils.metrics import METRIC_NAMES, confusion_counts, landmark_error, mask_metrics, pooled_metrics, summarise
+from utils.metrics import vertex_error_mm
+from utils.objectives import unet_mask
+from utils.unet_trainset import stem_for
+from utils.visuals import composite
+
+log = logging.getLogger(__name__)
+
+STAGES = ("step2", "step3", "step4")
+SIGMA = 0.043
+COUNT_NAMES = ("tp", "fp", "tn", "fn")
+RECON_NAMES = ("landmark_px", "landmark_px_visible", "landmark_px_occluded", "vertex_mm")
+GROUND_TRUTH_NAME = "ground_truth.csv"
+N_LANDMARKS = 68
+
+
+# ----- models ---------------------------------------------------------------------------------------------------
+
+def load_mofa(path: Path, face_model: FaceModel, device: torch.device) -> tuple[MoFA, dict, dict]:
+    """MoFA (eval) with the checkpoint's "encoder" weights; returns (mofa, payload, spec). Checks the face model."""
+    payload, spec = load_spec_checkpoint(path, face_model, device)
+    mofa = build_mofa(spec, face_model).to(device).eval()
+    load_weights(mofa.encoder, payload, "encoder", path)
+    return mofa, payload, spec
+
+
+def load_unet(payload: dict, width: int, path: Path, device: torch.device) -> UNet:
+    """UNet (eval) of base width ``width`` with the checkpoint's "unet" weights."""
+    unet = build_unet({"unet_width": int(width)}).to(device).eval()
+    load_weights(unet, payload, "unet", path)
+    return unet
+
+
+def load_stage(stage: str, save_root: str | Path, bfm: str | Path | FaceModel, device: torch.device,
+               checkpoint: str | Path | None = None) -> tuple[MoFA, UNet | None, dict]:
+    """The networks of a stage, in eval mode, from the steps' final checkpoints under ``save_root``.
+
+    step2: Step-1 ``pretrain_mofa/final.pt`` (``checkpoint`` overrides it), no UNet.
+    step3: Step-1 encoder + Step-3 UNet ``Pretrain_UNet/final.pt`` (``checkpoint`` overrides the UNet's file).
+    step4: Step-4 ``MoFA_UNet/final.pt`` holding "encoder" and "unet" (``checkpoint`` overrides it).
+    bfm: the face model file the steps were trained with, or a loaded FaceModel.
+    Returns (mofa, unet or None, model spec). Raises CheckpointError (missing file, other face model, ...).
+    """
+    if stage not in STAGES:
+        raise DataError(f"--stage {stage}: expected one of {', '.join(STAGES)}")
+    face_model = bfm if isinstance(bfm, FaceModel) else FaceModel.from_h5(bfm, CoeffLayout())
+    face_model = face_model.to(device)
+    if stage == "step4":
+        path = previous_checkpoint(None if checkpoint is None else str(checkpoint), save_root, step=4)
+        mofa, payload, spec = load_mofa(path, face_model, device)
+        return mofa, load_unet(payload, spec["unet_width"], path, device), spec
+    explicit = None if checkpoint is None else str(checkpoint)
+    path = previous_checkpoint(explicit if stage == "step2" else None, save_root, step=1)
+    mofa, _, spec = load_mofa(path, face_model, device)
+    if stage == "step2":
+        return mofa, None, spec
+    upath = previous_checkpoint(explicit, save_root, step=3)
+    upayload = load_checkpoint(upath, map_location=device)
+    width = ((upayload.get("extra") or {}).get("model") or {}).get("unet_width")
+    if width is None:
+        raise CheckpointError(f"{upath} records no UNet width: it was not written by Step3_Pretrain_Unet.py")
+    return mofa, load_unet(upayload, width, upath, device), {**spec, "unet_width": int(width)}
+
+
+@torch.no_grad()
+def predict_masks(stage: str, mofa: MoFA, unet: UNet | None, images: torch.Tensor, sigma: float = SIGMA
+                  ) -> tuple[torch.Tensor, torch.Tensor, object]:
+    """Estimated mask E, face region F and the render of ``images (B,3,S,S)`` in [0, 1].
+
+    Returns (E (B,1,S,S) in [0,1], 1 = visible face and 0 outside F; F (B,1,S,S) 0/1; RenderOutput).
+    step2 (or any stage with ``unet`` None): E = inlier mask of the robust loss (||I - R|| < 3 sigma inside F).
+    step3 / step4: E = F * sigmoid(UNet(cat[render, image])).
+    """
+    if stage not in STAGES:
+        raise ValueError(f"predict_masks: unknown stage {stage!r}, expected one of {STAGES}")
+    if stage != "step2" and unet is None:
+        raise ValueError(f"predict_masks: stage {stage} needs a UNet")
+    out = mofa(images)
+    if stage == "step2":
+        est = losses.inlier_mask(images, out.image, out.mask, sigma=sigma)
+    else:
+        est = unet_mask(unet, out, images) * out.mask
+    return est, out.mask, out
+
+
+# ----- per-image scores -----------------------------------------------------------------------------------------
+
+def image_scores(gt: torch.Tensor, est: torch.Tensor, region: torch.Tensor, threshold: float = 0.5,
+                 soft: bool = False) -> dict[str, torch.Tensor]:
+    """Confusion counts and mask metrics per image inside ``region``: {tp, fp, tn, fn, iou, ...} each (B,).
+
+    gt, est, region: (B,1,H,W); gt/est in [0,1] with 1 = visible face, region 0/1.
+    """
+    counts = confusion_counts(gt, est, region, threshold=threshold, soft=soft)
+    return {**dict(zip(COUNT_NAMES, counts)), **mask_metrics(*counts)}
+
+
+@dataclass(frozen=True)
+class GroundTruthTable:
+    """Rows of the synthetic benchmark's ``ground_truth.csv``, looked up by file name (path or base name)."""
+
+    path: Path
+    rows: dict[str, dict[str, str]]
+
+    def row(self, filename: str) -> dict[str, str] | None:
+        name = filename.replace("\\", "/").removeprefix("./")
+        return self.rows.get(name) or self.rows.get(Path(name).name)
+
+    def category(self, filename: str) -> str | None:
+        row = self.row(filename)
+        return row.get("category") or None if row else None
+
+    def visible(self, filename: str) -> torch.Tensor | None:
+        """(68,) bool from the ``visible_landmarks`` 0/1 string (separators ignored), or None."""
+        row = self.row(filename)
+        text = "".join(ch for ch in (row or {}).get("visible_landmarks", "") if ch in "01")
+        if not text:
+            return None
+        if len(text) != N_LANDMARKS:
+            raise DataError(f"{self.path}: visible_landmarks of {filename} has {len(text)} flags, expected "
+                            f"{N_LANDMARKS} (one 0/1 per landmark)")
+        return torch.tensor([ch == "1" for ch in text])
+
+    def shape(self, filename: str, layout: CoeffLayout) -> torch.Tensor | None:
+        """True shape coefficients (n_shape,) from columns shape_0 .. shape_{n_shape-1}, or None."""
+        row = self.row(filename)
+        if row is None or f"shape_{layout.n_shape - 1}" not in row:
+            return None
+        try:
+            return torch.tensor([float(row[f"shape_{k}"]) for k in range(layout.n_shape)], dtype=torch.float64)
+        except ValueError:
+            raise DataError(f"{self.path}: a shape_k value of {filename} is not a number") from None
+
+
+def read_ground_truth(image_root: str | Path) -> GroundTruthTable | None:
+    """``IMAGE_ROOT/ground_truth.csv`` as a table, or None when the file does not exist."""
+    path = Path(image_root) / GROUND_TRUTH_NAME
+    if not path.is_file():
+        return None
+    with path.open(newline="", encoding="utf-8-sig") as fh:
+        reader = csv.DictReader(fh)
+        if "filename" not in (reader.fieldnames or []):
+            raise DataError(f"{path}: no 'filename' column (columns: {reader.fieldnames})")
+        table = list(reader)
+    rows = {}
+    for row in table:
+        name = row["filename"].replace("\\", "/").removeprefix("./")
+        rows[name] = row
+        rows.setdefault(Path(name).name, row)
+    return GroundTruthTable(path, rows)
+
+
+def _stack_or_none(items: list[torch.Tensor | None]) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(stacked values with zeros for the missing, (B,) bool present) or None when nothing is present."""
+    present = [x is not None for x in items]
+    if not any(present):
+        return None
+    like = next(x for x in items if x is not None)
+    return torch.stack([like.new_zeros(like.shape) if x is None else x for x in items]), torch.tensor(present)
+
+
+@torch.no_grad()
+def reconstruction_errors(mofa: MoFA, out, landmarks_gt: torch.Tensor, filenames: list[str],
+                          truth: GroundTruthTable) -> dict[str, torch.Tensor]:
+    """Per-image reconstruction errors (B,) float64, NaN where the truth lacks the image or the value.
+
+    landmark_px(_visible/_occluded): mean 2-D landmark distance in pixels of the network image;
+    vertex_mm: mean per-vertex distance of the neutral shape (expression 0) after rigid alignment.
+    """
+    B, device = len(filenames), landmarks_gt.device
+    nan = torch.full((B,), math.nan, dtype=torch.float64, device=device)
+    found = torch.tensor([truth.row(n) is not None for n in filenames], device=device)
+    vis = _stack_or_none([truth.visible(n) for n in filenames])
+    visible = vis[0].to(device) if vis else None
+    lm = landmark_error(out.landmarks, landmarks_gt, visible)
+    errors = {"landmark_px": torch.where(found, lm["all"], nan)}
+    has_vis = vis[1].to(device) & found if vis else torch.zeros_like(found)
+    errors["landmark_px_visible"] = torch.where(has_vis, lm["visible"], nan)
+    errors["landmark_px_occluded"] = torch.where(has_vis, lm["occluded"], nan)
+    shapes = _stack_or_none([truth.shape(n, mofa.layout) for n in filenames])
+    errors["vertex_mm"] = nan
+    if shapes:
+        model, pred = mofa.renderer.face_model, mofa.layout.split(out.coeffs).shape
+        zeros = pred.new_zeros(B, mofa.layout.n_exp)
+        true = model.vertices(shapes[0].to(pred), zeros)
+        err = vertex_error_mm(model.vertices(pred, zeros), true)
+        errors["vertex_mm"] = torch.where(shapes[1].to(device), err, nan)
+    return errors
+
+
+# ----- a split ----------------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class EvalOptions:
+    """How a split is evaluated. oracle: use the GT mask as the estimate (checks the pipeline: IoU 1)."""
+
+    threshold: float = 0.5
+    soft: bool = False
+    sigma: float = SIGMA
+    batch_size: int = 16
+    workers: int = 0
+    oracle: bool = False
+    image_dir: Path | None = None
+
+
+def category_of(filename: str, truth: GroundTruthTable | None) -> str:
+    """The synthetic benchmark's category when known, else the AR category from the name ("other" if none)."""
+    found = truth.category(filename) if truth is not None else None
+    return found or ar_category(filename)
+
+
+def save_visuals(image_dir: Path, filenames: list[str], images: torch.Tensor, out, est: torch.Tensor,
+                 binarise_at: float | None) -> None:
+    """Write ``<stem>_org.png``, ``<stem>_result.png`` (render over the input) and ``<stem>_estmask.png``."""
+    result = composite(images, out.image, out.mask)
+    mask = est if binarise_at is None else (est >= binarise_at).to(est.dtype)
+    for name, image, res, m in zip(filenames, images, result, mask):
+        stem = stem_for(name)
+        write_image_rgb(image_dir / f"{stem}_org.png", image.clamp(0, 1))
+        write_image_rgb(image_dir / f"{stem}_result.png", res)
+        write_mask(image_dir / f"{stem}_estmask.png", m)
+
+
+def _evaluate_batch(stage: str, mofa: MoFA, unet: UNet | None, batch: dict, device: torch.device,
+                    options: EvalOptions, truth: GroundTruthTable | None) -> list[dict]:
+    images = batch["image"].to(device)
+    est, region, out = predict_masks(stage, mofa, unet, images, options.sigma)
+    gt, has_gt = batch["gt_mask"].to(device), batch["has_gt_mask"].to(device)
+    if options.oracle:
+        est = torch.where(has_gt[:, None, None, None], gt, est)
+    scores = image_scores(gt, est, region, options.threshold, options.soft)
+    names = list(batch["filename"])
+    recon = {} if truth is None else reconstruction_errors(mofa, out, batch["landmarks"].to(device), names, truth)
+    if options.image_dir is not None:
+        save_visuals(options.image_dir, names, images, out, est, None if options.soft else options.threshold)
+    rows = []
+    for i, name in enumerate(names):
+        row = {"filename": name, "category": category_of(name, truth), "has_gt_mask": bool(has_gt[i])}
+        if row["has_gt_mask"]:
+            row.update({k: float(v[i]) for k, v in scores.items()})
+        row.update({k: float(v[i]) for k, v in recon.items()})
+        rows.append(row)
+    return rows
+
+
+def evaluate_split(stage: str, mofa: MoFA, unet: UNet | None, dataset: FaceDataset, device: torch.device,
+                   options: EvalOptions = EvalOptions(), truth: GroundTruthTable | None = None) -> list[dict]:
+    """Evaluate every image of a test-mode ``dataset``; returns one row (dict) per image, in order.
+
+    Each row: filename, category, has_gt_mask, and (when it has a GT mask) tp/fp/tn/fn and the metrics of
+    utils.metrics.METRIC_NAMES; with ``truth`` also the RECON_NAMES errors (NaN when unavailable).
+    """
+    if not dataset.test_mode:
+        raise ValueError("evaluate_split: the dataset must be built with test_mode=True")
+    loader = DataLoader(dataset, batch_size=options.batch_size, shuffle=False, num_workers=options.workers,
+                        collate_fn=collate_faces)
+    rows: list[dict] = []
+    for batch in tqdm(loader, desc=f"evaluate {stage}", mininterval=2.0, leave=False):
+        rows += _evaluate_batch(stage, mofa, unet, batch, device, options, truth)
+    return rows
+
+
+# ----- summaries and files ------------------------------------------------------------------------------------
+
+def _mask_summary(scored: list[dict]) -> dict:
+    """paper_protocol (mean/std/n of per-image metrics) and pooled (metrics of summed counts) of scored rows."""
+    if not scored:
+        return {"paper_protocol": {m: {"mean": math.nan, "std": math.nan, "n": 0} for m in METRIC_NAMES},
+                "pooled": {m: math.nan for m in METRIC_NAMES}}
+    counts = [torch.tensor([r[c] for r in scored], dtype=torch.float64) for c in COUNT_NAMES]
+    return {"paper_protocol": summarise([{m: r[m] for m in METRIC_NAMES} for r in scored]),
+            "pooled": pooled_metrics(*counts)}
+
+
+def _recon_summary(rows: list[dict]) -> dict | None:
+    present = [r for r in rows if any(not math.isnan(r.get(k, math.nan)) for k in RECON_NAMES)]
+    if not present:
+        return None
+    stats = summarise([{k: r.get(k, math.nan) for k in RECON_NAMES} for r in present])
+    return {"n_images": len(present), **stats}
+
+
+def _group_summary(rows: list[dict]) -> dict:
+    scored = [r for r in rows if r["has_gt_mask"]]
+    summary = {"n_images": len(rows), "n_with_gt": len(scored), **_mask_summary(scored)}
+    recon = _recon_summary(rows)
+    if recon is not None:
+        summary["reconstruction"] = recon
+    return summary
+
+
+def summarise_rows(rows: list[dict], stage: str, split: str, settings: dict | None = None) -> dict:
+    """The summary of a split: {stage, split, n_images, n_with_gt, paper_protocol, pooled, per_category,
+    reconstruction (when available), settings}. per_category is empty when every image is "other"."""
+    categories = sorted({r["category"] for r in rows})
+    per_category = {} if categories in ([], ["other"]) else {
+        c: _group_summary([r for r in rows if r["category"] == c]) for c in categories}
+    return {"stage": stage, "split": split, **_group_summary(rows), "per_category": per_category,
+            "settings": dict(settings or {})}
+
+
+def _fmt(x: float) -> str:
+    return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.4f}"
+
+
+def format_markdown(summary: dict) -> str:
+    """A short Markdown report: overall metrics (paper protocol and pooled), categories, reconstruction."""
+    lines = [f"## {summary['stage']} on {summary['split']}: {summary['n_images']} images, "
+             f"{summary['n_with_gt']} with a GT mask", "", "| metric | mean | std | pooled |", "|---|---|---|---|"]
+    for m in METRIC_NAMES:
+        s = summary["paper_protocol"][m]
+        lines.append(f"| {m} | {_fmt(s['mean'])} | {_fmt(s['std'])} | {_fmt(summary['pooled'][m])} |")
+    if summary["per_category"]:
+        lines += ["", "| category | images | with GT | " + " | ".join(METRIC_NAMES) + " |",
+                  "|---|---|---|" + "---|" * len(METRIC_NAMES)]
+        for cat, s in summary["per_category"].items():
+            values = " | ".join(_fmt(s["paper_protocol"][m]["mean"]) for m in METRIC_NAMES)
+            lines.append(f"| {cat} | {s['n_images']} | {s['n_with_gt']} | {values} |")
+    if "reconstruction" in summary:
+        rec = summary["reconstruction"]
+        lines += ["", f"| reconstruction ({rec['n_images']} images) | mean | std |", "|---|---|---|"]
+        lines += [f"| {k} | {_fmt(rec[k]['mean'])} | {_fmt(rec[k]['std'])} |" for k in RECON_NAMES]
+    return "\n".join(lines) + "\n"
+
+
+def _json_safe(x):
+    """NaN -> None, recursively, so the file is strict JSON."""
+    if isinstance(x, dict):
+        return {k: _json_safe(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_json_safe(v) for v in x]
+    return None if isinstance(x, float) and math.isnan(x) else x
+
+
+def write_results(out_dir: str | Path, rows: list[dict], summary: dict) -> Path:
+    """Write ``per_image.csv``, ``summary.json`` and ``summary.md`` into ``out_dir``; returns out_dir."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    columns = ["filename", "category", "has_gt_mask", *COUNT_NAMES, *METRIC_NAMES]
+    columns += [k for k in RECON_NAMES if any(k in r for r in rows)]
+    with (out_dir / "per_image.csv").open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=columns, extrasaction="ignore", lineterminator="\n")
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: ("" if isinstance(v, float) and math.isnan(v) else v) for k, v in row.items()})
+    (out_dir / "summary.json").write_text(json.dumps(_json_safe(summary), indent=2) + "\n")
+    (out_dir / "summary.md").write_text(format_markdown(summary))
+    return out_dir
