@@ -1,0 +1,451 @@
+"""Synthetic occluded-face benchmark: the project's embedded default dataset (demo, tests, evaluation).
+
+Faces are rendered with the project's `FaceRenderer` from random coefficients (identity, expression, albedo,
+pose, spherical-harmonics light), composited over textured backgrounds and covered by procedural occluders
+(`utils/occluders.py`): AR-like sunglasses and scarves, CelebA-like hands, microphones, cups, hats, hair strands
+and textured polygons / ellipses. Because every pixel's origin is known, the ground truth is exact:
+
+* visible-face mask = rendered face coverage minus occluder pixels (occluder alpha > 0.5). "Face" means everything
+  the face model renders (eyes and mouth included), consistent with evaluation inside the rendered region;
+* 68 landmarks = the renderer's projected landmark vertices plus detector-like Gaussian noise (sigma 1.25 px at
+  224 px, scaled with the image size); landmarks under an occluder are still written;
+* the true coefficients, the occlusion category and the occluded fraction of the face.
+
+Output (the original README's image-root layout, see `utils/image_root.py`)::
+
+    IMAGE_ROOT/Dataset/{id:05d}.png                       the image (RGB, size x size)
+    IMAGE_ROOT/Dataset/{id:05d}_visible_skin_mask.png     white = visible face
+    IMAGE_ROOT/{train,val,test,all}_landmarks_3D.csv      no header: filename, x0, y0, ..., x67, y67
+    IMAGE_ROOT/ground_truth.csv                           header: filename, split, category, occluded_fraction,
+                                                          shape_0 .. light_26 (from the CoeffLayout),
+                                                          visible_landmarks (68 chars of 0/1)
+    IMAGE_ROOT/synthetic_config.json                      the settings and counts of the run
+
+The split is a seeded permutation (80/10/10, val and test get at least one image each from 3 images on).
+Output is deterministic for a seed: image i draws all its randomness from ``numpy.random.default_rng([seed, 1, i])``.
+
+Background and texture sources: procedural noise and gradients, and crops of the scikit-image sample images
+that ship with the wheel (loaded offline; any that are unavailable are skipped): astronaut (NASA, public domain),
+coffee (Rachel Michetti, CC0), chelsea (Stefan van der Walt, CC0), rocket (SpaceX, public domain), coins
+(Brooklyn Museum, no known copyright restrictions), brick (CC0Textures, CC0), grass (CC0), gravel (CC0Textures,
+CC0), camera (Lav Varshney, CC0), hubble_deep_field (NASA, public domain), text (public domain).
+
+CLI: ``python -m utils.synthetic_faces --out IMAGE_ROOT --num N [--bfm H5] [--seed S]
+[--occlusion mixed|none|ar|celeba] [--size 224] [--batch 16]``. Without --bfm the demo face model
+``basel_3DMM/demo_face_model.h5`` is used (and written first if it does not exist).
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import re
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from models.camera import CameraConfig
+from models.face_model import FaceModel
+from models.layout import N_SH_BASIS, SH_INIT, CoeffLayout
+from models.renderer import FaceRenderer
+from utils.errors import DataError
+from utils.image_io import write_image_rgb, write_mask
+from utils.image_root import ImageRoot
+from utils.landmarks_csv import write_landmarks_csv
+from utils.occluders import AR_OCCLUDERS, CELEBA_OCCLUDERS, TextureBank, draw_occluder, value_noise
+from utils.runtime import RepoDefault, cli_main, resolve_cli_path, resolve_device
+
+DEFAULT_DEMO_BFM = "basel_3DMM/demo_face_model.h5"
+OCCLUSION_MODES = ("mixed", "none", "ar", "celeba")
+SPLIT_SHARES = {"val": 0.1, "test": 0.1}
+MASK_SUFFIX = "_visible_skin_mask.png"
+REFERENCE_SIZE = 224
+_Y00 = 1.0 / math.sqrt(4.0 * math.pi)  # SH basis (0, 0)
+_Y1 = math.sqrt(3.0 / (4.0 * math.pi))  # |SH basis (1, m)| per normal component
+_OWN_FILE = re.compile(r"^\d{5,}(_visible_skin_mask)?\.png$")
+
+
+@dataclass(frozen=True)
+class SceneRanges:
+    """Sampling ranges of the synthetic scenes (angles in degrees, translations in mm, sizes at 224 px).
+
+    shape_scale: identity ~ N(0, 1) per coefficient times U(shape_scale). exp_std: expression ~ N(0, U(exp_std)).
+    tex_std: albedo coefficient std. pitch/yaw/roll_deg: U(-r, r). trans_xy_mm, trans_z_mm: U(-r, r) offsets.
+    ambient: overall light gain U(ambient) (1 = the renderer's default light), per-channel tint U(-tint, tint).
+    directional: band-1 strength relative to the ambient term, U(directional). band2: std of band-2 terms
+    relative to the ambient term. unoccluded_share: share of faces without occluder in 'mixed' mode.
+    landmark_noise_px: landmark noise sigma at 224 px. min_occluded: an occluder covering less than this share of
+    the face is redrawn (up to 4 tries). blur_px, noise_std: maxima of the image blur sigma / Gaussian noise.
+    """
+
+    shape_scale: tuple[float, float] = (0.8, 1.0)
+    exp_std: tuple[float, float] = (0.5, 1.0)
+    tex_std: float = 0.7
+    pitch_deg: float = 20.0
+    yaw_deg: float = 40.0
+    roll_deg: float = 15.0
+    trans_xy_mm: float = 15.0
+    trans_z_mm: float = 60.0
+    ambient: tuple[float, float] = (0.7, 1.1)
+    tint: float = 0.08
+    directional: tuple[float, float] = (0.1, 0.7)
+    band2: float = 0.06
+    unoccluded_share: float = 0.2
+    landmark_noise_px: float = 1.25
+    min_occluded: float = 0.02
+    blur_px: float = 0.8
+    noise_std: float = 0.02
+
+    def frontal(self) -> "SceneRanges":
+        """The same ranges with the pose fixed: no rotation, no translation jitter."""
+        return replace(self, pitch_deg=0.0, yaw_deg=0.0, roll_deg=0.0, trans_xy_mm=0.0, trans_z_mm=0.0)
+
+
+# ----- sampling -------------------------------------------------------------------------------------------------
+
+def sample_light(rng: np.random.Generator, ranges: SceneRanges) -> np.ndarray:
+    """SH light offsets ``(27,)`` (index 9c + k; the renderer adds `SH_INIT`) for a plausible, mostly positive light.
+
+    Irradiance per channel c is about ``a_c (1 + beta_c n.l) + small band-2 terms``: ambient ``a_c`` = default
+    ambient x gain x tint, a light direction ``l`` (camera frame) on the camera side within 70 deg of the view axis,
+    and a strength ``beta_c`` in `ranges.directional`.
+    """
+    gain = rng.uniform(*ranges.ambient) * (1.0 + rng.uniform(-ranges.tint, ranges.tint, 3))
+    dc = np.asarray(SH_INIT, dtype=np.float64).reshape(3, N_SH_BASIS)[:, 0] * gain  # (3,)
+    ambient = dc * _Y00
+    theta, phi = np.radians(rng.uniform(0.0, 70.0)), rng.uniform(0.0, 2.0 * np.pi)
+    lx, ly, lz = np.sin(theta) * np.cos(phi), np.sin(theta) * np.sin(phi), -np.cos(theta)
+    beta = rng.uniform(*ranges.directional) * (1.0 + rng.uniform(-0.15, 0.15, 3))
+    sh = np.zeros((3, N_SH_BASIS))
+    sh[:, 0] = dc
+    sh[:, 1:4] = (beta * ambient / _Y1)[:, None] * np.array([-ly, lz, -lx])  # basis order: -y, z, -x
+    sh[:, 4:] = rng.normal(0.0, ranges.band2, (3, 5)) * ambient[:, None]
+    return (sh.reshape(-1) - np.asarray(SH_INIT)).astype(np.float32)
+
+
+def sample_coefficients(layout: CoeffLayout, rng: np.random.Generator, ranges: SceneRanges) -> np.ndarray:
+    """Random post-scaled coefficients ``(layout.total,)`` float32: identity, expression, albedo, pose and light.
+
+    Angles are radians (pitch, yaw, roll as in `models.camera.euler_rotation`); translations are mm offsets.
+    """
+    coeffs = np.zeros(layout.total, np.float32)
+    coeffs[layout.slice("shape")] = rng.standard_normal(layout.n_shape) * rng.uniform(*ranges.shape_scale)
+    coeffs[layout.slice("exp")] = rng.standard_normal(layout.n_exp) * rng.uniform(*ranges.exp_std)
+    coeffs[layout.slice("tex")] = rng.standard_normal(layout.n_tex) * ranges.tex_std
+    limits = np.array([ranges.pitch_deg, ranges.yaw_deg, ranges.roll_deg])
+    coeffs[layout.slice("angles")] = np.radians(rng.uniform(-1.0, 1.0, 3) * limits)
+    limits = np.array([ranges.trans_xy_mm, ranges.trans_xy_mm, ranges.trans_z_mm])
+    coeffs[layout.slice("trans")] = rng.uniform(-1.0, 1.0, 3) * limits
+    coeffs[layout.slice("light")] = sample_light(rng, ranges)
+    return coeffs
+
+
+def choose_category(rng: np.random.Generator, occlusion: str, ranges: SceneRanges) -> str:
+    """Occlusion category of one image: 'none' or a key of the AR / CelebA occluder tables (see module doc)."""
+    if occlusion == "none":
+        return "none"
+    if occlusion == "ar":
+        pool = list(AR_OCCLUDERS)
+    elif occlusion == "celeba":
+        pool = list(CELEBA_OCCLUDERS)
+    else:
+        if rng.random() < ranges.unoccluded_share:
+            return "none"
+        pool = list(AR_OCCLUDERS) + list(CELEBA_OCCLUDERS)
+    return pool[int(rng.integers(len(pool)))]
+
+
+def make_background(rng: np.random.Generator, size: int, textures: TextureBank) -> np.ndarray:
+    """A textured background ``(size, size, 3)`` float32 in [0, 1]: image crop, gradient, noise or a blend."""
+    kind = int(rng.integers(4))
+    ys, xs = np.mgrid[0:size, 0:size].astype(np.float32) / max(size - 1, 1)
+    angle = rng.uniform(0.0, 2.0 * np.pi)
+    ramp = np.clip(0.5 + (xs - 0.5) * np.cos(angle) + (ys - 0.5) * np.sin(angle), 0.0, 1.0)[..., None]
+    gradient = ramp * rng.random(3) + (1.0 - ramp) * rng.random(3)
+    if kind == 0:
+        background = textures.crop(rng, size, size)
+        if rng.random() < 0.5:
+            background = cv2.GaussianBlur(background, (0, 0), rng.uniform(0.5, 3.0) * size / REFERENCE_SIZE)
+    elif kind == 1:
+        background = gradient * (0.9 + 0.2 * value_noise(rng, size, size, cells=rng.uniform(4.0, 30.0)))[..., None]
+    elif kind == 2:
+        background = textures.noise_colour(rng, size, size)
+    else:
+        background = 0.5 * textures.crop(rng, size, size) + 0.5 * gradient
+    return np.clip(background, 0.0, 1.0).astype(np.float32)
+
+
+# ----- one image ------------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class SampleRecord:
+    """Ground truth of one written image (see the module doc for the files)."""
+
+    filename: str
+    coeffs: np.ndarray  # (layout.total,) float32
+    landmarks: np.ndarray  # (68, 2) float32 pixels, noisy
+    category: str
+    occluded_fraction: float
+    visible_landmarks: str  # 68 chars of 0/1
+
+
+def degrade(image: np.ndarray, rng: np.random.Generator, ranges: SceneRanges) -> np.ndarray:
+    """Mild blur and Gaussian noise on an ``(S, S, 3)`` float image -> ``(S, S, 3)`` uint8 RGB."""
+    scale = image.shape[0] / REFERENCE_SIZE
+    sigma = rng.uniform(0.0, ranges.blur_px) * scale
+    if sigma > 0.2:
+        image = cv2.GaussianBlur(image, (0, 0), sigma)
+    noise = rng.normal(0.0, rng.uniform(0.0, ranges.noise_std), image.shape).astype(np.float32)
+    return np.round(np.clip(image + noise, 0.0, 1.0) * 255.0).astype(np.uint8)
+
+
+def place_occluder(category: str, landmarks: np.ndarray, face: np.ndarray, rng: np.random.Generator,
+                   textures: TextureBank, ranges: SceneRanges) -> tuple[np.ndarray, np.ndarray]:
+    """Draw occluder `category` on the face; redraw (at most 4 tries) while it hides < `ranges.min_occluded`.
+
+    Args:
+        landmarks: ``(68, 2)`` true landmark pixels; face: ``(S, S)`` bool rendered coverage.
+    Returns:
+        rgb ``(S, S, 3)`` and alpha ``(S, S)`` float32 in [0, 1].
+    """
+    face_pixels = max(int(face.sum()), 1)
+    for _ in range(4):
+        layer = draw_occluder(category, landmarks, face.shape[0], rng, textures)
+        if ((layer.alpha > 0.5) & face).sum() >= ranges.min_occluded * face_pixels:
+            break
+    return layer.rgb, layer.alpha
+
+
+def visible_landmark_string(landmarks: np.ndarray, occluded: np.ndarray) -> str:
+    """68 chars: '1' where the (true) landmark lies inside the image and not under an occluder, else '0'."""
+    size = occluded.shape[0]
+    cols, rows = np.round(landmarks).astype(np.int64).T
+    inside = (cols >= 0) & (cols < size) & (rows >= 0) & (rows < size)
+    hidden = occluded[np.clip(rows, 0, size - 1), np.clip(cols, 0, size - 1)]
+    return "".join("1" if ok else "0" for ok in inside & ~hidden)
+
+
+def compose_sample(render_rgb: np.ndarray, coverage: np.ndarray, landmarks: np.ndarray, category: str,
+                   rng: np.random.Generator, textures: TextureBank, ranges: SceneRanges
+                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray, float, str]:
+    """Background + rendered face + occluder + degradation for one image.
+
+    Args:
+        render_rgb: ``(S, S, 3)`` float32 render in [0, 1]; coverage: ``(S, S)`` rendered-face mask;
+        landmarks: ``(68, 2)`` projected landmark pixels.
+    Returns:
+        image ``(S, S, 3)`` uint8 RGB, visible-face mask ``(S, S)`` float32 in {0, 1}, noisy landmarks
+        ``(68, 2)`` float32, occluded fraction of the rendered face, visible-landmark string.
+    """
+    size = coverage.shape[0]
+    face = coverage > 0.5
+    image = np.where(face[..., None], render_rgb, make_background(rng, size, textures))
+    occluded = np.zeros_like(face)
+    if category != "none":
+        rgb, alpha = place_occluder(category, landmarks, face, rng, textures, ranges)
+        image = alpha[..., None] * rgb + (1.0 - alpha[..., None]) * image
+        occluded = alpha > 0.5
+    visible = face & ~occluded
+    fraction = 1.0 - float(visible.sum()) / max(float(face.sum()), 1.0)
+    noise_px = ranges.landmark_noise_px * size / REFERENCE_SIZE
+    noisy = (landmarks + rng.normal(0.0, noise_px, landmarks.shape)).astype(np.float32)
+    return (degrade(image.astype(np.float32), rng, ranges), visible.astype(np.float32), noisy, fraction,
+            visible_landmark_string(landmarks, occluded))
+
+
+# ----- batches and files ----------------------------------------------------------------------------------------
+
+def image_rng(seed: int, index: int) -> np.random.Generator:
+    """The random stream of image `index` (all of its randomness comes from here)."""
+    return np.random.default_rng([seed, 1, index])
+
+
+@torch.no_grad()
+def render_batch(renderer: FaceRenderer, coeffs: np.ndarray, device: torch.device
+                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Render ``(B, total)`` coefficients -> RGB ``(B, S, S, 3)`` in [0, 1], coverage ``(B, S, S)``, landmarks
+    ``(B, 68, 2)`` pixels, all float32 numpy."""
+    out = renderer(torch.from_numpy(coeffs).to(device))
+    rgb = out.image.clamp(0.0, 1.0).permute(0, 2, 3, 1).float().cpu().numpy()
+    return rgb, out.mask[:, 0].float().cpu().numpy(), out.landmarks.float().cpu().numpy()
+
+
+def generate_batch(ids: range, seed: int, occlusion: str, renderer: FaceRenderer, textures: TextureBank,
+                   ranges: SceneRanges, dataset_dir: Path, device: torch.device) -> list[SampleRecord]:
+    """Sample, render, composite and write the images `ids`; return their ground-truth records."""
+    rngs = [image_rng(seed, i) for i in ids]
+    coeffs = np.stack([sample_coefficients(renderer.layout, rng, ranges) for rng in rngs])
+    categories = [choose_category(rng, occlusion, ranges) for rng in rngs]
+    rgb, coverage, landmarks = render_batch(renderer, coeffs, device)
+    records = []
+    for k, index in enumerate(ids):
+        image, visible, noisy, fraction, visible_lms = compose_sample(
+            rgb[k], coverage[k], landmarks[k], categories[k], rngs[k], textures, ranges)
+        filename = f"{index:05d}.png"
+        write_image_rgb(dataset_dir / filename, image)
+        write_mask(dataset_dir / f"{index:05d}{MASK_SUFFIX}", visible)
+        records.append(SampleRecord(filename, coeffs[k], noisy, categories[k], fraction, visible_lms))
+    return records
+
+
+def split_ids(num: int, seed: int) -> dict[str, list[int]]:
+    """Deterministic split of ``range(num)``: 10 % val, 10 % test (at least 1 each from 3 images), rest train.
+
+    Returns ``{"train", "val", "test", "all"} -> sorted ids``.
+    """
+    order = np.random.default_rng([seed, 2]).permutation(num)
+    counts = {name: (max(1, int(round(share * num))) if num >= 3 else 0) for name, share in SPLIT_SHARES.items()}
+    val, test = order[:counts["val"]], order[counts["val"]:counts["val"] + counts["test"]]
+    train = order[counts["val"] + counts["test"]:]
+    return {"train": sorted(map(int, train)), "val": sorted(map(int, val)), "test": sorted(map(int, test)),
+            "all": list(range(num))}
+
+
+def coefficient_columns(layout: CoeffLayout) -> list[str]:
+    """Column names of the coefficients in ground_truth.csv, in layout order: ``shape_0, ..., light_26``."""
+    return [f"{name}_{k}" for name, size in layout.sizes().items() for k in range(size)]
+
+
+def _number(value: float) -> str:
+    """Shortest text that reads back to the same float32."""
+    return np.format_float_positional(np.float32(value), unique=True, trim="-")
+
+
+def write_tables(root: Path, records: list[SampleRecord], splits: dict[str, list[int]], layout: CoeffLayout
+                 ) -> None:
+    """Write the four landmark CSVs and ground_truth.csv of an image root."""
+    for split, ids in splits.items():
+        write_landmarks_csv(root / f"{split}_landmarks_3D.csv",
+                            [(records[i].filename, records[i].landmarks) for i in ids])
+    split_of = {i: split for split in ("train", "val", "test") for i in splits[split]}
+    header = ["filename", "split", "category", "occluded_fraction", *coefficient_columns(layout),
+              "visible_landmarks"]
+    with (root / "ground_truth.csv").open("w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle, lineterminator="\n")
+        writer.writerow(header)
+        for index, record in enumerate(records):
+            writer.writerow([record.filename, split_of.get(index, "train"), record.category,
+                             f"{record.occluded_fraction:.6f}", *map(_number, record.coeffs),
+                             record.visible_landmarks])
+
+
+def _check_arguments(num: int, occlusion: str, size: int, batch: int) -> None:
+    if int(num) != num or num < 1:
+        raise DataError(f"--num must be a positive integer, got {num!r}")
+    if occlusion not in OCCLUSION_MODES:
+        raise DataError(f"--occlusion {occlusion!r}: expected one of {', '.join(OCCLUSION_MODES)}")
+    if int(size) != size or size < 32:
+        raise DataError(f"--size must be an integer >= 32 pixels, got {size!r}")
+    if int(batch) != batch or batch < 1:
+        raise DataError(f"--batch must be a positive integer, got {batch!r}")
+
+
+def prepare_output(out: str | Path, overwrite: bool) -> ImageRoot:
+    """Create ``out/Dataset``; refuse a folder that already holds images unless `overwrite` (which removes the
+    images and masks a previous run wrote, so no stale ones remain)."""
+    root = ImageRoot(out)
+    if root.dataset_dir.is_dir():
+        existing = [path for path in root.dataset_dir.iterdir() if _OWN_FILE.match(path.name)]
+        if existing and not overwrite:
+            raise DataError(f"--out {root.root}: {root.dataset_dir} already holds {len(existing)} generated image(s); "
+                            "choose an empty folder or pass --overwrite")
+        for path in existing:
+            path.unlink()
+    root.dataset_dir.mkdir(parents=True, exist_ok=True)
+    return root
+
+
+def _count(values: list[str]) -> dict[str, int]:
+    return {name: values.count(name) for name in sorted(set(values))}
+
+
+def generate_dataset(bfm_path: str | Path, out: str | Path, num: int, seed: int = 0, occlusion: str = "mixed",
+                     size: int = 224, batch: int = 16, ranges: SceneRanges | None = None,
+                     device: torch.device | str = "cpu", overwrite: bool = False, progress: bool = False,
+                     textures: TextureBank | None = None) -> dict:
+    """Render `num` synthetic occluded faces into the image root `out` (layout in the module doc).
+
+    Args:
+        bfm_path: face model h5 (BFM2017 layout; the demo model works). out: the image root to create.
+        seed: makes the output deterministic (same arguments -> same files, byte for byte, on one machine).
+        occlusion: 'mixed' (AR + CelebA-like, `ranges.unoccluded_share` without), 'ar', 'celeba' or 'none'.
+        size: image side in pixels (camera `CameraConfig.preset("g2").resized(size)`). batch: render batch size.
+        ranges: sampling ranges (`SceneRanges().frontal()` fixes the pose). textures: texture sources
+        (default: `TextureBank.from_skimage()`). progress: show a tqdm bar.
+    Returns:
+        summary dict: root, num, size, occlusion, seed, splits (counts), categories (counts),
+        mean_occluded_fraction, texture_sources, seconds.
+    """
+    _check_arguments(num, occlusion, size, batch)
+    start = time.perf_counter()
+    ranges = SceneRanges() if ranges is None else ranges
+    device = torch.device(device)
+    layout = CoeffLayout()
+    renderer = FaceRenderer(FaceModel.from_h5(bfm_path, layout), CameraConfig.preset("g2").resized(size),
+                            layout).to(device)
+    textures = TextureBank.from_skimage() if textures is None else textures
+    root = prepare_output(out, overwrite)
+    records: list[SampleRecord] = []
+    with tqdm(total=num, desc="synthetic faces", unit="img", disable=not progress) as bar:
+        for first in range(0, num, batch):
+            ids = range(first, min(num, first + batch))
+            records += generate_batch(ids, seed, occlusion, renderer, textures, ranges, root.dataset_dir, device)
+            bar.update(len(ids))
+    splits = split_ids(num, seed)
+    write_tables(root.root, records, splits, layout)
+    summary = {"root": str(root.root), "num": num, "size": size, "occlusion": occlusion, "seed": seed,
+               "splits": {name: len(ids) for name, ids in splits.items()},
+               "categories": _count([record.category for record in records]),
+               "mean_occluded_fraction": float(np.mean([record.occluded_fraction for record in records])),
+               "texture_sources": list(textures.names)}
+    config = {**{key: value for key, value in summary.items() if key != "root"}, "bfm": Path(bfm_path).name,
+              "face_model": renderer.face_model.config(), "ranges": asdict(ranges),
+              "generator": "utils.synthetic_faces"}
+    (root.root / "synthetic_config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+    return {**summary, "seconds": time.perf_counter() - start}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m utils.synthetic_faces",
+                                     description="Render the synthetic occluded-face benchmark into an image root.")
+    parser.add_argument("--bfm", default=RepoDefault(DEFAULT_DEMO_BFM),
+                        help=f"face model h5 (default: <repo>/{DEFAULT_DEMO_BFM}, written first if missing)")
+    parser.add_argument("--out", required=True, help="image root to create (IMAGE_ROOT/Dataset + CSVs)")
+    parser.add_argument("--num", type=int, required=True, help="number of images")
+    parser.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    parser.add_argument("--occlusion", choices=OCCLUSION_MODES, default="mixed",
+                        help="occluder families: mixed (default), none, ar (sunglasses/scarf) or celeba")
+    parser.add_argument("--size", type=int, default=REFERENCE_SIZE, help="image size in pixels (default: 224)")
+    parser.add_argument("--batch", type=int, default=16, help="render batch size (default: 16)")
+    parser.add_argument("--device", default="cpu", help="cpu (default), auto, cuda or cuda:<index>")
+    parser.add_argument("--overwrite", action="store_true", help="replace images a previous run wrote in --out")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    bfm = resolve_cli_path(args.bfm)
+    if isinstance(args.bfm, RepoDefault) and not bfm.is_file():
+        from utils.demo_face_model import write_demo_face_model
+
+        write_demo_face_model(bfm, seed=0)
+        print(f"{bfm} did not exist: wrote the procedural demo face model there (a stand-in, not BFM2017)")
+    summary = generate_dataset(bfm, args.out, args.num, seed=args.seed, occlusion=args.occlusion, size=args.size,
+                               batch=args.batch, device=resolve_device(args.device), overwrite=args.overwrite,
+                               progress=True)
+    splits = "/".join(str(summary["splits"][name]) for name in ("train", "val", "test"))
+    categories = ", ".join(f"{name} {count}" for name, count in summary["categories"].items())
+    print(f"wrote {summary['num']} images ({args.size}x{args.size}, occlusion {args.occlusion}, seed {args.seed}) "
+          f"to {summary['root']}: train/val/test {splits}; {categories}; mean occluded fraction "
+          f"{summary['mean_occluded_fraction']:.3f}; {summary['seconds']:.1f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    cli_main(main)
