@@ -24,8 +24,9 @@ from utils import runtime
 from utils.builders import FINAL_NAME, build_mofa, build_unet, step_dir
 from utils.checkpoint import CheckpointError, save_training_state
 from utils.errors import DataError
-from utils.evaluation import (COUNT_NAMES, GroundTruthTable, image_scores, load_stage, predict_masks,
-                              read_ground_truth, summarise_rows)
+from utils.datasets import FaceDataset
+from utils.evaluation import (COUNT_NAMES, EvalOptions, GroundTruthTable, evaluate_split, image_scores, load_stage,
+                              predict_masks, read_ground_truth, summarise_rows, true_landmarks)
 from utils.image_io import write_image_rgb, write_mask
 from utils.landmarks_csv import write_landmarks_csv
 from utils.metrics import mask_metrics
@@ -203,6 +204,38 @@ def test_predict_masks_step2_flags_occluders_inside_the_face(setup):
     assert region.sum() == setup["region_area"] and out.image.shape == images.shape
     with pytest.raises(ValueError, match="needs a UNet"):
         predict_masks("step4", mofa, None, images)
+
+
+def test_true_landmarks_render_the_true_coefficients(setup, tmp_path):
+    mofa, _, _ = load_stage("step2", setup["save_root"], setup["face_model"], torch.device("cpu"))
+    layout = mofa.layout
+    columns = [f"{n}_{k}" for n, size in layout.sizes().items() for k in range(size)]
+    coeffs = layout.zeros(1)
+    coeffs[0, layout.slice("trans")] = torch.tensor([10.0, -5.0, 0.0])  # the face moves right and up
+    with (tmp_path / "ground_truth.csv").open("w", newline="") as fh:
+        csv.writer(fh).writerows([["filename", "category", *columns], ["x.png", "none", *coeffs[0].tolist()],
+                                  ["y.png", "none"]])
+    table = read_ground_truth(tmp_path)
+    csv_landmarks = torch.zeros(2, 68, 2)
+    ref = true_landmarks(mofa, csv_landmarks, ["x.png", "y.png"], table)
+    with torch.no_grad():
+        expected = mofa.renderer(coeffs).landmarks[0]
+    assert_close(ref[0], expected, atol=1e-4)
+    assert torch.equal(ref[1], csv_landmarks[1])  # no coefficients for y.png: the CSV's landmarks
+    mean = mean_face_render(setup["face_model"], setup["spec"]).landmarks[0]
+    assert (expected[:, 0] - mean[:, 0]).mean() > 0.1 and (expected[:, 1] - mean[:, 1]).mean() < -0.1
+
+
+def test_reconstruction_is_skipped_for_another_face_model(setup, caplog):
+    mofa, _, _ = load_stage("step2", setup["save_root"], setup["face_model"], torch.device("cpu"))
+    table = read_ground_truth(setup["img_path"])
+    other = GroundTruthTable(table.path, table.rows, {**setup["face_model"].config(), "n_vertices": 1})
+    dataset = FaceDataset(setup["img_path"], "test", SIZE, test_mode=True)
+    with caplog.at_level("WARNING"):
+        rows = evaluate_split("step2", mofa, None, dataset, torch.device("cpu"), EvalOptions(), other)
+    assert "another face model" in caplog.text and not any("vertex_mm" in r for r in rows)
+    rows = evaluate_split("step2", mofa, None, dataset, torch.device("cpu"), EvalOptions(), table)
+    assert all("vertex_mm" in r for r in rows) and rows[0]["category"] == "square"
 
 
 # ----- the script -------------------------------------------------------------------------------------------------

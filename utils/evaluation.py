@@ -9,10 +9,10 @@ Mask metrics (utils.metrics) follow the paper protocol: pixels inside F only, E 
 are reported as well. Images without a GT mask are processed but left out of the mask metrics.
 
 On the synthetic benchmark (``IMAGE_ROOT/ground_truth.csv`` with columns filename, split, category,
-visible_landmarks, shape_0 ...), reconstruction is scored too: the 2-D landmark error in pixels of the network
-image (against the split CSV's landmarks; all / visible / occluded points from ``visible_landmarks``), and the
-per-vertex error in mm of the NEUTRAL shape (shape coefficients only, expression 0) against the true one, after a
-rigid alignment.
+visible_landmarks, shape_0 .. light_26), reconstruction is scored too: the 2-D landmark error in pixels of the
+network image against the render of the true coefficients (noise-free; the split CSV's landmarks when those are
+missing), for all / visible / occluded points (``visible_landmarks``), and the per-vertex error in mm of the NEUTRAL
+shape (shape coefficients only, expression 0) against the true one, after a rigid alignment.
 """
 from __future__ import annotations
 
@@ -27,6 +27,7 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from models.camera import CameraConfig
 from models.face_model import FaceModel
 from models.layout import CoeffLayout
 from models.mofa import MoFA
@@ -51,6 +52,7 @@ SIGMA = 0.043
 COUNT_NAMES = ("tp", "fp", "tn", "fn")
 RECON_NAMES = ("landmark_px", "landmark_px_visible", "landmark_px_occluded", "vertex_mm")
 GROUND_TRUTH_NAME = "ground_truth.csv"
+SYNTHETIC_CONFIG_NAME = "synthetic_config.json"
 N_LANDMARKS = 68
 
 
@@ -137,10 +139,14 @@ def image_scores(gt: torch.Tensor, est: torch.Tensor, region: torch.Tensor, thre
 
 @dataclass(frozen=True)
 class GroundTruthTable:
-    """Rows of the synthetic benchmark's ``ground_truth.csv``, looked up by file name (path or base name)."""
+    """Rows of the synthetic benchmark's ``ground_truth.csv``, looked up by file name (path or base name).
+
+    face_model: the generator's ``FaceModel.config()`` from ``synthetic_config.json`` beside it (None if absent).
+    """
 
     path: Path
     rows: dict[str, dict[str, str]]
+    face_model: dict | None = None
 
     def row(self, filename: str) -> dict[str, str] | None:
         name = filename.replace("\\", "/").removeprefix("./")
@@ -161,15 +167,22 @@ class GroundTruthTable:
                             f"{N_LANDMARKS} (one 0/1 per landmark)")
         return torch.tensor([ch == "1" for ch in text])
 
-    def shape(self, filename: str, layout: CoeffLayout) -> torch.Tensor | None:
-        """True shape coefficients (n_shape,) from columns shape_0 .. shape_{n_shape-1}, or None."""
-        row = self.row(filename)
-        if row is None or f"shape_{layout.n_shape - 1}" not in row:
+    def _values(self, filename: str, columns: list[str]) -> torch.Tensor | None:
+        values = [(self.row(filename) or {}).get(c) for c in columns]
+        if any(v is None or not v.strip() for v in values):
             return None
         try:
-            return torch.tensor([float(row[f"shape_{k}"]) for k in range(layout.n_shape)], dtype=torch.float64)
+            return torch.tensor([float(v) for v in values], dtype=torch.float64)
         except ValueError:
-            raise DataError(f"{self.path}: a shape_k value of {filename} is not a number") from None
+            raise DataError(f"{self.path}: a coefficient of {filename} is not a number") from None
+
+    def shape(self, filename: str, layout: CoeffLayout) -> torch.Tensor | None:
+        """True shape coefficients (n_shape,) from columns shape_0 .. shape_{n_shape-1}, or None."""
+        return self._values(filename, [f"shape_{k}" for k in range(layout.n_shape)])
+
+    def coefficients(self, filename: str, layout: CoeffLayout) -> torch.Tensor | None:
+        """All true (post-scaled) coefficients (layout.total,) from columns shape_0 .. light_26, or None."""
+        return self._values(filename, [f"{n}_{k}" for n, size in layout.sizes().items() for k in range(size)])
 
 
 def read_ground_truth(image_root: str | Path) -> GroundTruthTable | None:
@@ -187,7 +200,9 @@ def read_ground_truth(image_root: str | Path) -> GroundTruthTable | None:
         name = row["filename"].replace("\\", "/").removeprefix("./")
         rows[name] = row
         rows.setdefault(Path(name).name, row)
-    return GroundTruthTable(path, rows)
+    config = path.with_name(SYNTHETIC_CONFIG_NAME)
+    face_model = json.loads(config.read_text()).get("face_model") if config.is_file() else None
+    return GroundTruthTable(path, rows, face_model)
 
 
 def _stack_or_none(items: list[torch.Tensor | None]) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -199,31 +214,43 @@ def _stack_or_none(items: list[torch.Tensor | None]) -> tuple[torch.Tensor, torc
     return torch.stack([like.new_zeros(like.shape) if x is None else x for x in items]), torch.tensor(present)
 
 
+def true_landmarks(mofa: MoFA, landmarks_csv: torch.Tensor, filenames: list[str], truth: GroundTruthTable
+                   ) -> torch.Tensor:
+    """(B,68,2) reference landmarks: the render of the true coefficients (noise-free) where the table has them
+    and the model's camera is the generator's (g2 preset), else the split CSV's landmarks (may carry noise)."""
+    renderer = mofa.renderer
+    if renderer.camera_cfg != CameraConfig.preset("g2").resized(renderer.image_size):
+        return landmarks_csv
+    coeffs = _stack_or_none([truth.coefficients(n, mofa.layout) for n in filenames])
+    if coeffs is None:
+        return landmarks_csv
+    rendered = renderer(coeffs[0].to(landmarks_csv)).landmarks
+    return torch.where(coeffs[1].to(landmarks_csv.device)[:, None, None], rendered, landmarks_csv)
+
+
 @torch.no_grad()
-def reconstruction_errors(mofa: MoFA, out, landmarks_gt: torch.Tensor, filenames: list[str],
+def reconstruction_errors(mofa: MoFA, out, landmarks_csv: torch.Tensor, filenames: list[str],
                           truth: GroundTruthTable) -> dict[str, torch.Tensor]:
     """Per-image reconstruction errors (B,) float64, NaN where the truth lacks the image or the value.
 
-    landmark_px(_visible/_occluded): mean 2-D landmark distance in pixels of the network image;
-    vertex_mm: mean per-vertex distance of the neutral shape (expression 0) after rigid alignment.
+    landmark_px(_visible/_occluded): mean 2-D landmark distance in pixels of the network image, against
+    `true_landmarks`; vertex_mm: mean per-vertex distance of the neutral shape (expression 0) after rigid alignment.
     """
-    B, device = len(filenames), landmarks_gt.device
+    B, device = len(filenames), landmarks_csv.device
     nan = torch.full((B,), math.nan, dtype=torch.float64, device=device)
     found = torch.tensor([truth.row(n) is not None for n in filenames], device=device)
     vis = _stack_or_none([truth.visible(n) for n in filenames])
-    visible = vis[0].to(device) if vis else None
-    lm = landmark_error(out.landmarks, landmarks_gt, visible)
-    errors = {"landmark_px": torch.where(found, lm["all"], nan)}
+    lm = landmark_error(out.landmarks, true_landmarks(mofa, landmarks_csv, filenames, truth),
+                        vis[0].to(device) if vis else None)
     has_vis = vis[1].to(device) & found if vis else torch.zeros_like(found)
-    errors["landmark_px_visible"] = torch.where(has_vis, lm["visible"], nan)
-    errors["landmark_px_occluded"] = torch.where(has_vis, lm["occluded"], nan)
+    errors = {"landmark_px": torch.where(found, lm["all"], nan),
+              "landmark_px_visible": torch.where(has_vis, lm["visible"], nan),
+              "landmark_px_occluded": torch.where(has_vis, lm["occluded"], nan), "vertex_mm": nan}
     shapes = _stack_or_none([truth.shape(n, mofa.layout) for n in filenames])
-    errors["vertex_mm"] = nan
     if shapes:
         model, pred = mofa.renderer.face_model, mofa.layout.split(out.coeffs).shape
         zeros = pred.new_zeros(B, mofa.layout.n_exp)
-        true = model.vertices(shapes[0].to(pred), zeros)
-        err = vertex_error_mm(model.vertices(pred, zeros), true)
+        err = vertex_error_mm(model.vertices(pred, zeros), model.vertices(shapes[0].to(pred), zeros))
         errors["vertex_mm"] = torch.where(shapes[1].to(device), err, nan)
     return errors
 
@@ -262,7 +289,7 @@ def save_visuals(image_dir: Path, filenames: list[str], images: torch.Tensor, ou
 
 
 def _evaluate_batch(stage: str, mofa: MoFA, unet: UNet | None, batch: dict, device: torch.device,
-                    options: EvalOptions, truth: GroundTruthTable | None) -> list[dict]:
+                    options: EvalOptions, truth: GroundTruthTable | None, recon: bool) -> list[dict]:
     images = batch["image"].to(device)
     est, region, out = predict_masks(stage, mofa, unet, images, options.sigma)
     gt, has_gt = batch["gt_mask"].to(device), batch["has_gt_mask"].to(device)
@@ -270,7 +297,7 @@ def _evaluate_batch(stage: str, mofa: MoFA, unet: UNet | None, batch: dict, devi
         est = torch.where(has_gt[:, None, None, None], gt, est)
     scores = image_scores(gt, est, region, options.threshold, options.soft)
     names = list(batch["filename"])
-    recon = {} if truth is None else reconstruction_errors(mofa, out, batch["landmarks"].to(device), names, truth)
+    errors = reconstruction_errors(mofa, out, batch["landmarks"].to(device), names, truth) if recon else {}
     if options.image_dir is not None:
         save_visuals(options.image_dir, names, images, out, est, None if options.soft else options.threshold)
     rows = []
@@ -278,7 +305,7 @@ def _evaluate_batch(stage: str, mofa: MoFA, unet: UNet | None, batch: dict, devi
         row = {"filename": name, "category": category_of(name, truth), "has_gt_mask": bool(has_gt[i])}
         if row["has_gt_mask"]:
             row.update({k: float(v[i]) for k, v in scores.items()})
-        row.update({k: float(v[i]) for k, v in recon.items()})
+        row.update({k: float(v[i]) for k, v in errors.items()})
         rows.append(row)
     return rows
 
@@ -292,11 +319,16 @@ def evaluate_split(stage: str, mofa: MoFA, unet: UNet | None, dataset: FaceDatas
     """
     if not dataset.test_mode:
         raise ValueError("evaluate_split: the dataset must be built with test_mode=True")
+    recon = truth is not None
+    if recon and truth.face_model is not None and truth.face_model != mofa.renderer.face_model.config():
+        log.warning("%s was generated with another face model than the one evaluated (--bfm): reconstruction "
+                    "errors are skipped", truth.path)
+        recon = False
     loader = DataLoader(dataset, batch_size=options.batch_size, shuffle=False, num_workers=options.workers,
                         collate_fn=collate_faces)
     rows: list[dict] = []
     for batch in tqdm(loader, desc=f"evaluate {stage}", mininterval=2.0, leave=False):
-        rows += _evaluate_batch(stage, mofa, unet, batch, device, options, truth)
+        rows += _evaluate_batch(stage, mofa, unet, batch, device, options, truth, recon)
     return rows
 
 
