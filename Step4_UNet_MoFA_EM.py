@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import warnings
 
 import torch
 
@@ -74,6 +75,8 @@ def build(args, run):
 
 
 def train(args) -> int:
+    # Both schedulers step every iteration (reference 10) although only one optimizer steps: expected here.
+    warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)` before")
     run = start_run(args, step=4)
     device = run.device
     mofa, unet, spec, step1_steps = build(args, run)

@@ -69,7 +69,8 @@ def make_train_loader(dataset: Dataset, batch_size: int, seed: int, workers: int
         raise TrainingError(f"the training split has {len(dataset)} images, fewer than one batch of "
                             f"{batch_size} x {world_size} process(es): lower --batch_size or add images")
     loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
-                        collate_fn=collate_fn, drop_last=True, worker_init_fn=ignore_sigint)
+                        collate_fn=collate_fn, drop_last=True, worker_init_fn=ignore_sigint,
+                        generator=_private_generator(seed))
     return loader, sampler
 
 
@@ -217,7 +218,13 @@ def make_eval_loader(dataset: Dataset, batch_size: int, workers: int, collate_fn
     if len(dataset) == 0:
         raise TrainingError("the validation split is empty: add rows to val_landmarks_3D.csv")
     return DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers, collate_fn=collate_fn,
-                      worker_init_fn=ignore_sigint)
+                      worker_init_fn=ignore_sigint, generator=_private_generator(0))
+
+
+def _private_generator(seed: int) -> torch.Generator:
+    """Loaders draw their worker seeds from this, not from the global RNG, so creating an iterator (at every epoch,
+    at a resume, for validation) never shifts the random stream that dropout uses: resume stays exact."""
+    return torch.Generator().manual_seed(seed)
 
 
 def ignore_sigint(_worker_id: int) -> None:
