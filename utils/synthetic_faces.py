@@ -92,7 +92,7 @@ class SceneRanges:
     roll_deg: float = 15.0
     trans_xy_mm: float = 15.0
     trans_z_mm: float = 60.0
-    ambient: tuple[float, float] = (0.7, 1.1)
+    ambient: tuple[float, float] = (0.6, 1.0)
     tint: float = 0.08
     directional: tuple[float, float] = (0.1, 0.7)
     band2: float = 0.06
@@ -112,16 +112,18 @@ class SceneRanges:
 def sample_light(rng: np.random.Generator, ranges: SceneRanges) -> np.ndarray:
     """SH light offsets ``(27,)`` (index 9c + k; the renderer adds `SH_INIT`) for a plausible, mostly positive light.
 
-    Irradiance per channel c is about ``a_c (1 + beta_c n.l) + small band-2 terms``: ambient ``a_c`` = default
-    ambient x gain x tint, a light direction ``l`` (camera frame) on the camera side within 70 deg of the view axis,
-    and a strength ``beta_c`` in `ranges.directional`.
+    Irradiance per channel c is about ``a_c (1 + beta_c n.l) + small band-2 terms`` with a light direction ``l``
+    (camera frame) on the camera side within 70 deg of the view axis and a strength ``beta_c`` in
+    `ranges.directional`. ``a_c`` is chosen so that a surface facing the camera gets about the default ambient
+    irradiance x gain x tint: directional light redistributes brightness instead of only adding to it.
     """
     gain = rng.uniform(*ranges.ambient) * (1.0 + rng.uniform(-ranges.tint, ranges.tint, 3))
-    dc = np.asarray(SH_INIT, dtype=np.float64).reshape(3, N_SH_BASIS)[:, 0] * gain  # (3,)
-    ambient = dc * _Y00
     theta, phi = np.radians(rng.uniform(0.0, 70.0)), rng.uniform(0.0, 2.0 * np.pi)
     lx, ly, lz = np.sin(theta) * np.cos(phi), np.sin(theta) * np.sin(phi), -np.cos(theta)
     beta = rng.uniform(*ranges.directional) * (1.0 + rng.uniform(-0.15, 0.15, 3))
+    default_dc = np.asarray(SH_INIT, dtype=np.float64).reshape(3, N_SH_BASIS)[:, 0]  # (3,)
+    dc = default_dc * gain / (1.0 + 0.5 * beta * np.cos(theta))
+    ambient = dc * _Y00
     sh = np.zeros((3, N_SH_BASIS))
     sh[:, 0] = dc
     sh[:, 1:4] = (beta * ambient / _Y1)[:, None] * np.array([-ly, lz, -lx])  # basis order: -y, z, -x
