@@ -405,7 +405,10 @@ def draw_cup(frame: FaceFrame, size: int, rng: np.random.Generator, textures: Te
     ax, ay = _direction(tilt)
     body = _superellipse((0.0, 0.0), (0.5, 0.5), rng.uniform(4.0, 8.0))
     body[:, 0] *= np.where(body[:, 1] > 0, 1.0 - 0.3 * body[:, 1], 1.0)  # narrower towards the bottom
-    to_px = lambda p: centre + p[..., :1] * w * ax + p[..., 1:2] * h * ay  # noqa: E731  (cup frame -> pixels)
+
+    def to_px(points: np.ndarray) -> np.ndarray:  # cup frame (x across, y down, units w and h) -> pixels
+        return centre + points[..., :1] * w * ax + points[..., 1:2] * h * ay
+
     alpha = fill_polygon(size, to_px(body))
     side = 1.0 if rng.random() < 0.5 else -1.0
     ring_c = to_px(np.array([side * 0.48, -0.05]))
