@@ -445,9 +445,10 @@ def _random_fields(points: np.ndarray, centres: np.ndarray, sigmas: np.ndarray, 
         points: `(N, 3)` mm. centres: `(K, J, 3)` mm. sigmas: `(K,)` mm. vectors: `(K, J, 3)`.
     """
     columns = np.empty((points.size, len(sigmas)))
+    squared = (points**2).sum(axis=1)[:, None]  # (N, 1)
     for k, (sigma, cs, vs) in enumerate(zip(sigmas, centres, vectors)):
-        d2 = ((points[:, None, :] - cs[None, :, :]) ** 2).sum(-1)  # (N, J)
-        columns[:, k] = (np.exp(-0.5 * d2 / sigma**2) @ vs).reshape(-1)
+        d2 = squared - 2.0 * points @ cs.T + (cs**2).sum(axis=1)[None, :]  # (N, J)
+        columns[:, k] = (np.exp(-0.5 * np.maximum(d2, 0.0) / sigma**2) @ vs).reshape(-1)
     return columns
 
 
@@ -494,18 +495,19 @@ def orthonormal_columns(fields: np.ndarray) -> np.ndarray:
     """Orthonormalise the columns of `fields (3N, K)` in order (Gram-Schmidt semantics: column k spans the same
     space as columns 0..k), keeping each column's direction sign.
 
-    Cholesky-QR (one Gram matrix and one product: much faster than Householder QR on these tall matrices) is
-    exact to ~1e-16 * cond^2; the smooth fields here have cond ~ 1e2, and Householder QR is used above 1e5.
+    Cholesky-QR (a float64 Gram matrix, then one float32 product: much faster than Householder QR on these
+    tall matrices) is orthonormal to ~1e-6, the float32 storage precision, while cond(fields) stays small
+    (~1e2 for the smooth fields here); Householder QR is used above cond 1e4. Returns float32 `(3N, K)`.
     """
     try:
         r = np.linalg.cholesky(fields.T @ fields).T  # (K, K) upper triangular, positive diagonal
-        well_conditioned = np.linalg.cond(r) < 1e5
+        well_conditioned = np.linalg.cond(r) < 1e4
     except np.linalg.LinAlgError:
         well_conditioned = False
     if well_conditioned:
-        return fields @ np.linalg.inv(r)
+        return fields.astype(np.float32) @ np.linalg.inv(r).astype(np.float32)
     q, r = np.linalg.qr(fields)
-    return q * np.where(np.diag(r) < 0, -1.0, 1.0)[None, :]
+    return (q * np.where(np.diag(r) < 0, -1.0, 1.0)[None, :]).astype(np.float32)
 
 
 def pca_variances(basis: np.ndarray, face: np.ndarray, first: float, decay: float) -> tuple[np.ndarray, np.ndarray]:
@@ -516,9 +518,9 @@ def pca_variances(basis: np.ndarray, face: np.ndarray, first: float, decay: floa
     variance, as in a PCA, and exact ties are broken so the variances are strictly decreasing.
     Returns `(order (K,) int, variance (K,) float64)`: use `basis[:, order]` with `variance`.
     """
-    per_vertex = np.linalg.norm(basis.reshape(-1, 3, basis.shape[1])[face], axis=1)  # (n_face, K)
+    squared = (basis.reshape(-1, 3, basis.shape[1]) ** 2).sum(axis=1)  # (N, K) squared per-vertex norms
     target = first * (np.arange(basis.shape[1]) + 1.0) ** -decay
-    variance = (target / per_vertex.max(axis=0)) ** 2
+    variance = target**2 / squared[face].max(axis=0).astype(np.float64)
     order = np.argsort(-variance, kind="stable")
     variance = variance[order]
     for k in range(1, len(variance)):
@@ -538,12 +540,12 @@ def _check_arguments(target_vertices: int, components: dict[str, int]) -> None:
                                      f"{BFM_COMPONENTS[name]})")
 
 
-def _pca_model(mean: np.ndarray, fields: np.ndarray, n: int, face: np.ndarray, first: float,
+def _pca_model(mean: np.ndarray, fields: np.ndarray, face: np.ndarray, first: float,
                decay: float) -> dict[str, np.ndarray]:
-    """`{mean, pcaBasis, pcaVariance}` float32 from a mean `(N, 3)` and candidate fields `(3N, >= n)`."""
-    basis = orthonormal_columns(fields[:, :n])
+    """`{mean, pcaBasis, pcaVariance}` float32 from a mean `(N, 3)` and the fields `(3N, K)` spanning the basis."""
+    basis = orthonormal_columns(fields)
     order, variance = pca_variances(basis, face, first, decay)
-    return {"mean": mean.reshape(-1).astype(np.float32), "pcaBasis": basis[:, order].astype(np.float32),
+    return {"mean": mean.reshape(-1).astype(np.float32), "pcaBasis": basis[:, order],
             "pcaVariance": variance.astype(np.float32)}
 
 
@@ -564,13 +566,16 @@ def build_demo_face_model(target_vertices: int = DEFAULT_TARGET_VERTICES, seed: 
     expression = _expression_semantic(designed)
     smile = expression[:, 1].reshape(-1, 3)
     exp_mean = 0.8 * smile / np.linalg.norm(smile, axis=1).max()  # a faint smile, < 1 mm
-    shape_fields = np.concatenate([_shape_semantic(designed),
-                                   _identity_random(designed, face, n_shape, rng, depth_weight=1.5)], axis=1)
-    exp_fields = np.concatenate([expression, _expression_random(designed, face, n_exp, rng)], axis=1)
-    color_fields = np.concatenate([_color_semantic(designed), _color_random(designed, face, n_color, rng)], axis=1)
-    models = {"shape": _pca_model(designed - exp_mean, shape_fields, n_shape, face, 6.0, 0.7),
-              "expression": _pca_model(exp_mean, exp_fields, n_exp, face, 6.0, 0.5),
-              "color": _pca_model(albedo_mean(designed), color_fields, n_color, face, 0.1, 0.6)}
+    shape_semantic, color_semantic = _shape_semantic(designed), _color_semantic(designed)
+    shape_fields = np.concatenate([shape_semantic, _identity_random(
+        designed, face, n_shape - shape_semantic.shape[1], rng, depth_weight=1.5)], axis=1)
+    exp_fields = np.concatenate([expression, _expression_random(designed, face, n_exp - expression.shape[1], rng)],
+                                axis=1)
+    color_fields = np.concatenate([color_semantic, _color_random(
+        designed, face, n_color - color_semantic.shape[1], rng)], axis=1)
+    models = {"shape": _pca_model(designed - exp_mean, shape_fields, face, 6.0, 0.7),
+              "expression": _pca_model(exp_mean, exp_fields, face, 6.0, 0.5),
+              "color": _pca_model(albedo_mean(designed), color_fields, face, 0.1, 0.6)}
     arrays = {f"{group}/model/{key}": value for group, model in models.items() for key, value in model.items()}
     arrays["shape/representer/points"] = models["shape"]["mean"].reshape(-1, 3).T.copy()
     arrays["shape/representer/cells"] = faces.T.astype(np.int32)
