@@ -11,11 +11,13 @@ Algorithm of the default ``"torch"`` backend (one batched code path for CPU and 
    enumerates its candidate pixels as one ``(triangles, capacity)`` tensor, evaluates the edge functions and
    the affinely interpolated depth, and folds a packed int64 key ``float32 bits of depth << 32 | face id``
    into a per-pixel buffer with ``scatter_reduce(amin)``. Smallest depth wins, ties go to the lower face id.
-2. Barycentrics, with autograd: the winning triangle of every pixel is gathered and its screen-space
-   barycentrics are recomputed from ``screen_verts``, so gradients reach the vertex positions.
+2. Barycentrics, differentiable: the covered pixels are listed once (``Fragments.coverage``) and the
+   screen-space barycentrics of their winning triangles are recomputed from ``screen_verts`` with an analytic
+   backward; ``interpolate`` blends per-vertex attributes over the same list. Background pixels cost nothing.
 
-Host synchronisation: exactly one per call (``bincount(...).tolist()`` of the bucket sizes); buckets are
-then selected with ``torch.nonzero_static``, which needs no further synchronisation. A bucket whose
+Host synchronisation: two per ``rasterize`` call, none in ``interpolate``: the bucket sizes
+(``bincount(...).tolist()``) and the number of covered pixels (``nonzero``). Buckets are selected with
+``torch.nonzero_static`` from the known sizes, so no further synchronisation happens. A bucket whose
 candidate tensor would exceed ``_MAX_CANDIDATES`` elements is processed in chunks (sizes known on the host).
 Edge functions are evaluated from the lower-indexed vertex of each edge, so a pixel on an edge shared by
 two triangles is classified consistently (exactly one of them, or both when it lies exactly on the edge):
@@ -25,13 +27,28 @@ no cracks between adjacent triangles.
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 _NO_HIT = torch.iinfo(torch.int64).max
 _MAX_CANDIDATES = 1 << 23
 _BACKENDS = ("torch", "nvdiffrast")
+
+
+@dataclass(frozen=True)
+class Coverage:
+    """The covered pixels of a rasterization, listed once so that interpolation skips the background.
+
+    pixels: ``(K,)`` long flat pixel ids ``b * H * W + i * W + j``, increasing.
+    corner_rows: ``(3, K)`` long rows ``b * N + faces[f, k]`` of the visible face's corners in ``(B*N, ...)``
+        flattened per-vertex tensors.
+    n_verts: N, the vertex count the rows refer to.
+    """
+
+    pixels: torch.Tensor
+    corner_rows: torch.Tensor
+    n_verts: int
 
 
 @dataclass(frozen=True)
@@ -44,16 +61,20 @@ class Fragments:
         ``faces[f, 0..2]``; zero on background; differentiable w.r.t. ``screen_verts``.
     zbuf: ``(B, H, W)`` interpolated camera depth of the visible face (float32 precision); inf on background.
     mask: ``(B, 1, H, W)`` float, 1 where a face is visible, detached.
+    coverage: optional cache of the covered pixels used by ``interpolate`` (rebuilt from ``pix_to_face``,
+        with one host synchronisation, when None).
     """
 
     pix_to_face: torch.Tensor
     bary: torch.Tensor
     zbuf: torch.Tensor
     mask: torch.Tensor
+    coverage: Coverage | None = field(default=None, repr=False, compare=False)
 
     def detach(self) -> "Fragments":
         """Return a copy whose tensors carry no autograd history."""
-        return Fragments(self.pix_to_face, self.bary.detach(), self.zbuf.detach(), self.mask.detach())
+        return Fragments(self.pix_to_face, self.bary.detach(), self.zbuf.detach(), self.mask.detach(),
+                         self.coverage)
 
 
 def rasterize(
@@ -71,7 +92,7 @@ def rasterize(
         signed area ``(u1-u0)*(v2-v0) - (v1-v0)*(u2-u0)`` is negative in (u right, v down) coordinates.
     image_size: ``(H, W)`` in pixels.
     near: triangles with any vertex depth ``<= near`` are culled. Zero-area triangles are always culled,
-        back faces (positive signed area) when ``cull_backfaces`` is True.
+        back faces (positive signed area) when ``cull_backfaces`` is True. Non-finite vertices cull their faces.
     backend: ``"torch"`` (default, any device) or ``"nvdiffrast"`` (CUDA tensors, package installed; its
         coverage at exact triangle edges follows nvdiffrast's own fill rule).
     A pixel is covered when all three edge functions are >= 0 (edges inclusive).
@@ -83,31 +104,37 @@ def rasterize(
             zbuf = None
         else:
             pix_to_face, zbuf = _visible_faces(screen_verts, faces, height, width, near, cull_backfaces)
-    corner_idx = _pixel_corner_index(faces, pix_to_face, screen_verts.shape[1])
-    bary = _barycentrics(screen_verts, corner_idx, pix_to_face)
+        coverage = _coverage(pix_to_face, faces, screen_verts.shape[1])
+    bary = _Barycentric.apply(screen_verts, coverage.corner_rows, coverage.pixels, (height, width))
     if zbuf is None:
         with torch.no_grad():
-            depth = _interpolate_planes(screen_verts[..., 2:], corner_idx, bary).view(pix_to_face.shape)
+            depth = _Interpolate.apply(screen_verts[..., 2:], coverage.corner_rows, coverage.pixels, bary)[:, 0]
             zbuf = torch.where(pix_to_face >= 0, depth, float("inf"))
     mask = (pix_to_face >= 0).unsqueeze(1).to(screen_verts.dtype)
-    return Fragments(pix_to_face=pix_to_face, bary=bary, zbuf=zbuf, mask=mask)
+    return Fragments(pix_to_face=pix_to_face, bary=bary, zbuf=zbuf, mask=mask, coverage=coverage)
 
 
 def interpolate(attrs: torch.Tensor, fragments: Fragments, faces: torch.Tensor) -> torch.Tensor:
     """Interpolate per-vertex attributes with the fragments' barycentrics.
 
-    attrs: ``(B, N, C)`` float per-vertex values (any range). faces: the ``(F, 3)`` list given to ``rasterize``.
+    attrs: ``(B, N, C)`` float per-vertex values (any range), N as in the rasterized mesh.
+    faces: the ``(F, 3)`` list given to ``rasterize``.
     Returns ``(B, C, H, W)``, zero on background. Gradients flow to ``attrs`` and, through
     ``fragments.bary``, to the screen vertices.
     """
-    if attrs.ndim != 3:
-        raise ValueError(f"interpolate: attrs must be (B, N, C), got shape {tuple(attrs.shape)}")
-    batch, height, width = fragments.pix_to_face.shape
+    if attrs.ndim != 3 or not attrs.is_floating_point():
+        raise ValueError(f"interpolate: attrs must be float (B, N, C), got {tuple(attrs.shape)} {attrs.dtype}")
+    batch = fragments.pix_to_face.shape[0]
     if attrs.shape[0] != batch:
         raise ValueError(f"interpolate: attrs batch {attrs.shape[0]} != fragments batch {batch}")
-    corner_idx = _pixel_corner_index(faces, fragments.pix_to_face, attrs.shape[1])
-    out = _interpolate_planes(attrs, corner_idx, fragments.bary)  # (B*H*W, C)
-    return out.view(batch, height, width, -1).permute(0, 3, 1, 2)
+    coverage = fragments.coverage
+    if coverage is None or coverage.n_verts != attrs.shape[1]:
+        if coverage is not None:
+            raise ValueError(f"interpolate: attrs has {attrs.shape[1]} vertices, the rasterized mesh "
+                             f"{coverage.n_verts}")
+        with torch.no_grad():
+            coverage = _coverage(fragments.pix_to_face, faces, attrs.shape[1])
+    return _Interpolate.apply(attrs, coverage.corner_rows, coverage.pixels, fragments.bary)
 
 
 def _check_inputs(
@@ -145,92 +172,110 @@ def _gather_planes(planes: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def _corner_planes(screen_verts: torch.Tensor, faces: torch.Tensor) -> torch.Tensor:
-    """``(3 coords, 3 corners, B*F)``: coordinate c of corner k of face f in batch element b at ``b * F + f``."""
-    batch, n_verts, _ = screen_verts.shape
-    offset = torch.arange(batch, device=faces.device).mul_(n_verts).view(1, batch, 1)
-    idx = (faces.t().unsqueeze(1) + offset).reshape(-1)  # (3 * B * F,) corner-major
-    planes = screen_verts.permute(2, 0, 1).reshape(3, batch * n_verts)
-    return _gather_planes(planes, idx).view(3, 3, batch * faces.shape[0])
+def _take(values: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """``values[idx]`` for a 1-D ``values`` and an index of any shape."""
+    return values.index_select(0, idx.reshape(-1)).view(idx.shape)
+
+
+def _corner_rows(faces: torch.Tensor, batch: int, n_verts: int) -> torch.Tensor:
+    """``(3, B*F)`` rows ``b * N + faces[f, k]`` into flattened ``(B*N,)`` vertex planes, at column ``b * F + f``."""
+    dtype = torch.int32 if batch * n_verts < 2 ** 31 else torch.int64
+    offset = torch.arange(batch, device=faces.device, dtype=dtype).mul_(n_verts).view(1, batch, 1)
+    return (faces.to(dtype).t().contiguous().unsqueeze(1) + offset).view(3, -1)
+
+
+def _vertex_planes(screen_verts: torch.Tensor, near: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Flattened ``(B*N,)`` u, v, z; u is NaN at vertices with z <= near or non-finite z, which culls their faces."""
+    u, v, z = (screen_verts[..., c].reshape(-1) for c in range(3))
+    return torch.where((z > near) & torch.isfinite(z), u, float("nan")), v.contiguous(), z.contiguous()
+
+
+def _keep(area: torch.Tensor, cull_backfaces: bool) -> torch.Tensor:
+    """Faces that are drawn, from their signed area (NaN when a corner is unusable)."""
+    return (area < 0) & (area > -float("inf")) if cull_backfaces else (area != 0) & torch.isfinite(area)
 
 
 def _bucket_index(
-    tri: torch.Tensor, height: int, width: int, near: float, cull_backfaces: bool
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Bucket id ``(T,)`` (0 = culled or no pixel) and int32 boxes ``(4, T)`` = (column, row, width, pixels).
+    u: torch.Tensor, v: torch.Tensor, rows: torch.Tensor, height: int, width: int, cull_backfaces: bool
+) -> torch.Tensor:
+    """Bucket id ``(B*F,)`` int32 of every (batch, face): 0 when culled or when its box holds no pixel.
 
-    ``tri``: ``(3, 3, T)`` corner planes. A box holds the integer sample points of the triangle's bounding box,
-    clipped to the image. Bucket k >= 1 holds boxes of ``2**(k-2) < pixels <= 2**(k-1)`` pixels.
-    Non-finite corners are culled: they make the area non-finite or fail the depth test.
+    The box holds the integer sample points of the triangle's bounding box, clipped to the image; bucket k >= 1
+    holds boxes of ``2**(k-2) < pixels <= 2**(k-1)`` pixels. Faces with a non-finite (NaN-marked) corner are
+    culled through their non-finite area.
     """
-    u, v, z = tri.unbind(0)  # each (3, T)
-    area = _signed_area(u, v)
-    keep = (z.amin(dim=0) > near) & torch.isfinite(z.sum(dim=0)) & torch.isfinite(area)
-    keep &= area < 0 if cull_backfaces else area != 0
-    box = []
-    for coord, size in ((u, width), (v, height)):
-        lo = coord.amin(dim=0).ceil_().clamp_(0, size).to(torch.int32)
-        hi = coord.amax(dim=0).floor_().clamp_(-1, size - 1).to(torch.int32)
-        box += [lo, (hi - lo + 1).clamp_(min=0)]
-    n_pix = box[1] * box[3] * keep
+    cu, cv = _take(u, rows), _take(v, rows)  # (3, B*F)
+    keep = _keep(_signed_area(cu, cv), cull_backfaces)
+    n_pix = None
+    for coord, size in ((cu, width), (cv, height)):
+        lo = torch.minimum(torch.minimum(coord[0], coord[1]), coord[2]).ceil_().clamp_(min=0)
+        hi = torch.maximum(torch.maximum(coord[0], coord[1]), coord[2]).floor_().clamp_(max=size - 1)
+        count = hi.sub_(lo).add_(1).clamp_(min=0)
+        n_pix = count if n_pix is None else n_pix.mul_(count)
+    n_pix = torch.where(keep, n_pix, 0.0).to(torch.int32)
     exponent = ((n_pix - 1).to(torch.float32).view(torch.int32) >> 23) - 125  # ceil(log2(n)) + 1 for n >= 2
-    bucket = torch.where(n_pix > 1, exponent, n_pix)
-    return bucket, torch.stack([box[0], box[2], box[1], n_pix])
+    return torch.where(n_pix > 1, exponent, n_pix)
 
 
-def _edge_setup(corners: torch.Tensor, vid: torch.Tensor) -> list[tuple[torch.Tensor, ...]]:
+def _edge_setup(cu: torch.Tensor, cv: torch.Tensor, area: torch.Tensor, rows: torch.Tensor) -> list[tuple]:
     """Per edge e (opposite corner e): ``(origin_u, origin_v, dir_u, dir_v)``, each ``(M, 1)``.
 
-    ``corners``: ``(3, 3, M)`` planes; ``vid``: ``(3, M)`` vertex ids. The edge function
-    ``dir_u * (y - origin_v) - dir_v * (x - origin_u)`` is >= 0 inside the triangle for either winding
+    ``cu, cv, rows``: ``(3, M)`` corner coordinates and vertex rows; ``area``: ``(M,)`` signed area. The edge
+    function ``dir_u * (y - origin_v) - dir_v * (x - origin_u)`` is >= 0 inside the triangle for either winding
     (direction = corner b - corner a, negated for front faces). The origin is the lower-indexed vertex of the
     edge, so two triangles sharing an edge get exactly opposite values at every pixel: no cracks.
     """
-    u, v = corners[0], corners[1]
-    sign = torch.where(_signed_area(u, v) < 0, -1.0, 1.0).to(u.dtype)
+    sign = torch.where(area < 0, -1.0, 1.0).to(cu.dtype)
     edges = []
     for e in range(3):
         a, b = (e + 1) % 3, (e + 2) % 3  # the edge runs a -> b
-        swap = vid[a] > vid[b]
-        du, dv = (u[b] - u[a]) * sign, (v[b] - v[a]) * sign
-        edges.append((torch.where(swap, u[b], u[a]).unsqueeze(1), torch.where(swap, v[b], v[a]).unsqueeze(1),
+        swap = rows[a] > rows[b]
+        du, dv = (cu[b] - cu[a]).mul_(sign), (cv[b] - cv[a]).mul_(sign)
+        edges.append((torch.where(swap, cu[b], cu[a]).unsqueeze(1), torch.where(swap, cv[b], cv[a]).unsqueeze(1),
                       du.unsqueeze(1), dv.unsqueeze(1)))
     return edges
 
 
+def _candidate_pixels(cu: torch.Tensor, cv: torch.Tensor, cap: int, hw: tuple[int, int]) -> tuple[torch.Tensor, ...]:
+    """Pixel coordinates ``px, py`` ``(M, cap)`` (float) of the boxes of ``(3, M)`` corners, and a validity mask."""
+    height, width = hw
+    x0 = torch.minimum(torch.minimum(cu[0], cu[1]), cu[2]).ceil_().clamp_(min=0).unsqueeze(1)  # (M, 1)
+    y0 = torch.minimum(torch.minimum(cv[0], cv[1]), cv[2]).ceil_().clamp_(min=0).unsqueeze(1)
+    if cap == 1:
+        return x0, y0, torch.ones_like(x0, dtype=torch.bool)
+    x1 = torch.maximum(torch.maximum(cu[0], cu[1]), cu[2]).floor_().clamp_(max=width - 1).unsqueeze(1)
+    y1 = torch.maximum(torch.maximum(cv[0], cv[1]), cv[2]).floor_().clamp_(max=height - 1).unsqueeze(1)
+    box_w = x1 - x0 + 1
+    slot = torch.arange(cap, device=cu.device, dtype=cu.dtype)
+    dy = (slot / box_w).floor_()  # exact: slot / box_w is an integer or at least 1 / box_w away from one
+    px, py = x0 + (slot - dy * box_w), y0 + dy
+    return px, py, py <= y1
+
+
 def _bucket_keys(
-    tri: torch.Tensor, faces: torch.Tensor, ids: torch.Tensor, boxes: torch.Tensor, cap: int,
+    planes: tuple[torch.Tensor, ...], rows: torch.Tensor, ids: torch.Tensor, n_faces: int, cap: int,
     hw: tuple[int, int],
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Candidate pixel ids and packed depth/face keys, both ``(M*cap,)``, of the triangles ``ids (M,)``.
+    """Candidate pixel ids and packed depth/face keys, both ``(M*cap,)``, of the (batch, face) columns ``ids``.
 
-    ``boxes``: ``(4, M)`` int32 rows of ``_bucket_index``. Candidates beyond a box or outside the triangle
-    get the key ``_NO_HIT`` (their pixel id is then any valid id).
+    ``planes``: vertex u, v, z; ``rows``: ``(3, B*F)`` corner rows. Candidates outside the triangle (or beyond
+    its box) get the key ``_NO_HIT``.
     """
     height, width = hw
-    n_faces = faces.shape[0]
-    image = ids // n_faces
-    face_id = ids - image * n_faces
-    corners = _gather_planes(tri.view(9, -1), ids).view(3, 3, -1)  # (3, 3, M)
-    edges = _edge_setup(corners, _gather_planes(faces.t(), face_id))
-    x0, y0, box_w, n_pix = boxes.unsqueeze(-1).unbind(0)  # each (M, 1)
-    slot = torch.arange(cap, device=tri.device, dtype=torch.int32)
-    if cap > 1:
-        dy = slot // box_w
-        x0, y0 = x0 + (slot - dy * box_w), y0 + dy  # (M, cap)
-    px, py = x0.to(tri.dtype), y0.to(tri.dtype)
-    inside = slot < n_pix
+    corner_rows = _gather_planes(rows, ids)  # (3, M)
+    cu, cv, cz = (_take(plane, corner_rows) for plane in planes)
+    area = _signed_area(cu, cv)
+    px, py, inside = _candidate_pixels(cu, cv, cap, hw)
     value = []
-    for ox, oy, du, dv in edges:
+    for ox, oy, du, dv in _edge_setup(cu, cv, area, corner_rows):
         value.append(du * (py - oy) - dv * (px - ox))
         inside &= value[-1] >= 0
-    z_scaled = corners[2] / _signed_area(corners[0], corners[1]).abs()  # (3, M)
-    depth = value[0] * z_scaled[0, :, None] + value[1] * z_scaled[1, :, None] + value[2] * z_scaled[2, :, None]
-    bits = depth.abs().to(torch.float32).view(torch.int32).to(torch.int64)
-    key = torch.where(inside, (bits << 32) | face_id.unsqueeze(1), _NO_HIT)
-    pix = image.unsqueeze(1) * (height * width) + (y0 * width + x0)
-    if cap > 1:  # slots beyond a box may point past the last pixel
-        pix = pix.clamp_(max=tri.shape[2] // n_faces * height * width - 1)
+    z_scaled = (cz / area.abs_()).unsqueeze(-1)  # (3, M, 1)
+    depth = value[0] * z_scaled[0] + value[1] * z_scaled[1] + value[2] * z_scaled[2]
+    bits = depth.abs_().to(torch.float32).view(torch.int32).to(torch.int64)
+    image = ids // n_faces
+    key = torch.where(inside, (bits << 32) | (ids - image * n_faces).unsqueeze(1), _NO_HIT)
+    pix = (py * width + px).clamp_(max=height * width - 1).to(torch.int64) + image.unsqueeze(1) * (height * width)
     return pix.view(-1), key.view(-1)
 
 
@@ -238,11 +283,12 @@ def _visible_faces(
     screen_verts: torch.Tensor, faces: torch.Tensor, height: int, width: int, near: float, cull_backfaces: bool
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Z-buffer pass: ``pix_to_face (B, H, W)`` long (-1 background) and ``zbuf (B, H, W)`` (inf background)."""
-    batch = screen_verts.shape[0]
+    batch, n_verts, _ = screen_verts.shape
     best = torch.full((batch * height * width,), _NO_HIT, dtype=torch.int64, device=screen_verts.device)
     if faces.shape[0] > 0 and batch > 0:
-        tri = _corner_planes(screen_verts, faces)
-        bucket, boxes = _bucket_index(tri, height, width, near, cull_backfaces)
+        planes = _vertex_planes(screen_verts, near)
+        rows = _corner_rows(faces, batch, n_verts)
+        bucket = _bucket_index(planes[0], planes[1], rows, height, width, cull_backfaces)
         n_buckets = (height * width - 1).bit_length() + 2
         counts = torch.bincount(bucket, minlength=n_buckets).tolist()  # the one host synchronisation
         for k in range(1, n_buckets):
@@ -251,7 +297,7 @@ def _visible_faces(
             cap = 1 << (k - 1)
             members = torch.nonzero_static(bucket == k, size=counts[k]).view(-1)
             for ids in members.split(max(1, _MAX_CANDIDATES // cap)):
-                pix, key = _bucket_keys(tri, faces, ids, boxes.index_select(1, ids), cap, (height, width))
+                pix, key = _bucket_keys(planes, rows, ids, faces.shape[0], cap, (height, width))
                 best.scatter_reduce_(0, pix, key, reduce="amin")
     hit = best != _NO_HIT
     pix_to_face = torch.where(hit, best & 0xFFFFFFFF, -1).view(batch, height, width)
@@ -260,25 +306,31 @@ def _visible_faces(
     return pix_to_face, zbuf
 
 
-def _pixel_corner_index(faces: torch.Tensor, pix_to_face: torch.Tensor, n_verts: int) -> torch.Tensor:
-    """``(3, B*H*W)`` flat rows ``b * N + vertex`` of each pixel's face corners; face 0 (or row 0) on background."""
-    batch = pix_to_face.shape[0]
-    if faces.shape[0] == 0:
-        return torch.zeros(3, pix_to_face.numel(), dtype=torch.long, device=faces.device)
-    vid = _gather_planes(faces.t(), pix_to_face.clamp(min=0).view(-1)).view(3, batch, -1)
-    offset = torch.arange(batch, device=faces.device).mul_(n_verts).view(1, batch, 1)
-    return (vid + offset).view(3, -1)
+def _coverage(pix_to_face: torch.Tensor, faces: torch.Tensor, n_verts: int) -> Coverage:
+    """List the covered pixels of ``pix_to_face (B, H, W)`` and their faces' corner rows (one host sync)."""
+    batch, height, width = pix_to_face.shape
+    flat = pix_to_face.view(-1)
+    pixels = torch.nonzero(flat >= 0).view(-1)  # host synchronisation: the number of covered pixels
+    face = flat.index_select(0, pixels)
+    vertex = _gather_planes(faces.t().contiguous(), face)  # (3, K)
+    return Coverage(pixels, vertex + (pixels // (height * width)) * n_verts, n_verts)
 
 
-def _barycentrics(screen_verts: torch.Tensor, corner_idx: torch.Tensor, pix_to_face: torch.Tensor) -> torch.Tensor:
-    """Differentiable screen-space barycentrics ``(B, H, W, 3)`` of each pixel's face, zero on background."""
-    if screen_verts.shape[1] == 0:
-        return screen_verts.new_zeros(*pix_to_face.shape, 3)
-    return _Barycentric.apply(screen_verts, corner_idx, pix_to_face >= 0)
+def _pixel_centres(pixels: torch.Tensor, hw: tuple[int, int], dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+    """Column and row ``(K,)`` of flat pixel ids, as ``dtype``."""
+    height, width = hw
+    in_image = pixels % (height * width)
+    row = in_image // width
+    return (in_image - row * width).to(dtype), row.to(dtype)
+
+
+def _bary_slots(pixels: torch.Tensor) -> torch.Tensor:
+    """``(3, K)`` positions of the three barycentrics of each listed pixel in a flat ``(B*H*W*3,)`` tensor."""
+    return pixels * 3 + torch.arange(3, device=pixels.device).view(3, 1)
 
 
 class _Barycentric(torch.autograd.Function):
-    """Screen-space barycentrics with an analytic backward.
+    """Screen-space barycentrics ``(B, H, W, 3)`` of the listed pixels' faces (zero elsewhere), analytic backward.
 
     ``b_k = e_k / S`` with ``e_k`` the edge function of the edge opposite corner k and ``S`` the signed area.
     Moving corner j changes them as ``d b_k / d P_j = -b_j * grad_p(b_k)``, and ``grad_p(b_k)`` is the constant
@@ -286,48 +338,78 @@ class _Barycentric(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, screen_verts: torch.Tensor, corner_idx: torch.Tensor, hit: torch.Tensor) -> torch.Tensor:
-        batch, height, width = hit.shape
-        planes = screen_verts[..., :2].permute(2, 0, 1).reshape(2, -1)  # (2, B*N)
-        uv = _gather_planes(planes, corner_idx.view(-1)).view(2, 3, batch, height, width)
-        u, v = uv[0], uv[1]
-        cols = torch.arange(width, device=u.device, dtype=u.dtype)
-        rows = torch.arange(height, device=u.device, dtype=u.dtype).view(height, 1)
+    def forward(ctx, screen_verts: torch.Tensor, corner_rows: torch.Tensor, pixels: torch.Tensor,
+                hw: tuple[int, int]) -> torch.Tensor:
+        batch, n_verts, _ = screen_verts.shape
+        planes = screen_verts[..., :2].permute(2, 0, 1).reshape(2, batch * n_verts)
+        u, v = _gather_planes(planes, corner_rows.view(-1)).view(2, 3, -1)  # each (3, K)
+        x, y = _pixel_centres(pixels, hw, u.dtype)
         du = torch.stack([u[2] - u[1], u[0] - u[2], u[1] - u[0]])  # edge k runs corner k+1 -> k+2
         dv = torch.stack([v[2] - v[1], v[0] - v[2], v[1] - v[0]])
-        start_u, start_v = u.roll(-1, dims=0), v.roll(-1, dims=0)
-        edge = du * (rows - start_v) - dv * (cols - start_u)  # (3, B, H, W)
+        edge = du * (y - v.roll(-1, dims=0)) - dv * (x - u.roll(-1, dims=0))
         area = _signed_area(u, v)
-        area = torch.where(hit & (area != 0), area, torch.ones_like(area))
-        bary = torch.where(hit, edge / area, torch.zeros_like(edge))
-        ctx.save_for_backward(corner_idx, hit, du, dv, area, bary)
+        area = torch.where(area != 0, area, torch.ones_like(area))  # listed faces are never degenerate
+        bary = edge / area
+        out = u.new_zeros(batch, *hw, 3)
+        slots = _bary_slots(pixels)
+        out.view(-1).index_copy_(0, slots.view(-1), bary.view(-1))
+        ctx.save_for_backward(corner_rows, slots, du, dv, area, bary)
         ctx.vert_shape = screen_verts.shape
-        return bary.permute(1, 2, 3, 0).contiguous()
+        return out
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_bary: torch.Tensor) -> tuple[torch.Tensor, None, None]:
-        corner_idx, hit, du, dv, area, bary = ctx.saved_tensors
-        grad = grad_bary.permute(3, 0, 1, 2)  # (3, B, H, W)
-        scale = torch.where(hit, area.reciprocal(), torch.zeros_like(area))
-        grad_x = (grad * dv).sum(dim=0) * scale  # minus d loss / d pixel x
-        grad_y = (grad * du).sum(dim=0) * scale
-        flat = corner_idx.view(-1)
+    def backward(ctx, grad_bary: torch.Tensor) -> tuple[torch.Tensor, None, None, None]:
+        corner_rows, slots, du, dv, area, bary = ctx.saved_tensors
+        grad = _take(grad_bary.reshape(-1), slots)  # (3, K)
+        grad_x = (grad * dv).sum(dim=0) / area  # minus d loss / d pixel x
+        grad_y = (grad * du).sum(dim=0) / area
         n_rows = ctx.vert_shape[0] * ctx.vert_shape[1]
-        grad_u = bary.new_zeros(n_rows).index_add_(0, flat, (bary * grad_x).view(-1))
-        grad_v = bary.new_zeros(n_rows).index_add_(0, flat, (bary * -grad_y).view(-1))
-        grad_verts = torch.stack([grad_u, grad_v, torch.zeros_like(grad_u)], dim=-1)
-        return grad_verts.view(ctx.vert_shape), None, None
+        grad_verts = bary.new_zeros(3, n_rows)
+        grad_verts[0].index_add_(0, corner_rows.view(-1), (bary * grad_x).view(-1))
+        grad_verts[1].index_add_(0, corner_rows.view(-1), (bary * -grad_y).view(-1))
+        return grad_verts.t().reshape(ctx.vert_shape), None, None, None
 
 
-def _interpolate_planes(attrs: torch.Tensor, corner_idx: torch.Tensor, bary: torch.Tensor) -> torch.Tensor:
-    """``(B*H*W, C)`` barycentric blend of ``attrs (B, N, C)`` at ``corner_idx (3, B*H*W)``."""
-    channels = attrs.shape[2]
-    if attrs.shape[1] == 0:
-        return attrs.new_zeros(corner_idx.shape[1], channels)
-    corner = attrs.reshape(-1, channels).index_select(0, corner_idx.view(-1)).view(3, -1, channels)
-    weight = bary.to(attrs.dtype).view(-1, 3, 1)
-    return corner[0] * weight[:, 0] + corner[1] * weight[:, 1] + corner[2] * weight[:, 2]
+class _Interpolate(torch.autograd.Function):
+    """``out[b, c] = sum_k bary[..., k] * attrs[b, vertex k, c]`` on the listed pixels, zero elsewhere."""
+
+    @staticmethod
+    def forward(ctx, attrs: torch.Tensor, corner_rows: torch.Tensor, pixels: torch.Tensor,
+                bary: torch.Tensor) -> torch.Tensor:
+        batch, n_verts, channels = attrs.shape
+        height, width = bary.shape[1:3]
+        planes = attrs.permute(2, 0, 1).reshape(channels, batch * n_verts)
+        slots = _bary_slots(pixels)
+        weights = _take(bary.reshape(-1), slots).to(attrs.dtype)  # (3, K)
+        corners = _gather_planes(planes, corner_rows.view(-1)).view(channels, 3, -1)  # (C, 3, K)
+        values = (corners * weights).sum(dim=1)  # (C, K)
+        image = pixels // (height * width)
+        dest = (pixels + image * ((channels - 1) * height * width)).unsqueeze(0) \
+            + torch.arange(channels, device=pixels.device).view(-1, 1) * (height * width)  # (C, K) in (B, C, H, W)
+        out = attrs.new_zeros(batch, channels, height, width)
+        out.view(-1).index_copy_(0, dest.view(-1), values.view(-1))
+        ctx.save_for_backward(corner_rows, slots, dest, weights, corners if ctx.needs_input_grad[3] else None)
+        ctx.attrs_shape, ctx.bary_shape, ctx.bary_dtype = attrs.shape, bary.shape, bary.dtype
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, None, None, torch.Tensor | None]:
+        corner_rows, slots, dest, weights, corners = ctx.saved_tensors
+        batch, n_verts, channels = ctx.attrs_shape
+        grad = _take(grad_out.reshape(-1), dest)  # (C, K)
+        grad_attrs = grad_bary = None
+        if ctx.needs_input_grad[0]:
+            grad_attrs = grad.new_zeros(channels, batch * n_verts)
+            for c in range(channels):
+                grad_attrs[c].index_add_(0, corner_rows.view(-1), (weights * grad[c]).view(-1))
+            grad_attrs = grad_attrs.t().reshape(ctx.attrs_shape)
+        if ctx.needs_input_grad[3]:
+            grad_bary = grad.new_zeros(ctx.bary_shape, dtype=ctx.bary_dtype)
+            values = (corners * grad.unsqueeze(1)).sum(dim=0)  # (3, K)
+            grad_bary.view(-1).index_copy_(0, slots.view(-1), values.view(-1).to(ctx.bary_dtype))
+        return grad_attrs, None, None, grad_bary
 
 
 def _visible_faces_nvdiffrast(
@@ -342,20 +424,22 @@ def _visible_faces_nvdiffrast(
     except ImportError as err:
         raise RuntimeError("rasterize: backend='nvdiffrast' needs the optional nvdiffrast package "
                            "(https://github.com/NVlabs/nvdiffrast); use backend='torch'") from err
-    batch, n_faces = screen_verts.shape[0], faces.shape[0]
+    batch, n_verts, _ = screen_verts.shape
+    n_faces = faces.shape[0]
     if n_faces == 0 or batch == 0:
         return torch.full((batch, height, width), -1, dtype=torch.long, device=screen_verts.device)
-    tri = _corner_planes(screen_verts.float(), faces).view(3, 3, batch, n_faces).permute(2, 3, 1, 0)  # (B,F,3,3)
-    area = _signed_area(tri[..., 0].unbind(-1), tri[..., 1].unbind(-1))
-    keep = (tri[..., 2] > near).all(dim=-1) & (area < 0 if cull_backfaces else area != 0) & torch.isfinite(area)
-    z = screen_verts[..., 2].float()
-    z_lo, z_hi = z.amin(dim=1).view(batch, 1, 1), z.amax(dim=1).view(batch, 1, 1)
-    clip = torch.stack([(2 * tri[..., 0] + 1) / width - 1, (2 * tri[..., 1] + 1) / height - 1,
-                        (tri[..., 2] - z_lo) / (z_hi - z_lo).clamp(min=1e-12) * 2 - 1,
-                        torch.ones_like(area).unsqueeze(-1).expand(-1, -1, 3)], dim=-1)
+    u, v, z = _vertex_planes(screen_verts.float(), near)
+    rows = _corner_rows(faces, batch, n_verts).long()
+    keep = _keep(_signed_area(_take(u, rows), _take(v, rows)), cull_backfaces)  # (B*F,)
+    usable = torch.isfinite(u).view(batch, n_verts)
+    z_lo = torch.where(usable, z.view(batch, n_verts), float("inf")).amin(dim=1, keepdim=True)
+    z_hi = torch.where(usable, z.view(batch, n_verts), -float("inf")).amax(dim=1, keepdim=True)
+    z_ndc = (z.view(batch, n_verts) - z_lo) / (z_hi - z_lo).clamp(min=1e-12) * 2 - 1
+    clip = torch.stack([(2 * u + 1) / width - 1, (2 * v + 1) / height - 1, z_ndc.view(-1), torch.ones_like(u)], 1)
+    clip = clip.index_select(0, rows.t().reshape(-1)).view(-1, 3, 4)  # (B*F, 3 corners, 4)
     outside = torch.tensor([2.0, 2.0, 0.0, 1.0], device=clip.device)  # culled: beyond the right clip plane
-    clip = torch.where(keep.view(batch, n_faces, 1, 1), clip, outside).view(-1, 4).contiguous()
-    tri_idx = torch.arange(batch * n_faces * 3, device=clip.device, dtype=torch.int32).view(-1, 3)
+    clip = torch.where(keep.view(-1, 1, 1), clip, outside).view(-1, 4).contiguous()
+    tri_idx = torch.arange(clip.shape[0], device=clip.device, dtype=torch.int32).view(-1, 3)
     starts = torch.arange(batch, dtype=torch.int32) * n_faces
     ranges = torch.stack([starts, torch.full_like(starts, n_faces)], dim=1)  # (B, 2) on the host, as required
     rast, _ = dr.rasterize(_nvdiffrast_context(screen_verts.device), clip, tri_idx, (height, width), ranges=ranges)
