@@ -21,7 +21,7 @@ from utils.builders import build_mofa, model_spec
 from utils.datasets import FaceDataset, collate_faces
 from utils.monitor import RunMonitor
 from utils.objectives import LossSetup, step1_terms
-from utils.run import add_training_args, conclude, due, start_run
+from utils.run import add_training_args, conclude, due, make_optimizer, start_run
 from utils.training import (NonFiniteGuard, RunningMean, StopFlag, iterate_steps, make_eval_loader, make_train_loader,
                             total_steps, validate)
 from utils.visuals import composite
@@ -65,7 +65,7 @@ def train(args) -> int:
     val_loader = make_eval_loader(val_set, args.batch_size, args.workers, collate_faces)
     vis_batch = next(iter(val_loader))
 
-    opt = torch.optim.Adadelta(mofa.encoder.parameters(), lr=args.learning_rate)
+    opt = make_optimizer(args.optimizer, mofa.encoder.parameters(), args.learning_rate)
     sched = torch.optim.lr_scheduler.StepLR(opt, step_size=args.lr_step, gamma=args.lr_gamma)
     state = ({"encoder": mofa.encoder}, {"encoder": opt}, {"encoder": sched})
     start = run.resume(*state)
@@ -76,7 +76,9 @@ def train(args) -> int:
 
     def objective(batch, net):
         images, lms = batch["image"].to(device), batch["landmarks"].to(device)
-        out = mofa.renderer(net(images))
+        with run.autocast():
+            coeffs = net(images)
+        out = mofa.renderer(coeffs.float())
         terms, inliers = step1_terms(out, images, lms, setup, identity)
         return losses.weighted_sum(terms, weights), terms, (images, out, inliers)
 

@@ -17,7 +17,7 @@ import torch
 from utils import losses, runtime
 from utils.builders import build_unet, step_dir
 from utils.monitor import RunMonitor
-from utils.run import add_training_args, conclude, due, start_run
+from utils.run import add_training_args, conclude, due, make_optimizer, start_run
 from utils.training import (NonFiniteGuard, RunningMean, StopFlag, CollapseAlarm, iterate_steps, make_eval_loader,
                             make_train_loader, total_steps, validate)
 from utils.unet_trainset import UNetTrainset
@@ -48,7 +48,7 @@ def train(args) -> int:
     val_loader = make_eval_loader(val_set, args.batch_size, args.workers)
     vis_batch = next(iter(val_loader))
 
-    opt = torch.optim.Adadelta(unet.parameters(), lr=args.learning_rate)
+    opt = make_optimizer(args.optimizer, unet.parameters(), args.learning_rate)
     sched = torch.optim.lr_scheduler.StepLR(opt, step_size=args.lr_step, gamma=args.lr_gamma)
     state = ({"unet": unet}, {"unet": opt}, {"unet": sched})
     start = run.resume(*state)
@@ -58,7 +58,8 @@ def train(args) -> int:
 
     def objective(batch, model):
         inputs, target = batch["input"].to(device), batch["target"].to(device)
-        logits = model(inputs)
+        with run.autocast():
+            logits = model(inputs).float()
         face = (inputs[:, :3].sum(1, keepdim=True) > 0).float()  # the render is black off the face
         in_face = (torch.sigmoid(logits) * face).sum() / face.sum().clamp(min=1)
         return losses.unet_bce_loss(logits, target), {"bce": losses.unet_bce_loss(logits, target).detach(),

@@ -24,7 +24,7 @@ from utils.checkpoint import load_checkpoint
 from utils.datasets import FaceDataset, collate_faces
 from utils.monitor import RunMonitor
 from utils.objectives import LossSetup, step4_mofa_terms, step4_unet_terms, unet_mask
-from utils.run import add_training_args, conclude, due, start_run
+from utils.run import add_training_args, conclude, due, make_optimizer, start_run
 from utils.training import (CollapseAlarm, NonFiniteGuard, RunningMean, StopFlag, iterate_steps, make_eval_loader,
                             make_train_loader, total_steps, validate)
 from utils.visuals import composite, residual
@@ -97,8 +97,8 @@ def train(args) -> int:
     vis_batch = next(iter(val_loader))
 
     lr_mofa, lr_unet = learning_rates(args, step1_steps)
-    opt_mofa = torch.optim.Adadelta(mofa.encoder.parameters(), lr=lr_mofa)
-    opt_unet = torch.optim.Adadelta(unet.parameters(), lr=lr_unet)
+    opt_mofa = make_optimizer(args.optimizer, mofa.encoder.parameters(), lr_mofa)
+    opt_unet = make_optimizer(args.optimizer, unet.parameters(), lr_unet)
     sched_mofa = torch.optim.lr_scheduler.StepLR(opt_mofa, step_size=5000, gamma=0.99)
     sched_unet = torch.optim.lr_scheduler.StepLR(opt_unet, step_size=5000, gamma=0.95)
     state = ({"encoder": mofa.encoder, "unet": unet}, {"encoder": opt_mofa, "unet": opt_unet},
@@ -111,10 +111,11 @@ def train(args) -> int:
     def objective(batch, phase, enc, seg):
         """Forward one batch; ``phase`` picks the loss: 'unet' or 'mofa'."""
         images, lms = batch["image"].to(device), batch["landmarks"].to(device)
-        with torch.set_grad_enabled(phase == "mofa" and torch.is_grad_enabled()):
-            coeffs = enc(images)
+        with torch.set_grad_enabled(phase == "mofa" and torch.is_grad_enabled()), run.autocast():
+            coeffs = enc(images).float()
         out = mofa.renderer(coeffs)
-        U = unet_mask(seg, out, images)
+        with run.autocast():
+            U = unet_mask(seg, out, images).float()
         if phase == "unet":
             terms = step4_unet_terms(U, out, images, lms, setup, identity)
             total = losses.weighted_sum(terms, w_unet)

@@ -36,7 +36,17 @@ def add_training_args(parser: argparse.ArgumentParser, *, lr: float, epochs: int
     g.add_argument("--log_every", type=int, default=50, help="CSV/TensorBoard loss period in steps")
     g.add_argument("--val_batches", type=int, default=0,
                    help="validate on at most this many batches (0 = the whole validation split)")
-    g.add_argument("--amp", action="store_true", help="mixed precision for the networks on CUDA")
+    g.add_argument("--amp", action="store_true",
+                   help="bfloat16 autocast for the encoder and the UNet on CUDA (the renderer stays float32)")
+    g.add_argument("--optimizer", choices=("adadelta", "adam"), default="adadelta",
+                   help="Adadelta as in the paper (default), or Adam for short runs such as the demo")
+
+
+def make_optimizer(name: str, params, lr: float) -> torch.optim.Optimizer:
+    """The paper's Adadelta (its other settings at their defaults), or Adam for short CPU runs."""
+    if name == "adam":
+        return torch.optim.Adam(params, lr=lr)
+    return torch.optim.Adadelta(params, lr=lr)
 
 
 @dataclass
@@ -58,6 +68,11 @@ class Run:
             return module
         ids = [self.device.index] if self.device.type == "cuda" else None
         return DistributedDataParallel(module, device_ids=ids, broadcast_buffers=False)
+
+    def autocast(self):
+        """Mixed precision for network forwards when --amp is given on CUDA; a no-op otherwise."""
+        enabled = bool(getattr(self.args, "amp", False)) and self.device.type == "cuda"
+        return torch.autocast("cuda", dtype=torch.bfloat16, enabled=enabled)
 
     def save(self, step: int, models: dict, optimizers: dict, schedulers: dict, spec: dict) -> None:
         if self.is_main:

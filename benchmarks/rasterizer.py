@@ -1,0 +1,127 @@
+"""Rasterizer benchmark: a shaded render of a BFM-sized mesh, forward + backward, against a ResNet-50 forward.
+
+    python benchmarks/rasterizer.py [--bfm PATH] [--batch 12] [--size 224] [--repeats 5] [--device auto]
+
+Without --bfm it renders the demo face model generated at ~53k vertices / ~105k triangles (written once to
+basel_3DMM/demo_face_model_53k.h5), uncropped, like the full BFM2017 mesh. Timed: coefficients -> vertices ->
+normals -> SH shading -> projection -> rasterize -> interpolate -> a scalar loss, then backward to the coefficients;
+and, in the same run, a torchvision ResNet-50 forward (no grad) on the same batch. The last line is
+``ratio_rasterizer_to_resnet50=<x>`` (target on the 2-core development CPU: <= 0.10). On CUDA it also reports
+images per second at --cuda_batch (target on an H100 at batch 64: >= 5000 images/s forward + backward).
+"""
+from __future__ import annotations
+
+import argparse
+import resource
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from models.camera import CameraConfig  # noqa: E402
+from models.face_model import FaceModel  # noqa: E402
+from models.layout import CoeffLayout  # noqa: E402
+from models.renderer import FaceRenderer  # noqa: E402
+from utils.runtime import resolve_device  # noqa: E402
+
+DEFAULT_MODEL = REPO / "basel_3DMM" / "demo_face_model_53k.h5"
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_call(fn, device: torch.device, repeats: int) -> float:
+    """Median wall time of ``fn()`` in seconds, after one warm-up call."""
+    fn()
+    sync(device)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    return sorted(times)[len(times) // 2]
+
+
+def render_step(renderer: FaceRenderer, coeffs: torch.Tensor):
+    """One forward + backward of a shaded render; returns a closure for ``time_call``."""
+    def step():
+        c = coeffs.detach().requires_grad_(True)
+        out = renderer(c)
+        loss = (out.image * out.mask).mean()
+        loss.backward()
+        return c.grad
+    return step
+
+
+def random_coeffs(layout: CoeffLayout, batch: int, device: torch.device) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(0)
+    coeffs = torch.randn(batch, layout.total, generator=gen) * 0.5
+    parts = layout.split(coeffs)
+    parts.angles.mul_(0.4)
+    parts.trans.zero_()
+    parts.light.mul_(0.2)
+    return coeffs.to(device)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--bfm", default=None, help="face model h5 (default: the 53k-vertex demo model)")
+    p.add_argument("--batch", type=int, default=12)
+    p.add_argument("--cuda_batch", type=int, default=64)
+    p.add_argument("--size", type=int, default=224)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--device", default="auto")
+    args = p.parse_args(argv)
+    device = resolve_device(args.device)
+    path = Path(args.bfm) if args.bfm else DEFAULT_MODEL
+    if not path.is_file():
+        from utils.demo_face_model import write_demo_face_model
+        print(f"writing the 53k-vertex demo model to {path} (once)", flush=True)
+        write_demo_face_model(path, target_vertices=53000, seed=0)
+    layout = CoeffLayout()
+    face_model = FaceModel.from_h5(path, layout, crop=False).to(device)
+    renderer = FaceRenderer(face_model, CameraConfig.preset("g2").resized(args.size), layout).to(device)
+    print(f"device {device}, threads {torch.get_num_threads()}, mesh {face_model.n_vertices} vertices / "
+          f"{face_model.n_faces} triangles, {args.size}x{args.size}, batch {args.batch}")
+
+    coeffs = random_coeffs(layout, args.batch, device)
+    with torch.no_grad():
+        coverage = float(renderer(coeffs).mask.mean())
+    t_render = time_call(render_step(renderer, coeffs), device, args.repeats)
+    peak_render = peak_memory_mb(device)
+
+    import torchvision
+    resnet = torchvision.models.resnet50(weights=None).to(device).eval()
+    images = torch.rand(args.batch, 3, args.size, args.size, device=device)
+    with torch.no_grad():
+        t_resnet = time_call(lambda: resnet(images), device, args.repeats)
+
+    ms_render, ms_resnet = 1000 * t_render / args.batch, 1000 * t_resnet / args.batch
+    print(f"face coverage {coverage:.2f} of the image")
+    print(f"shaded render fwd+bwd: {ms_render:.2f} ms/image (batch {args.batch}: {1000 * t_render:.1f} ms)")
+    print(f"resnet50 forward:      {ms_resnet:.2f} ms/image (batch {args.batch}: {1000 * t_resnet:.1f} ms)")
+    print(f"peak memory after render: {peak_render:.0f} MB ({'CUDA allocated' if device.type == 'cuda' else 'RSS'})")
+    if device.type == "cuda":
+        big = random_coeffs(layout, args.cuda_batch, device)
+        t_big = time_call(render_step(renderer, big), device, args.repeats)
+        print(f"CUDA batch {args.cuda_batch}: {args.cuda_batch / t_big:.0f} images/s forward+backward "
+              f"(target >= 5000 on an H100)")
+    print(f"ratio_rasterizer_to_resnet50={ms_render / ms_resnet:.4f}")
+    return 0
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2 ** 20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+if __name__ == "__main__":
+    sys.exit(main())
