@@ -16,8 +16,8 @@ Algorithm of the default ``"torch"`` backend (one batched code path for CPU and 
    backward; ``interpolate`` blends per-vertex attributes over the same list. Background pixels cost nothing.
 
 Host synchronisation: two per ``rasterize`` call, none in ``interpolate``: the bucket sizes
-(``bincount(...).tolist()``) and the number of covered pixels (``nonzero``). Buckets are selected with
-``torch.nonzero_static`` from the known sizes, so no further synchronisation happens. A bucket whose
+(``bincount(...).tolist()``) and the number of covered pixels (``nonzero``). Buckets are contiguous slices
+of one stable sort by bucket id, so no further synchronisation happens. A bucket whose
 candidate tensor would exceed ``_MAX_CANDIDATES`` elements is processed in chunks (sizes known on the host).
 Edge functions are evaluated from the lower-indexed vertex of each edge, so a pixel on an edge shared by
 two triangles is classified consistently (exactly one of them, or both when it lies exactly on the edge):
@@ -217,25 +217,6 @@ def _bucket_index(
     return torch.where(n_pix > 1, exponent, n_pix)
 
 
-def _edge_setup(cu: torch.Tensor, cv: torch.Tensor, area: torch.Tensor, rows: torch.Tensor) -> list[tuple]:
-    """Per edge e (opposite corner e): ``(origin_u, origin_v, dir_u, dir_v)``, each ``(M, 1)``.
-
-    ``cu, cv, rows``: ``(3, M)`` corner coordinates and vertex rows; ``area``: ``(M,)`` signed area. The edge
-    function ``dir_u * (y - origin_v) - dir_v * (x - origin_u)`` is >= 0 inside the triangle for either winding
-    (direction = corner b - corner a, negated for front faces). The origin is the lower-indexed vertex of the
-    edge, so two triangles sharing an edge get exactly opposite values at every pixel: no cracks.
-    """
-    sign = torch.where(area < 0, -1.0, 1.0).to(cu.dtype)
-    edges = []
-    for e in range(3):
-        a, b = (e + 1) % 3, (e + 2) % 3  # the edge runs a -> b
-        swap = rows[a] > rows[b]
-        du, dv = (cu[b] - cu[a]).mul_(sign), (cv[b] - cv[a]).mul_(sign)
-        edges.append((torch.where(swap, cu[b], cu[a]).unsqueeze(1), torch.where(swap, cv[b], cv[a]).unsqueeze(1),
-                      du.unsqueeze(1), dv.unsqueeze(1)))
-    return edges
-
-
 def _candidate_pixels(cu: torch.Tensor, cv: torch.Tensor, cap: int, hw: tuple[int, int]) -> tuple[torch.Tensor, ...]:
     """Pixel coordinates ``px, py`` ``(M, cap)`` (float) of the boxes of ``(3, M)`` corners, and a validity mask."""
     height, width = hw
@@ -254,24 +235,29 @@ def _candidate_pixels(cu: torch.Tensor, cv: torch.Tensor, cap: int, hw: tuple[in
 
 def _bucket_keys(
     planes: tuple[torch.Tensor, ...], rows: torch.Tensor, ids: torch.Tensor, n_faces: int, cap: int,
-    hw: tuple[int, int],
+    hw: tuple[int, int], cull_backfaces: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Candidate pixel ids and packed depth/face keys, both ``(M*cap,)``, of the (batch, face) columns ``ids``.
 
     ``planes``: vertex u, v, z; ``rows``: ``(3, B*F)`` corner rows. Candidates outside the triangle (or beyond
-    its box) get the key ``_NO_HIT``.
+    its box) get the key ``_NO_HIT``. The edge function of edge a -> b at pixel p is evaluated as
+    ``cross(P_a - p, P_b - p)``, which is exactly antisymmetric in (a, b): two triangles sharing an edge never
+    both miss a pixel next to it (no cracks), and a pixel exactly on it is covered by both.
     """
     height, width = hw
     corner_rows = _gather_planes(rows, ids)  # (3, M)
     cu, cv, cz = (_take(plane, corner_rows) for plane in planes)
     area = _signed_area(cu, cv)
     px, py, inside = _candidate_pixels(cu, cv, cap, hw)
-    value = []
-    for ox, oy, du, dv in _edge_setup(cu, cv, area, corner_rows):
-        value.append(du * (py - oy) - dv * (px - ox))
-        inside &= value[-1] >= 0
+    du = [px - cu[k, :, None] for k in range(3)]  # (M, cap) each; u negated: front faces get e_k >= 0 inside
+    dv = [cv[k, :, None] - py for k in range(3)]
+    if not cull_backfaces:
+        flip = torch.where(area < 0, 1.0, -1.0).to(cu.dtype).unsqueeze(1)
+        du = [d * flip for d in du]
+    edge = [du[(k + 1) % 3] * dv[(k + 2) % 3] - dv[(k + 1) % 3] * du[(k + 2) % 3] for k in range(3)]
+    inside &= (edge[0] >= 0) & (edge[1] >= 0) & (edge[2] >= 0)
     z_scaled = (cz / area.abs_()).unsqueeze(-1)  # (3, M, 1)
-    depth = value[0] * z_scaled[0] + value[1] * z_scaled[1] + value[2] * z_scaled[2]
+    depth = edge[0] * z_scaled[0] + edge[1] * z_scaled[1] + edge[2] * z_scaled[2]
     bits = depth.abs_().to(torch.float32).view(torch.int32).to(torch.int64)
     image = ids // n_faces
     key = torch.where(inside, (bits << 32) | (ids - image * n_faces).unsqueeze(1), _NO_HIT)
@@ -290,14 +276,14 @@ def _visible_faces(
         rows = _corner_rows(faces, batch, n_verts)
         bucket = _bucket_index(planes[0], planes[1], rows, height, width, cull_backfaces)
         n_buckets = (height * width - 1).bit_length() + 2
-        counts = torch.bincount(bucket, minlength=n_buckets).tolist()  # the one host synchronisation
+        counts = torch.bincount(bucket, minlength=n_buckets).tolist()  # the first host synchronisation
+        order = torch.sort(bucket.to(torch.int16), stable=True).indices  # bucket k is one contiguous slice
+        start = counts[0]
         for k in range(1, n_buckets):
-            if counts[k] == 0:
-                continue
+            members, start = order[start:start + counts[k]], start + counts[k]
             cap = 1 << (k - 1)
-            members = torch.nonzero_static(bucket == k, size=counts[k]).view(-1)
             for ids in members.split(max(1, _MAX_CANDIDATES // cap)):
-                pix, key = _bucket_keys(planes, rows, ids, faces.shape[0], cap, (height, width))
+                pix, key = _bucket_keys(planes, rows, ids, faces.shape[0], cap, (height, width), cull_backfaces)
                 best.scatter_reduce_(0, pix, key, reduce="amin")
     hit = best != _NO_HIT
     pix_to_face = torch.where(hit, best & 0xFFFFFFFF, -1).view(batch, height, width)
