@@ -18,7 +18,7 @@ from utils.image_io import read_image_rgb, read_mask
 from utils.landmarks_csv import read_landmarks_csv
 from utils.occluders import AR_OCCLUDERS, CELEBA_OCCLUDERS, OCCLUDERS, TextureBank, draw_occluder
 from utils.runtime import cli_main
-from utils.synthetic_faces import SceneRanges, generate_dataset, main
+from utils.synthetic_faces import RENDER_DTYPE, SceneRanges, generate_dataset, main
 
 SIZE = 64
 NUM = 16
@@ -32,7 +32,8 @@ def textures() -> TextureBank:
 @pytest.fixture(scope="module")
 def renderer(demo_bfm_h5: Path) -> FaceRenderer:
     layout = CoeffLayout()
-    return FaceRenderer(FaceModel.from_h5(demo_bfm_h5, layout), CameraConfig.preset("g2").resized(SIZE), layout)
+    model = FaceModel.from_h5(demo_bfm_h5, layout)
+    return FaceRenderer(model, CameraConfig.preset("g2").resized(SIZE), layout).to(dtype=RENDER_DTYPE)
 
 
 @pytest.fixture(scope="module")
@@ -71,8 +72,14 @@ def test_same_seed_gives_identical_files(mixed_root: Path, demo_bfm_h5: Path, te
     assert first == second and len(first) == 2 * NUM + 6
     different = [str(p) for p in first if (mixed_root / p).read_bytes() != (again / p).read_bytes()]
     assert not different, f"files differ between two runs with the same seed: {different}"
+    prefix = tmp_path / "prefix"
+    generate_dataset(demo_bfm_h5, prefix, 3, seed=7, size=SIZE, batch=16, textures=textures)
+    for name in ("00000.png", "00002.png", "00002_visible_skin_mask.png"):
+        assert (prefix / "Dataset" / name).read_bytes() == (mixed_root / "Dataset" / name).read_bytes(), name
+    short, full = read_ground_truth(prefix)[1][2], read_ground_truth(mixed_root)[1][2]
+    assert {**short, "split": ""} == {**full, "split": ""}, "the first images of a larger run differ"
     other = tmp_path / "other_seed"
-    generate_dataset(demo_bfm_h5, other, 2, seed=8, size=SIZE, textures=textures)
+    generate_dataset(demo_bfm_h5, other, 1, seed=8, size=SIZE, textures=textures)
     assert (other / "Dataset/00000.png").read_bytes() != (mixed_root / "Dataset/00000.png").read_bytes()
 
 
@@ -94,7 +101,7 @@ def test_ground_truth_columns_follow_the_layout(mixed_root: Path) -> None:
 def test_masks_are_the_rendered_face_minus_occluders(mixed_root: Path, renderer: FaceRenderer) -> None:
     _, rows = read_ground_truth(mixed_root)
     with torch.no_grad():
-        coverage = renderer(coefficients(rows, renderer.layout)).mask[:, 0].numpy()
+        coverage = renderer(coefficients(rows, renderer.layout).to(RENDER_DTYPE)).mask[:, 0].float().numpy()
     visible = masks(mixed_root, rows)
     assert (visible <= coverage).all(), "a visible-face pixel lies outside the rendered face"
     for k, row in enumerate(rows):
@@ -112,7 +119,7 @@ def test_unoccluded_faces_have_the_rendered_region_as_mask(demo_bfm_h5: Path, te
     assert summary["categories"] == {"none": 6}
     _, rows = read_ground_truth(tmp_path)
     with torch.no_grad():
-        coverage = renderer(coefficients(rows, renderer.layout)).mask[:, 0].numpy()
+        coverage = renderer(coefficients(rows, renderer.layout).to(RENDER_DTYPE)).mask[:, 0].float().numpy()
     np.testing.assert_array_equal(masks(tmp_path, rows), coverage)
     assert all(float(row["occluded_fraction"]) == 0.0 for row in rows)
 
@@ -158,9 +165,9 @@ def test_ar_mode_uses_only_sunglasses_and_scarves(demo_bfm_h5: Path, textures: T
 @pytest.mark.parametrize("category", sorted(OCCLUDERS))
 def test_occluders_land_on_the_face(category: str, renderer: FaceRenderer, textures: TextureBank) -> None:
     with torch.no_grad():
-        out = renderer(renderer.layout.zeros(1))
+        out = renderer(renderer.layout.zeros(1, dtype=RENDER_DTYPE))
     face = out.mask[0, 0].numpy() > 0.5
-    landmarks = out.landmarks[0].numpy()
+    landmarks = out.landmarks[0].float().numpy()
     hits = 0
     for seed in range(4):
         layer = draw_occluder(category, landmarks, SIZE, np.random.default_rng(seed), textures)

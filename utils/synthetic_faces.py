@@ -22,7 +22,9 @@ Output (the original README's image-root layout, see `utils/image_root.py`)::
     IMAGE_ROOT/synthetic_config.json                      the settings and counts of the run
 
 The split is a seeded permutation (80/10/10, val and test get at least one image each from 3 images on).
-Output is deterministic for a seed: image i draws all its randomness from ``numpy.random.default_rng([seed, 1, i])``.
+Output is deterministic for a seed: image i draws all its randomness from ``numpy.random.default_rng([seed, 1, i])``
+and is rendered in float64, so it does not depend on --batch or --num either (the first n images of a larger run are
+the same files).
 
 Background and texture sources: procedural noise and gradients, and crops of the scikit-image sample images
 that ship with the wheel (loaded offline; any that are unavailable are skipped): astronaut (NASA, public domain),
@@ -66,6 +68,9 @@ OCCLUSION_MODES = ("mixed", "none", "ar", "celeba")
 SPLIT_SHARES = {"val": 0.1, "test": 0.1}
 MASK_SUFFIX = "_visible_skin_mask.png"
 REFERENCE_SIZE = 224
+RENDER_DTYPE = torch.float64
+"""Faces are rendered in float64 so that an image does not depend on the batch it was rendered in: in float32 the
+matrix products differ in the last bits with the batch composition (~1e-5 px), enough to flip a rounded digit."""
 _Y00 = 1.0 / math.sqrt(4.0 * math.pi)  # SH basis (0, 0)
 _Y1 = math.sqrt(3.0 / (4.0 * math.pi))  # |SH basis (1, m)| per normal component
 _OWN_FILE = re.compile(r"^\d{5,}(_visible_skin_mask)?\.png$")
@@ -271,9 +276,9 @@ def image_rng(seed: int, index: int) -> np.random.Generator:
 @torch.no_grad()
 def render_batch(renderer: FaceRenderer, coeffs: np.ndarray, device: torch.device
                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Render ``(B, total)`` coefficients -> RGB ``(B, S, S, 3)`` in [0, 1], coverage ``(B, S, S)``, landmarks
-    ``(B, 68, 2)`` pixels, all float32 numpy."""
-    out = renderer(torch.from_numpy(coeffs).to(device))
+    """Render ``(B, total)`` coefficients (in `RENDER_DTYPE`) -> RGB ``(B, S, S, 3)`` in [0, 1], coverage
+    ``(B, S, S)``, landmarks ``(B, 68, 2)`` pixels, all float32 numpy."""
+    out = renderer(torch.from_numpy(coeffs).to(device, RENDER_DTYPE))
     rgb = out.image.clamp(0.0, 1.0).permute(0, 2, 3, 1).float().cpu().numpy()
     return rgb, out.mask[:, 0].float().cpu().numpy(), out.landmarks.float().cpu().numpy()
 
@@ -390,7 +395,7 @@ def generate_dataset(bfm_path: str | Path, out: str | Path, num: int, seed: int 
     device = torch.device(device)
     layout = CoeffLayout()
     renderer = FaceRenderer(FaceModel.from_h5(bfm_path, layout), CameraConfig.preset("g2").resized(size),
-                            layout).to(device)
+                            layout).to(device, RENDER_DTYPE)
     textures = TextureBank.from_skimage() if textures is None else textures
     root = prepare_output(out, overwrite)
     records: list[SampleRecord] = []
