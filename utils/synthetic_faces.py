@@ -360,8 +360,8 @@ def prepare_output(out: str | Path, overwrite: bool) -> ImageRoot:
     if root.dataset_dir.is_dir():
         existing = [path for path in root.dataset_dir.iterdir() if _OWN_FILE.match(path.name)]
         if existing and not overwrite:
-            raise DataError(f"--out {root.root}: {root.dataset_dir} already holds {len(existing)} generated image(s); "
-                            "choose an empty folder or pass --overwrite")
+            raise DataError(f"--out {root.root}: {root.dataset_dir} already holds {len(existing)} generated "
+                            "image/mask file(s); choose an empty folder or pass --overwrite")
         for path in existing:
             path.unlink()
     root.dataset_dir.mkdir(parents=True, exist_ok=True)
