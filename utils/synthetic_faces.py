@@ -95,8 +95,8 @@ class SceneRanges:
     pitch_deg: float = 20.0
     yaw_deg: float = 40.0
     roll_deg: float = 15.0
-    trans_xy_mm: float = 15.0
-    trans_z_mm: float = 60.0
+    trans_xy_mm: float = 5.0
+    trans_z_mm: float = 15.0
     ambient: tuple[float, float] = (0.6, 1.0)
     tint: float = 0.08
     directional: tuple[float, float] = (0.1, 0.7)
