@@ -75,27 +75,31 @@ def _matrix(entries: list[torch.Tensor]) -> torch.Tensor:
 
 
 def to_camera(vertices: torch.Tensor, rotation: torch.Tensor, translation: torch.Tensor) -> torch.Tensor:
-    """`X_cam = R @ X + T` for model-frame vertices `(B, N, 3)`, `R (B, 3, 3)`, `T (B, 3)` mm -> `(B, N, 3)`."""
+    """`X_cam = R @ X + T` for model-frame vertices `(B, N, 3)`, `R (B, 3, 3)`, `T (B, 3)` mm -> `(B, N, 3)`.
+
+    The result is a view of `(3, B, N)` coordinate planes (see `models.shading`), computed as one batched
+    `(3, 3) @ (3, N)` product per element (a skinny `(N, 3) @ (3, 3)` product is many times slower on CPU).
+    """
     if vertices.ndim != 3 or vertices.shape[-1] != 3:
         raise ValueError(f"vertices must be (B, N, 3), got {tuple(vertices.shape)}")
     if rotation.shape != (vertices.shape[0], 3, 3) or translation.shape != (vertices.shape[0], 3):
         raise ValueError(f"rotation (B, 3, 3) / translation (B, 3) expected for B={vertices.shape[0]}, "
                          f"got {tuple(rotation.shape)} / {tuple(translation.shape)}")
-    return vertices @ rotation.transpose(1, 2) + translation[:, None, :]
+    rotated = torch.baddbmm(translation.unsqueeze(-1), rotation, vertices.transpose(1, 2))  # (B, 3, N)
+    return rotated.transpose(0, 1).contiguous().permute(1, 2, 0)
 
 
 def project(v_cam: torch.Tensor, cfg: CameraConfig) -> torch.Tensor:
     """Perspective projection of camera-frame vertices `(B, N, 3)` mm to screen vertices `(B, N, 3)`.
 
     Returns `(u, v, z)`: u = f X / Z + cx, v = f Y / Z + cy in pixels (origin top-left, y down, pixel centres at
-    integers), z = Z the camera depth in mm (unchanged, not guarded).
+    integers), z = Z the camera depth in mm (unchanged, not guarded); a view of `(3, B, N)` coordinate planes.
     """
     if v_cam.ndim != 3 or v_cam.shape[-1] != 3:
         raise ValueError(f"v_cam must be (B, N, 3), got {tuple(v_cam.shape)}")
-    x, y, z = v_cam.unbind(-1)
-    sign = torch.where(z < 0, -torch.ones_like(z), torch.ones_like(z))
-    z_safe = torch.where(z.abs() < MIN_DEPTH, sign * MIN_DEPTH, z)
-    cx, cy = cfg.principal_point
-    u = cfg.focal * x / z_safe + cx
-    v = cfg.focal * y / z_safe + cy
-    return torch.stack([u, v, z], dim=-1)
+    xy, z = v_cam.permute(2, 0, 1).split([2, 1])  # (2, B, N), (1, B, N)
+    guard = torch.where(z < 0, -MIN_DEPTH, MIN_DEPTH).to(z.dtype)
+    z_safe = torch.where(z.abs() < MIN_DEPTH, guard, z)
+    centre = cfg.principal_point[0]  # (c, c): the image is square
+    uv = torch.div(xy, z_safe).mul_(cfg.focal).add_(centre)
+    return torch.cat([uv, z]).permute(1, 2, 0)

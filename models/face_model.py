@@ -257,14 +257,14 @@ class FaceModel(nn.Module):
         _check_coeffs(exp, self.exp_basis, "exp")
         if shape.shape[0] != exp.shape[0]:
             raise ValueError(f"shape and exp batch sizes differ: {shape.shape[0]} vs {exp.shape[0]}")
-        offsets = shape @ self.shape_basis.t() + exp @ self.exp_basis.t()  # (B, 3N)
-        return self.mean_shape + offsets.view(shape.shape[0], self.n_vertices, 3)
+        flat = torch.addmm(self.mean_shape.view(1, -1), shape, self.shape_basis.t())  # (B, 3N), mean added in
+        return torch.addmm(flat, exp, self.exp_basis.t()).view(shape.shape[0], self.n_vertices, 3)
 
     def albedo(self, tex: torch.Tensor) -> torch.Tensor:
         """Per-vertex albedo `(B, N, 3)` RGB (roughly [0, 1], not clamped) from texture coeffs `(B, n_tex)`."""
         _check_coeffs(tex, self.tex_basis, "tex")
-        offsets = tex @ self.tex_basis.t()  # (B, 3N)
-        return self.mean_albedo + offsets.view(tex.shape[0], self.n_vertices, 3)
+        flat = torch.addmm(self.mean_albedo.view(1, -1), tex, self.tex_basis.t())  # (B, 3N)
+        return flat.view(tex.shape[0], self.n_vertices, 3)
 
     def config(self) -> dict:
         """Path-independent identity of this model, stored in checkpoints to detect a different face model."""

@@ -22,6 +22,8 @@ class RenderOutput:
     albedo: `(B, N, 3)` RGB (unclamped). image: `(B, 3, S, S)` render, 0 on background (unclamped).
     mask: `(B, 1, S, S)` 1 where the face is rasterized (detached). landmarks: `(B, 68, 2)` pixels.
     fragments: the rasterizer output.
+    The per-vertex `(B, N, 3)` fields are views of `(3, B, N)` coordinate/channel planes (see `models.shading`):
+    use `.reshape`, not `.view`, to flatten them.
     """
 
     coeffs: torch.Tensor
@@ -68,5 +70,10 @@ class FaceRenderer(nn.Module):
         fragments = rasterize(screen, model.faces, (self.image_size, self.image_size))
         image = interpolate(colors, fragments, model.faces)  # (B, 3, S, S), 0 on background
         return RenderOutput(coeffs=coeffs, vertices=vertices, screen=screen, colors=colors, albedo=albedo,
-                            image=image, mask=fragments.mask, landmarks=screen[:, model.landmark_idx, :2],
+                            image=image, mask=fragments.mask, landmarks=_landmarks(screen, model.landmark_idx),
                             fragments=fragments)
+
+
+def _landmarks(screen: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """`(B, L, 2)` pixel positions of vertices `idx (L,)`, gathered from the u, v planes of `screen (B, N, 3)`."""
+    return screen.permute(2, 0, 1)[:2].index_select(2, idx).permute(1, 2, 0)

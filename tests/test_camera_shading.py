@@ -142,6 +142,45 @@ def test_sphere_normals_are_radial_repeatable_and_batched():
     assert_close(batched[1], vertex_normals(other, f)[0], msg="batch element 1")
 
 
+def _reference_normals(verts: torch.Tensor, faces: torch.Tensor) -> torch.Tensor:
+    """The straightforward formula, differentiated by autograd: cross products, index_add, renormalise."""
+    v0, v1, v2 = (verts[:, faces[:, k]] for k in range(3))
+    face_normals = torch.cross(v1 - v0, v2 - v0, dim=-1)
+    summed = torch.zeros_like(verts)
+    for k in range(3):
+        summed = summed.index_add(1, faces[:, k], face_normals)
+    return summed * torch.rsqrt((summed * summed).sum(-1, keepdim=True) + 1e-12)
+
+
+def _bumpy_sphere() -> tuple[torch.Tensor, torch.Tensor]:
+    """A float64 batch of 2 perturbed 4 x 5 sphere patches plus one isolated vertex (index 20)."""
+    verts, faces = sphere_grid(np.linspace(-40, 40, 4), np.linspace(-50, 50, 5), 10.0)
+    gen = torch.Generator().manual_seed(1)
+    base = torch.tensor(np.vstack([verts, [[30.0, 0.0, 0.0]]]))
+    batch = torch.stack([base, base * torch.tensor([1.0, 1.5, 0.7], dtype=torch.float64)])
+    return batch + 0.5 * torch.randn(batch.shape, generator=gen, dtype=torch.float64), torch.from_numpy(faces)
+
+
+def test_normals_and_their_gradients_match_the_straightforward_formula():
+    verts, faces = _bumpy_sphere()
+    ours_in, ref_in = verts.clone().requires_grad_(), verts.clone().requires_grad_()
+    ours, ref = vertex_normals(ours_in, faces), _reference_normals(ref_in, faces)
+    assert_close(ours, ref, atol=1e-12, msg="normals")
+    upstream = torch.randn(verts.shape, dtype=torch.float64)
+    (ours * upstream).sum().backward()
+    (ref * upstream).sum().backward()
+    assert_close(ours_in.grad, ref_in.grad, atol=1e-10, msg="d loss / d vertices vs autograd")
+    assert bool(ours_in.grad[:, :20].abs().sum(-1).gt(0).all()), "every mesh vertex receives a gradient"
+    assert torch.count_nonzero(ours_in.grad[:, 20]) == 0, "the isolated vertex receives none"
+    assert torch.autograd.gradcheck(lambda v: vertex_normals(v, faces), (verts.clone().requires_grad_(),))
+
+
+def test_normals_accept_any_memory_layout():
+    verts, faces = _bumpy_sphere()
+    planar = verts.permute(2, 0, 1).contiguous().permute(1, 2, 0)  # (B, N, 3) view of coordinate planes
+    assert_close(vertex_normals(planar, faces), vertex_normals(verts, faces), atol=0, rtol=0, msg="layout")
+
+
 # ----- spherical harmonics --------------------------------------------------------------------------------------
 
 def _fibonacci_sphere(n: int) -> torch.Tensor:
@@ -182,6 +221,23 @@ def test_dc_only_light_scales_albedo():
     const = torch.tensor([1.5, 0.5, 2.0])
     sh[:, [0, 9, 18]] = const * math.sqrt(4 * math.pi)  # Y_00 = 1 / sqrt(4 pi)
     assert_close(shade(albedo, normals, sh), albedo * const, atol=1e-5, msg="DC-only shading")
+
+
+def test_shade_matches_the_sh_basis_formula_with_gradients():
+    gen = torch.Generator().manual_seed(2)
+    normals = torch.nn.functional.normalize(torch.randn(3, 40, 3, generator=gen, dtype=torch.float64), dim=-1)
+    albedo = torch.rand(3, 40, 3, generator=gen, dtype=torch.float64)
+    sh = torch.randn(3, 27, generator=gen, dtype=torch.float64)
+    ours_in = [t.clone().requires_grad_() for t in (albedo, normals, sh)]
+    ref_in = [t.clone().requires_grad_() for t in (albedo, normals, sh)]
+    ours = shade(*ours_in)
+    ref = ref_in[0] * torch.einsum("bnk,bck->bnc", sh_basis(ref_in[1]), ref_in[2].view(3, 3, 9))
+    assert_close(ours, ref, atol=1e-12, msg="colours")
+    upstream = torch.randn(ours.shape, generator=gen, dtype=torch.float64)
+    (ours * upstream).sum().backward()
+    (ref * upstream).sum().backward()
+    for name, a, b in zip(("albedo", "normals", "sh"), ours_in, ref_in):
+        assert_close(a.grad, b.grad, atol=1e-10, msg=f"d loss / d {name}")
 
 
 def test_shade_uses_index_9c_plus_k():
