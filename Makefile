@@ -10,12 +10,20 @@ venv: $(STAMP)
 
 $(STAMP): requirements.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -r requirements.txt
 	touch $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests
 
+# The whole method on the synthetic default: demo face model, synthetic data, Steps 1-4, mask metrics.
+# Demo-sized settings (ResNet-18, small images, a narrow UNet, a few hundred steps per step, Adam) are listed
+# in utils/demo_pipeline.py; outputs go to demo_output/ and demo_data/.
+demo: $(STAMP)
+	$(PY) -m utils.demo_pipeline
+
 bench: $(STAMP)
 	$(PY) benchmarks/rasterizer.py
+
+clean-demo:
+	rm -rf demo_output demo_data

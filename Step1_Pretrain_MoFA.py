@@ -21,9 +21,8 @@ from utils.builders import build_mofa, model_spec
 from utils.datasets import FaceDataset, collate_faces
 from utils.monitor import RunMonitor
 from utils.objectives import LossSetup, step1_terms
-from utils.run import add_training_args, conclude, due, make_optimizer, start_run
-from utils.training import (NonFiniteGuard, RunningMean, StopFlag, iterate_steps, make_eval_loader, make_train_loader,
-                            total_steps, validate)
+from utils.run import LoopHooks, add_training_args, make_optimizer, start_run, train_loop
+from utils.training import make_eval_loader, make_train_loader, total_steps, validate
 from utils.visuals import composite
 
 log = logging.getLogger("step1")
@@ -72,7 +71,6 @@ def train(args) -> int:
     end = total_steps(args.max_iters, args.epochs, sampler.batches_per_epoch)
     columns = ["total", "photo", "landmark", "reg", "identity"]
     monitor = RunMonitor(run.out_dir, columns, start, end, run.is_main, desc="step1")
-    guard, running = NonFiniteGuard(), RunningMean()
 
     def objective(batch, net):
         images, lms = batch["image"].to(device), batch["landmarks"].to(device)
@@ -82,37 +80,21 @@ def train(args) -> int:
         terms, inliers = step1_terms(out, images, lms, setup, identity)
         return losses.weighted_sum(terms, weights), terms, (images, out, inliers)
 
-    step = start
-    with StopFlag() as stop:
-        for step, batch in iterate_steps(loader, sampler, start, end):
-            mofa.encoder.train()
-            loss, terms, _ = objective(batch, encoder)
-            opt.zero_grad(set_to_none=True)
-            if guard.ok(loss, step):
-                loss.backward()
-                opt.step()
-            sched.step()
-            step += 1
-            running.add({"total": loss, **terms})
-            monitor.advance(float(loss.detach()))
-            if due(step, args.log_every, end):
-                monitor.scalars(step, {**running.mean(), "lr": sched.get_last_lr()[0]})
-                running.reset()
-            if run.is_main and due(step, args.vis_every, end):
-                with torch.no_grad():
-                    mofa.encoder.eval()
-                    _, _, (images, out, inliers) = objective(vis_batch, mofa.encoder)
-                monitor.images(step, {"input": images, "composite": composite(images, out.image, out.mask),
-                                      "inlier_mask": inliers})
-            if run.is_main and due(step, args.eval_every, end):
-                mofa.encoder.eval()
-                monitor.scalars(step, validate(lambda b: objective(b, mofa.encoder)[:2], val_loader,
-                                               args.val_batches), split="val")
-            if step % args.ckpt_every == 0 or stop.requested:
-                run.save(step, *state, spec)
-            if stop.requested:
-                break
-    return conclude(run, step, end, stop.requested, state, spec, monitor)
+    def forward(step, batch):
+        mofa.encoder.train()
+        loss, terms, _ = objective(batch, encoder)
+        return loss, terms, ["encoder"]
+
+    def visualise():
+        mofa.encoder.eval()
+        _, _, (images, out, inliers) = objective(vis_batch, mofa.encoder)
+        return {"input": images, "composite": composite(images, out.image, out.mask), "inlier_mask": inliers}
+
+    def evaluate():
+        mofa.encoder.eval()
+        return validate(lambda b: objective(b, mofa.encoder)[:2], val_loader, args.val_batches)
+
+    return train_loop(run, loader, sampler, start, end, LoopHooks(forward, visualise, evaluate), state, spec, monitor)
 
 
 def main(argv=None) -> int:

@@ -17,9 +17,8 @@ import torch
 from utils import losses, runtime
 from utils.builders import build_unet, step_dir
 from utils.monitor import RunMonitor
-from utils.run import add_training_args, conclude, due, make_optimizer, start_run
-from utils.training import (NonFiniteGuard, RunningMean, StopFlag, CollapseAlarm, iterate_steps, make_eval_loader,
-                            make_train_loader, total_steps, validate)
+from utils.run import LoopHooks, add_training_args, make_optimizer, start_run, train_loop
+from utils.training import CollapseAlarm, make_eval_loader, make_train_loader, total_steps, validate
 from utils.unet_trainset import UNetTrainset
 
 log = logging.getLogger("step3")
@@ -54,7 +53,7 @@ def train(args) -> int:
     start = run.resume(*state)
     end = total_steps(args.max_iters, args.epochs, sampler.batches_per_epoch)
     monitor = RunMonitor(run.out_dir, ["bce", "mask_in_face"], start, end, run.is_main, desc="step3")
-    guard, running, alarm = NonFiniteGuard(), RunningMean(), CollapseAlarm()
+    alarm = CollapseAlarm()
 
     def objective(batch, model):
         inputs, target = batch["input"].to(device), batch["target"].to(device)
@@ -62,42 +61,27 @@ def train(args) -> int:
             logits = model(inputs).float()
         face = (inputs[:, :3].sum(1, keepdim=True) > 0).float()  # the render is black off the face
         in_face = (torch.sigmoid(logits) * face).sum() / face.sum().clamp(min=1)
-        return losses.unet_bce_loss(logits, target), {"bce": losses.unet_bce_loss(logits, target).detach(),
-                                                      "mask_in_face": in_face.detach()}, logits
+        loss = losses.unet_bce_loss(logits, target)
+        return loss, {"bce": loss.detach(), "mask_in_face": in_face.detach()}, logits
 
-    step = start
-    with StopFlag() as stop:
-        for step, batch in iterate_steps(loader, sampler, start, end):
-            unet.train()
-            loss, terms, _ = objective(batch, net)
-            opt.zero_grad(set_to_none=True)
-            if guard.ok(loss, step):
-                loss.backward()
-                opt.step()
-            sched.step()
-            step += 1
-            running.add(terms)
-            monitor.advance(float(loss.detach()))
-            if due(step, args.log_every, end):
-                monitor.scalars(step, {**running.mean(), "lr": sched.get_last_lr()[0]})
-                running.reset()
-            if run.is_main and due(step, args.vis_every, end):
-                unet.eval()
-                with torch.no_grad():
-                    logits = objective(vis_batch, unet)[2]
-                monitor.images(step, {"unet_input_render": vis_batch["input"][:, :3],
-                                      "unet_input_image": vis_batch["input"][:, 3:],
-                                      "target": vis_batch["target"], "unet_mask": torch.sigmoid(logits)})
-            if run.is_main and due(step, args.eval_every, end):
-                unet.eval()
-                val = validate(lambda b: objective(b, unet)[:2], val_loader, args.val_batches)
-                monitor.scalars(step, val, split="val")
-                alarm.update(val["mask_in_face"], step)
-            if step % args.ckpt_every == 0 or stop.requested:
-                run.save(step, *state, spec)
-            if stop.requested:
-                break
-    return conclude(run, step, end, stop.requested, state, spec, monitor)
+    def forward(step, batch):
+        unet.train()
+        loss, terms, _ = objective(batch, net)
+        return loss, terms, ["unet"]
+
+    def visualise():
+        unet.eval()
+        logits = objective(vis_batch, unet)[2]
+        return {"unet_input_render": vis_batch["input"][:, :3], "unet_input_image": vis_batch["input"][:, 3:],
+                "target": vis_batch["target"], "unet_mask": torch.sigmoid(logits)}
+
+    def evaluate():
+        unet.eval()
+        val = validate(lambda b: objective(b, unet)[:2], val_loader, args.val_batches)
+        alarm.update(val["mask_in_face"], sched.last_epoch)
+        return val
+
+    return train_loop(run, loader, sampler, start, end, LoopHooks(forward, visualise, evaluate), state, spec, monitor)
 
 
 def main(argv=None) -> int:

@@ -24,9 +24,8 @@ from utils.checkpoint import load_checkpoint
 from utils.datasets import FaceDataset, collate_faces
 from utils.monitor import RunMonitor
 from utils.objectives import LossSetup, step4_mofa_terms, step4_unet_terms, unet_mask
-from utils.run import add_training_args, conclude, due, make_optimizer, start_run
-from utils.training import (CollapseAlarm, NonFiniteGuard, RunningMean, StopFlag, iterate_steps, make_eval_loader,
-                            make_train_loader, total_steps, validate)
+from utils.run import LoopHooks, add_training_args, make_optimizer, start_run, train_loop
+from utils.training import CollapseAlarm, make_eval_loader, make_train_loader, total_steps, validate
 from utils.visuals import composite, residual
 
 log = logging.getLogger("step4")
@@ -102,11 +101,11 @@ def train(args) -> int:
     sched_mofa = torch.optim.lr_scheduler.StepLR(opt_mofa, step_size=5000, gamma=0.99)
     sched_unet = torch.optim.lr_scheduler.StepLR(opt_unet, step_size=5000, gamma=0.95)
     state = ({"encoder": mofa.encoder, "unet": unet}, {"encoder": opt_mofa, "unet": opt_unet},
-             {"encoder": sched_mofa, "unet": sched_unet})
+             {"mofa": sched_mofa, "unet": sched_unet})
     start = run.resume(*state)
     end = total_steps(args.max_iters, args.epochs, sampler.batches_per_epoch)
     monitor = RunMonitor(run.out_dir, COLUMNS, start, end, run.is_main, desc="step4")
-    guard, running, alarm = NonFiniteGuard(), RunningMean(), CollapseAlarm()
+    alarm = CollapseAlarm()
 
     def objective(batch, phase, enc, seg):
         """Forward one batch; ``phase`` picks the loss: 'unet' or 'mofa'."""
@@ -125,53 +124,36 @@ def train(args) -> int:
         terms["mask_in_face"] = (U * out.mask).sum().detach() / out.mask.sum().clamp(min=1)
         return total, terms, (images, out, U)
 
-    def evaluate(batch):
+    def forward(step, batch):
+        phase = "mofa" if step % args.em_cycle > args.unet_iters else "unet"
+        mofa.encoder.train(phase == "mofa")
+        unet.train(phase == "unet")
+        if phase == "unet":  # gradients of the encoder are not needed: it runs without them
+            loss, terms, _ = objective(batch, phase, mofa.encoder, unet_ddp)
+            return loss, terms, ["unet"]
+        loss, terms, _ = objective(batch, phase, encoder, unet)  # reaches the encoder through the UNet too
+        return loss, terms, ["encoder"]
+
+    def visualise():
+        mofa.encoder.eval()
+        unet.eval()
+        images, out, U = objective(vis_batch, "unet", mofa.encoder, unet)[2]
+        return {"input": images, "composite": composite(images, out.image, out.mask), "unet_mask": U * out.mask,
+                "residual": residual(images, out.image, out.mask)}
+
+    def both_phases(batch):
         t_unet, terms_unet, _ = objective(batch, "unet", mofa.encoder, unet)
         t_mofa, terms_mofa, _ = objective(batch, "mofa", mofa.encoder, unet)
         return t_unet + t_mofa, {**terms_unet, **terms_mofa, "total_unet": t_unet, "total_mofa": t_mofa}
 
-    step = start
-    with StopFlag() as stop:
-        for step, batch in iterate_steps(loader, sampler, start, end):
-            phase = "mofa" if step % args.em_cycle > args.unet_iters else "unet"
-            mofa.encoder.train(phase == "mofa")
-            unet.train(phase == "unet")
-            if phase == "unet":
-                loss, terms, _ = objective(batch, phase, mofa.encoder, unet_ddp)
-            else:
-                loss, terms, _ = objective(batch, phase, encoder, unet)
-            opt_mofa.zero_grad(set_to_none=True)
-            opt_unet.zero_grad(set_to_none=True)
-            if guard.ok(loss, step):
-                loss.backward()
-                (opt_mofa if phase == "mofa" else opt_unet).step()
-            sched_mofa.step()
-            sched_unet.step()
-            step += 1
-            running.add({"total": loss, **terms})
-            monitor.advance(float(loss.detach()))
-            if due(step, args.log_every, end):
-                monitor.scalars(step, {**running.mean(), "lr_mofa": sched_mofa.get_last_lr()[0],
-                                       "lr_unet": sched_unet.get_last_lr()[0]})
-                running.reset()
-            if run.is_main and due(step, args.vis_every, end):
-                mofa.encoder.eval()
-                unet.eval()
-                with torch.no_grad():
-                    images, out, U = objective(vis_batch, "unet", mofa.encoder, unet)[2]
-                monitor.images(step, {"input": images, "composite": composite(images, out.image, out.mask),
-                                      "unet_mask": U * out.mask, "residual": residual(images, out.image, out.mask)})
-            if run.is_main and due(step, args.eval_every, end):
-                mofa.encoder.eval()
-                unet.eval()
-                val = validate(evaluate, val_loader, args.val_batches)
-                monitor.scalars(step, val, split="val")
-                alarm.update(val["mask_in_face"], step)
-            if step % args.ckpt_every == 0 or stop.requested:
-                run.save(step, *state, spec)
-            if stop.requested:
-                break
-    return conclude(run, step, end, stop.requested, state, spec, monitor)
+    def evaluate():
+        mofa.encoder.eval()
+        unet.eval()
+        val = validate(both_phases, val_loader, args.val_batches)
+        alarm.update(val["mask_in_face"], sched_unet.last_epoch)
+        return val
+
+    return train_loop(run, loader, sampler, start, end, LoopHooks(forward, visualise, evaluate), state, spec, monitor)
 
 
 def main(argv=None) -> int:

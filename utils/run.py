@@ -9,6 +9,7 @@ import argparse
 import json
 import logging
 from dataclasses import dataclass
+from typing import Callable
 from pathlib import Path
 
 import torch
@@ -17,6 +18,7 @@ from torch.nn.parallel import DistributedDataParallel
 from utils import runtime
 from utils.builders import mark_final, step_dir
 from utils.checkpoint import find_latest, load_checkpoint, restore_training_state, save_training_state
+from utils.training import NonFiniteGuard, RunningMean, StopFlag, iterate_steps
 
 log = logging.getLogger(__name__)
 
@@ -125,6 +127,56 @@ def conclude(run: Run, step: int, end: int, interrupted: bool, state: tuple, spe
         log.info("done: %s", mark_final(run.out_dir))
     finish_run(run)
     return 0
+
+
+@dataclass
+class LoopHooks:
+    """What differs between the training steps; ``train_loop`` does the rest.
+
+    forward(step, batch) -> (loss, terms, names): sets train/eval modes, returns the loss, its named terms and the
+    names (keys of the optimizer dict) of the optimizers to step. visualise() -> name -> (B,C,H,W) images in [0,1].
+    validate() -> name -> float, the means over the validation split.
+    """
+
+    forward: Callable
+    visualise: Callable
+    validate: Callable
+
+
+def train_loop(run: Run, loader, sampler, start: int, end: int, hooks: LoopHooks, state: tuple, spec: dict,
+               monitor) -> int:
+    """The loop every training step shares: optimise, log, show, validate, checkpoint, stop cleanly on Ctrl-C."""
+    args, (_, optimizers, schedulers) = run.args, state
+    guard, running = NonFiniteGuard(), RunningMean()
+    step = start
+    with StopFlag() as stop:
+        for step, batch in iterate_steps(loader, sampler, start, end):
+            loss, terms, names = hooks.forward(step, batch)
+            for opt in optimizers.values():
+                opt.zero_grad(set_to_none=True)
+            if guard.ok(loss, step):
+                loss.backward()
+                for name in names:
+                    optimizers[name].step()
+            for sched in schedulers.values():
+                sched.step()
+            step += 1
+            running.add({"total": loss, **terms})
+            monitor.advance(float(loss.detach()))
+            if due(step, args.log_every, end):
+                lrs = {f"lr_{name}": sched.get_last_lr()[0] for name, sched in schedulers.items()}
+                monitor.scalars(step, {**running.mean(), **lrs})
+                running.reset()
+            if run.is_main and due(step, args.vis_every, end):
+                with torch.no_grad():
+                    monitor.images(step, hooks.visualise())
+            if run.is_main and due(step, args.eval_every, end):
+                monitor.scalars(step, hooks.validate(), split="val")
+            if step % args.ckpt_every == 0 or stop.requested:
+                run.save(step, *state, spec)
+            if stop.requested:
+                break
+    return conclude(run, step, end, stop.requested, state, spec, monitor)
 
 
 def due(step: int, every: int, end: int) -> bool:

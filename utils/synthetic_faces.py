@@ -97,9 +97,9 @@ class SceneRanges:
     roll_deg: float = 15.0
     trans_xy_mm: float = 5.0
     trans_z_mm: float = 15.0
-    ambient: tuple[float, float] = (0.6, 1.0)
-    tint: float = 0.08
-    directional: tuple[float, float] = (0.1, 0.7)
+    ambient: tuple[float, float] = (0.8, 1.1)
+    tint: float = 0.06
+    directional: tuple[float, float] = (0.0, 0.5)
     band2: float = 0.06
     unoccluded_share: float = 0.2
     landmark_noise_px: float = 1.25
