@@ -32,7 +32,7 @@ DEMO = {
               "--lr_step", "700", "--lr_gamma", "0.5"],
     "step3": ["--max_iters", "300", "--batch_size", "16", "--optimizer", "adam", "--learning_rate", "1e-3"],
     "step4": ["--max_iters", "300", "--batch_size", "16", "--em_cycle", "200", "--unet_iters", "100",
-              "--optimizer", "adam", "--lr_mofa", "2e-4", "--lr_unet", "5e-4"],
+              "--optimizer", "adam", "--lr_mofa", "2e-4", "--lr_unet", "1e-4"],
 }
 QUICK = {**DEMO, "num_images": 60, "image_size": 32,
          "step1": ["--max_iters", "4", "--batch_size", "8", "--optimizer", "adam", "--learning_rate", "1e-3"],
