@@ -19,7 +19,7 @@ from tqdm import tqdm
 from models.face_model import FaceModel
 from models.layout import CoeffLayout
 from utils import losses, runtime
-from utils.builders import build_mofa, load_spec_checkpoint, load_weights, previous_checkpoint
+from utils.builders import load_mofa, previous_checkpoint
 from utils.datasets import FaceDataset, collate_faces
 from utils.run import finish_run, start_run
 from utils.unet_trainset import stem_for, write_list, write_sample
@@ -56,9 +56,7 @@ def generate(args) -> int:
     run = start_run(args, step=2)
     face_model = FaceModel.from_h5(args.bfm, CoeffLayout()).to(run.device)
     ckpt = previous_checkpoint(args.mofa_checkpoint, args.save_root, step=1)
-    payload, spec = load_spec_checkpoint(ckpt, face_model, run.device)
-    mofa = build_mofa(spec, face_model).to(run.device).eval()
-    load_weights(mofa.encoder, payload, "encoder", ckpt)
+    mofa, _, spec = load_mofa(ckpt, face_model, run.device)
     for split in [s.strip() for s in args.splits.split(",") if s.strip()]:
         dataset = FaceDataset(args.img_path, split, spec["image_size"], test_mode=True)
         rows = write_split(mofa, dataset, run, args, run.out_dir if run.is_main else _ensure(run.out_dir))

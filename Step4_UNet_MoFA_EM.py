@@ -19,7 +19,7 @@ from models.arcface import load_identity_encoder
 from models.face_model import FaceModel
 from models.layout import CoeffLayout
 from utils import losses, runtime
-from utils.builders import build_mofa, build_unet, load_spec_checkpoint, load_weights, previous_checkpoint
+from utils.builders import load_mofa, load_unet, previous_checkpoint
 from utils.checkpoint import load_checkpoint
 from utils.datasets import FaceDataset, collate_faces
 from utils.monitor import RunMonitor
@@ -62,14 +62,11 @@ def build(args, run):
     """Step 1's MoFA and Step 3's UNet, restored from their final checkpoints."""
     face_model = FaceModel.from_h5(args.bfm, CoeffLayout()).to(run.device)
     mofa_ckpt = previous_checkpoint(args.mofa_checkpoint, args.save_root, step=1)
-    payload, spec = load_spec_checkpoint(mofa_ckpt, face_model, run.device)
-    mofa = build_mofa(spec, face_model).to(run.device)
-    load_weights(mofa.encoder, payload, "encoder", mofa_ckpt)
+    mofa, payload, spec = load_mofa(mofa_ckpt, face_model, run.device)
     unet_ckpt = previous_checkpoint(args.unet_checkpoint, args.save_root, step=3)
     unet_payload = load_checkpoint(unet_ckpt, map_location=run.device)
     spec = {**spec, "unet_width": unet_payload["extra"]["model"]["unet_width"]}
-    unet = build_unet(spec).to(run.device)
-    load_weights(unet, unet_payload, "unet", unet_ckpt)
+    unet = load_unet(unet_payload, spec["unet_width"], unet_ckpt, run.device)
     return mofa, unet, spec, int(payload["step"])
 
 

@@ -34,22 +34,23 @@ class ResNetEncoder(nn.Module):
     Input `(B, 3, H, W)` RGB in [0, 1] (no ImageNet normalisation, as the original); output `(B, layout.total)`
     post-scaled coefficients (all zeros at initialisation: mean face, default pose and light).
     `weights_path`: a local torchvision ImageNet state dict for the backbone (its `fc.*` entries are ignored);
-    nothing is ever downloaded.
+    nothing is ever downloaded. `announce_random_init=False` silences the random-init log line for callers that
+    load trained weights right after construction (rebuilding from a checkpoint).
     """
 
     def __init__(self, layout: CoeffLayout = CoeffLayout(), arch: str = "resnet50",
-                 weights_path: str | Path | None = None) -> None:
+                 weights_path: str | Path | None = None, announce_random_init: bool = True) -> None:
         super().__init__()
         if arch not in ARCHS:
             raise ValueError(f"unknown encoder arch {arch!r}; expected one of {ARCHS}")
         self.layout = layout
         self.arch = arch
         self.backbone = getattr(torchvision.models, arch)(weights=None)
-        if weights_path is None:
+        if weights_path is not None:
+            _load_backbone(self.backbone, Path(weights_path), arch)
+        elif announce_random_init:
             logger.info("ResNetEncoder(%s): no weights_path given, backbone randomly initialised "
                         "(the original started from ImageNet weights)", arch)
-        else:
-            _load_backbone(self.backbone, Path(weights_path), arch)
         head = nn.Linear(self.backbone.fc.in_features, layout.total)
         nn.init.zeros_(head.weight)
         nn.init.zeros_(head.bias)

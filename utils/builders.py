@@ -45,8 +45,11 @@ def build_renderer(spec: dict, face_model: FaceModel) -> FaceRenderer:
     return FaceRenderer(face_model, camera, CoeffLayout(**spec["layout"]))
 
 
-def build_mofa(spec: dict, face_model: FaceModel, encoder_weights: str | None = None) -> MoFA:
-    encoder = ResNetEncoder(CoeffLayout(**spec["layout"]), arch=spec["encoder"], weights_path=encoder_weights)
+def build_mofa(spec: dict, face_model: FaceModel, encoder_weights: str | None = None,
+               restoring: bool = False) -> MoFA:
+    """A fresh MoFA; ``restoring=True`` when trained weights are loaded next (no random-init log line)."""
+    encoder = ResNetEncoder(CoeffLayout(**spec["layout"]), arch=spec["encoder"], weights_path=encoder_weights,
+                            announce_random_init=not restoring)
     return MoFA(encoder, build_renderer(spec, face_model))
 
 
@@ -90,6 +93,21 @@ def load_weights(module: torch.nn.Module, payload: dict, name: str, path: Path) 
         load_model_state(module, state, name)
     except CheckpointError as exc:
         raise CheckpointError(f"{path}: {exc}") from None
+
+
+def load_mofa(path: Path, face_model: FaceModel, device: torch.device) -> tuple[MoFA, dict, dict]:
+    """MoFA (eval) with the checkpoint's "encoder" weights; returns (mofa, payload, spec). Checks the face model."""
+    payload, spec = load_spec_checkpoint(path, face_model, device)
+    mofa = build_mofa(spec, face_model, restoring=True).to(device).eval()
+    load_weights(mofa.encoder, payload, "encoder", path)
+    return mofa, payload, spec
+
+
+def load_unet(payload: dict, width: int, path: Path, device: torch.device) -> UNet:
+    """UNet (eval) of base width ``width`` with the checkpoint's "unet" weights."""
+    unet = build_unet({"unet_width": int(width)}).to(device).eval()
+    load_weights(unet, payload, "unet", path)
+    return unet
 
 
 def mark_final(out_dir: Path) -> Path:

@@ -34,7 +34,7 @@ from models.mofa import MoFA
 from models.unet import UNet
 from utils import losses
 from utils.ar_gt import ar_category
-from utils.builders import build_mofa, build_unet, load_spec_checkpoint, load_weights, previous_checkpoint
+from utils.builders import load_mofa, load_unet, previous_checkpoint  # noqa: F401  (re-exported for reconstruct.py)
 from utils.checkpoint import CheckpointError, load_checkpoint
 from utils.datasets import FaceDataset, collate_faces
 from utils.errors import DataError
@@ -57,21 +57,6 @@ N_LANDMARKS = 68
 
 
 # ----- models ---------------------------------------------------------------------------------------------------
-
-def load_mofa(path: Path, face_model: FaceModel, device: torch.device) -> tuple[MoFA, dict, dict]:
-    """MoFA (eval) with the checkpoint's "encoder" weights; returns (mofa, payload, spec). Checks the face model."""
-    payload, spec = load_spec_checkpoint(path, face_model, device)
-    mofa = build_mofa(spec, face_model).to(device).eval()
-    load_weights(mofa.encoder, payload, "encoder", path)
-    return mofa, payload, spec
-
-
-def load_unet(payload: dict, width: int, path: Path, device: torch.device) -> UNet:
-    """UNet (eval) of base width ``width`` with the checkpoint's "unet" weights."""
-    unet = build_unet({"unet_width": int(width)}).to(device).eval()
-    load_weights(unet, payload, "unet", path)
-    return unet
-
 
 def load_stage(stage: str, save_root: str | Path, bfm: str | Path | FaceModel, device: torch.device,
                checkpoint: str | Path | None = None) -> tuple[MoFA, UNet | None, dict]:

@@ -64,10 +64,6 @@ class RunMonitor:
                 (self.out_dir / "vis").mkdir(parents=True, exist_ok=True)
                 save_image(grid, str(self.out_dir / "vis" / f"{name}_{step:06d}.png"))
 
-    def message(self, text: str) -> None:
-        if self.enabled:
-            tqdm.write(text)
-
     def close(self) -> None:
         if self.enabled:
             self.bar.close()
