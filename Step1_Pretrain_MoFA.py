@@ -16,29 +16,31 @@ import torch
 from models.arcface import load_identity_encoder
 from models.face_model import FaceModel
 from models.layout import CoeffLayout
-from utils import losses, runtime
-from utils.builders import build_mofa, model_spec
-from utils.datasets import FaceDataset, collate_faces
-from utils.monitor import RunMonitor
-from utils.objectives import LossSetup, step1_terms
-from utils.run import LoopHooks, add_training_args, make_optimizer, start_run, train_loop
-from utils.training import make_eval_loader, make_train_loader, total_steps, validate
-from utils.visuals import composite
+from utils import cli, losses
+from utils.data.datasets import FaceDataset, collate_faces
+from utils.evaluation.visuals import composite
+from utils.training import flags
+from utils.training.builders import build_mofa, model_spec
+from utils.training.data_order import make_eval_loader, make_train_loader, total_steps
+from utils.training.loop import LoopHooks, train_loop, validate
+from utils.training.monitor import RunMonitor
+from utils.training.objectives import LossSetup, step1_terms
+from utils.training.run import make_optimizer, start_run
 
 log = logging.getLogger("step1")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    runtime.add_common_args(p)
-    add_training_args(p, lr=0.1, epochs=100, batch_size=12, ckpt_every=5000, vis_every=500, eval_every=5000)
+    flags.add_common_args(p)
+    flags.add_training_args(p, lr=0.1, epochs=100, batch_size=12, ckpt_every=5000, vis_every=500, eval_every=5000)
     p.add_argument("--encoder_weights", default=None, help="local torchvision ImageNet weights for the encoder")
     p.add_argument("--arcface_weights", default=None, help="local ArcFace iresnet-50 backbone.pth (identity loss)")
     p.add_argument("--camera", choices=("g2", "g1"), default="g2", help="camera defaults (G2: f=1014.72, G1: f=250)")
     p.add_argument("--loss_preset", choices=("g2", "g1"), default="g2", help="loss weights of the G2 or G1 code")
     p.add_argument("--lr_step", type=int, default=5000, help="StepLR period in steps")
     p.add_argument("--lr_gamma", type=float, default=0.99, help="StepLR decay")
-    return runtime.resolve_paths(p.parse_args(argv))
+    return cli.resolve_paths(p.parse_args(argv))
 
 
 def loss_setup(args, layout: CoeffLayout, g1: bool) -> LossSetup:
@@ -103,4 +105,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    runtime.cli_main(main)
+    cli.cli_main(main)

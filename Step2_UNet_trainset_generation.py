@@ -18,24 +18,25 @@ from tqdm import tqdm
 
 from models.face_model import FaceModel
 from models.layout import CoeffLayout
-from utils import losses, runtime
-from utils.builders import load_mofa, previous_checkpoint
-from utils.datasets import FaceDataset, collate_faces
-from utils.run import finish_run, start_run
-from utils.unet_trainset import stem_for, write_list, write_sample
+from utils import cli, losses
+from utils.data.datasets import FaceDataset, collate_faces
+from utils.data.unet_trainset import stem_for, write_list, write_sample
+from utils.training import flags
+from utils.training.builders import load_mofa, previous_checkpoint
+from utils.training.run import finish_run, start_run
 
 log = logging.getLogger("step2")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    runtime.add_common_args(p)
+    flags.add_common_args(p)
     p.add_argument("--pretrained_MoFA", "--mofa_checkpoint", dest="mofa_checkpoint", default=None,
                    help="Step-1 checkpoint (default: <save_root>/pretrain_mofa/final.pt)")
     p.add_argument("--batch_size", type=int, default=32)
     p.add_argument("--splits", default="train,val", help="comma-separated splits to process (default %(default)s)")
     p.add_argument("--sigma", type=float, default=0.043, help="robust-loss sigma; inliers are within 3 sigma")
-    return runtime.resolve_paths(p.parse_args(argv))
+    return cli.resolve_paths(p.parse_args(argv))
 
 
 @torch.no_grad()
@@ -79,4 +80,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    runtime.cli_main(main)
+    cli.cli_main(main)

@@ -14,24 +14,27 @@ from pathlib import Path
 
 import torch
 
-from utils import losses, runtime
-from utils.builders import build_unet, step_dir
-from utils.monitor import RunMonitor
-from utils.run import LoopHooks, add_training_args, make_optimizer, start_run, train_loop
-from utils.training import CollapseAlarm, make_eval_loader, make_train_loader, total_steps, validate
-from utils.unet_trainset import UNetTrainset
+from utils import cli, losses
+from utils.data.unet_trainset import UNetTrainset
+from utils.training import flags
+from utils.training.builders import build_unet, step_dir
+from utils.training.data_order import make_eval_loader, make_train_loader, total_steps
+from utils.training.guards import CollapseAlarm
+from utils.training.loop import LoopHooks, train_loop, validate
+from utils.training.monitor import RunMonitor
+from utils.training.run import make_optimizer, start_run
 
 log = logging.getLogger("step3")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    runtime.add_common_args(p)
-    add_training_args(p, lr=0.03, epochs=51, batch_size=12, ckpt_every=5000, vis_every=1000, eval_every=2000)
+    flags.add_common_args(p)
+    flags.add_training_args(p, lr=0.03, epochs=51, batch_size=12, ckpt_every=5000, vis_every=1000, eval_every=2000)
     p.add_argument("--trainset_dir", default=None, help="Step-2 output (default: <save_root>/UNet_trainset)")
     p.add_argument("--lr_step", type=int, default=5000)
     p.add_argument("--lr_gamma", type=float, default=0.99)
-    return runtime.resolve_paths(p.parse_args(argv))
+    return cli.resolve_paths(p.parse_args(argv))
 
 
 def train(args) -> int:
@@ -90,4 +93,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    runtime.cli_main(main)
+    cli.cli_main(main)

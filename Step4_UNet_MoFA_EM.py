@@ -4,7 +4,7 @@
 
 Starts from Step 1's encoder and Step 3's UNet. Step counter ct: if ct % em_cycle > unet_iters a MoFA step
 (encoder trained, UNet frozen), else a UNet step; the first of every 30 000 steps are the 5 001 UNet steps
-(reference 10). Both schedulers step every iteration. Losses and weights: reference 8.3 (utils/objectives.py).
+(reference 10). Both schedulers step every iteration. Losses and weights: reference 8.3 (utils/training/objectives.py).
 Writes <save_root>/MoFA_UNet/ like Step 1; checkpoints hold both networks.
 """
 from __future__ import annotations
@@ -18,15 +18,18 @@ import torch
 from models.arcface import load_identity_encoder
 from models.face_model import FaceModel
 from models.layout import CoeffLayout
-from utils import losses, runtime
-from utils.builders import load_mofa, load_unet, previous_checkpoint
-from utils.checkpoint import load_checkpoint
-from utils.datasets import FaceDataset, collate_faces
-from utils.monitor import RunMonitor
-from utils.objectives import LossSetup, step4_mofa_terms, step4_unet_terms, unet_mask
-from utils.run import LoopHooks, add_training_args, make_optimizer, start_run, train_loop
-from utils.training import CollapseAlarm, make_eval_loader, make_train_loader, total_steps, validate
-from utils.visuals import composite, residual
+from utils import cli, losses
+from utils.data.datasets import FaceDataset, collate_faces
+from utils.evaluation.visuals import composite, residual
+from utils.training import flags
+from utils.training.builders import load_mofa, load_unet, previous_checkpoint
+from utils.training.checkpoint import load_checkpoint
+from utils.training.data_order import make_eval_loader, make_train_loader, total_steps
+from utils.training.guards import CollapseAlarm
+from utils.training.loop import LoopHooks, train_loop, validate
+from utils.training.monitor import RunMonitor
+from utils.training.objectives import LossSetup, step4_mofa_terms, step4_unet_terms, unet_mask
+from utils.training.run import make_optimizer, start_run
 
 log = logging.getLogger("step4")
 COLUMNS = ["total", "rec", "identity", "reg", "landmark", "area", "binary", "preserve", "dist", "neighbour",
@@ -35,8 +38,8 @@ COLUMNS = ["total", "rec", "identity", "reg", "landmark", "area", "binary", "pre
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    runtime.add_common_args(p)
-    add_training_args(p, lr=0.1, epochs=130, batch_size=12, ckpt_every=10000, vis_every=1000, eval_every=5000)
+    flags.add_common_args(p)
+    flags.add_training_args(p, lr=0.1, epochs=130, batch_size=12, ckpt_every=10000, vis_every=1000, eval_every=5000)
     p.add_argument("--pretrained_MoFA", "--mofa_checkpoint", dest="mofa_checkpoint", default=None,
                    help="Step-1 checkpoint (default: <save_root>/pretrain_mofa/final.pt)")
     p.add_argument("--pretrained_unet", "--unet_checkpoint", dest="unet_checkpoint", default=None,
@@ -48,7 +51,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--lr_mofa", type=float, default=None,
                    help="default: learning_rate x Step 1's final decay (0.99^(steps//5000)) x 0.8 (G2)")
     p.add_argument("--lr_unet", type=float, default=None, help="default: 0.06 x the MoFA learning rate")
-    return runtime.resolve_paths(p.parse_args(argv))
+    return cli.resolve_paths(p.parse_args(argv))
 
 
 def learning_rates(args, step1_steps: int) -> tuple[float, float]:
@@ -159,4 +162,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    runtime.cli_main(main)
+    cli.cli_main(main)

@@ -27,17 +27,17 @@ from models.face_model import FaceModel
 from models.layout import CoeffLayout
 from models.mofa import MoFA
 from models.unet import UNet
-from utils import runtime
-from utils.builders import FINAL_NAME
-from utils.checkpoint import CheckpointError
-from utils.datasets import resize_image
-from utils.detect_landmarks import align_face, detect_landmarks68, load_dlib
+from utils import cli
+from utils.data.datasets import resize_image
+from utils.data.image_io import read_image_rgb, write_image_rgb, write_mask
 from utils.errors import DataError
-from utils.evaluation import load_mofa, load_unet, predict_masks
-from utils.image_io import read_image_rgb, write_image_rgb, write_mask
+from utils.evaluation.evaluate import load_mofa, load_unet, predict_masks
+from utils.evaluation.mesh_io import write_now_landmarks, write_obj, write_ply
+from utils.evaluation.visuals import composite
 from utils.landmarks_csv import read_landmarks_csv
-from utils.mesh_io import write_now_landmarks, write_obj, write_ply
-from utils.visuals import composite
+from utils.prepare.detect_landmarks import align_face, detect_landmarks68, load_dlib
+from utils.training.builders import FINAL_NAME
+from utils.training.checkpoint import CheckpointError
 
 log = logging.getLogger("reconstruct")
 
@@ -55,11 +55,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--landmarks", default=None, help="'auto' (dlib) or a landmark CSV holding the image's row")
     p.add_argument("--checkpoint", required=True, help="Step-4 (or Step-1) checkpoint, or its folder")
     p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--bfm", default=runtime.RepoDefault(runtime.DEFAULT_BFM),
-                   help=f"face model the checkpoint was trained with (default: <repo>/{runtime.DEFAULT_BFM})")
+    p.add_argument("--bfm", default=cli.RepoDefault(cli.DEFAULT_BFM),
+                   help=f"face model the checkpoint was trained with (default: <repo>/{cli.DEFAULT_BFM})")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:<index> (default: auto)")
     p.add_argument("--now", action="store_true", help="also export the NoW-challenge mesh and 7 landmarks")
-    return runtime.resolve_paths(p.parse_args(argv), ("image", "bfm", "out", "checkpoint"))
+    return cli.resolve_paths(p.parse_args(argv), ("image", "bfm", "out", "checkpoint"))
 
 
 def _csv_landmarks(csv_path: Path, image_path: Path) -> np.ndarray:
@@ -153,7 +153,7 @@ def write_outputs(out_dir: Path, name: str, images: torch.Tensor, est: torch.Ten
 
 
 def reconstruct(args: argparse.Namespace) -> int:
-    device = runtime.resolve_device(args.device)
+    device = cli.resolve_device(args.device)
     mofa, unet, spec = load_networks(args, device)
     size = spec["image_size"]
     image = torch.from_numpy(network_input(args.image, args.landmarks, size)).permute(2, 0, 1)
@@ -173,4 +173,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    runtime.cli_main(main)
+    cli.cli_main(main)

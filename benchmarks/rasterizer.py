@@ -26,7 +26,7 @@ from models.camera import CameraConfig  # noqa: E402
 from models.face_model import FaceModel  # noqa: E402
 from models.layout import CoeffLayout  # noqa: E402
 from models.renderer import FaceRenderer  # noqa: E402
-from utils.runtime import resolve_device  # noqa: E402
+from utils.cli import resolve_device  # noqa: E402
 
 DEFAULT_MODEL = REPO / "basel_3DMM" / "demo_face_model_53k.h5"
 
@@ -82,7 +82,7 @@ def main(argv=None) -> int:
     device = resolve_device(args.device)
     path = Path(args.bfm) if args.bfm else DEFAULT_MODEL
     if not path.is_file():
-        from utils.demo_face_model import write_demo_face_model
+        from utils.synthetic.demo_face_model import write_demo_face_model
         print(f"writing the 53k-vertex demo model to {path} (once)", flush=True)
         write_demo_face_model(path, target_vertices=53000, seed=0)
     layout = CoeffLayout()

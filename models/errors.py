@@ -1,11 +1,13 @@
-"""Exceptions raised by `models/` for bad user input (missing files, wrong shapes).
+"""The project's exception hierarchy, rooted here so that `models/` depends on nothing in `utils/`.
 
-Each message names the offending file / key / argument and what to do. They derive from the project base
-`utils.errors.MofaError` (which CLIs catch in `main()` and print as one line) and from `ValueError`.
+Every error the project raises on purpose derives from `MofaError`; its message names the offending file, key or
+flag and says what to do. Command-line entry points (`utils.cli.cli_main`) print it as one line (exit code 2).
 """
 from __future__ import annotations
 
-from utils.errors import MofaError
+
+class MofaError(Exception):
+    """Base class of every error the project raises on purpose (bad input, missing file, bad option)."""
 
 
 class ModelInputError(MofaError, ValueError):

@@ -27,7 +27,7 @@ LANDMARK_KEY = "metadata/landmarks/ibug68_vertex_indices"
 N_LANDMARKS = 68
 RECENTRE_MM = (0.0, 0.0, 100.0)
 BFM_URL = "https://faces.dmi.unibas.ch/bfm/bfm2017.html"
-DEMO_HINT = ("`python -m utils.demo_face_model --out basel_3DMM/demo_face_model.h5` and "
+DEMO_HINT = ("`python -m utils.synthetic.demo_face_model --out basel_3DMM/demo_face_model.h5` and "
              "`--bfm basel_3DMM/demo_face_model.h5` use the procedural demo model instead")
 
 # h5 group of each PCA model and the CoeffLayout field giving the number of components kept.

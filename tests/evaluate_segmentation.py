@@ -20,12 +20,20 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from utils import runtime  # noqa: E402
-from utils.datasets import FaceDataset  # noqa: E402
+from utils import cli  # noqa: E402
+from utils.data.datasets import FaceDataset  # noqa: E402
+from utils.data.image_root import ImageRoot  # noqa: E402
 from utils.errors import DataError  # noqa: E402
-from utils.evaluation import (STAGES, EvalOptions, evaluate_split, format_markdown, load_stage,  # noqa: E402
-                              read_ground_truth, summarise_rows, write_results)
-from utils.image_root import ImageRoot  # noqa: E402
+from utils.evaluation.evaluate import (  # noqa: E402
+    STAGES,
+    EvalOptions,
+    evaluate_split,
+    format_markdown,
+    load_stage,
+    read_ground_truth,
+    summarise_rows,
+    write_results,
+)
 
 log = logging.getLogger("evaluate")
 
@@ -34,10 +42,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--img_path", required=True, help="image root (with the split's landmark CSV)")
     p.add_argument("--split", default="test", help="train, val, test or all (default: %(default)s)")
-    p.add_argument("--save_root", default=runtime.RepoDefault(runtime.DEFAULT_SAVE_ROOT),
-                   help=f"output root of the steps (default: <repo>/{runtime.DEFAULT_SAVE_ROOT})")
-    p.add_argument("--bfm", default=runtime.RepoDefault(runtime.DEFAULT_BFM),
-                   help=f"face model the steps used (default: <repo>/{runtime.DEFAULT_BFM})")
+    p.add_argument("--save_root", default=cli.RepoDefault(cli.DEFAULT_SAVE_ROOT),
+                   help=f"output root of the steps (default: <repo>/{cli.DEFAULT_SAVE_ROOT})")
+    p.add_argument("--bfm", default=cli.RepoDefault(cli.DEFAULT_BFM),
+                   help=f"face model the steps used (default: <repo>/{cli.DEFAULT_BFM})")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:<index> (default: auto)")
     p.add_argument("--stage", choices=STAGES, default="step4", help="which model makes the masks")
     p.add_argument("--checkpoint", default=None, help="checkpoint overriding the stage's default final.pt")
@@ -49,7 +57,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--save_images", action="store_true", help="write X_org/X_result/X_estmask.png per image")
     p.add_argument("--batch_size", type=int, default=16)
     p.add_argument("--workers", type=int, default=0, help="DataLoader worker processes (default: 0)")
-    args = runtime.resolve_paths(p.parse_args(argv), ("img_path", "bfm", "save_root", "out"))
+    args = cli.resolve_paths(p.parse_args(argv), ("img_path", "bfm", "save_root", "out"))
     if not 0.0 < args.threshold < 1.0:
         raise DataError(f"--threshold {args.threshold}: expected a value strictly between 0 and 1")
     if args.batch_size < 1:
@@ -60,7 +68,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def evaluate(argv: list[str] | None = None) -> dict:
     """Run the evaluation for command-line ``argv``; write the result files and return the summary dict."""
     args = parse_args(argv)
-    device = runtime.resolve_device(args.device)
+    device = cli.resolve_device(args.device)
     mofa, unet, spec = load_stage(args.stage, args.save_root, args.bfm, device, args.checkpoint)
     dataset = FaceDataset(args.img_path, args.split, spec["image_size"], test_mode=True)
     truth = read_ground_truth(ImageRoot(args.img_path).root)
@@ -88,4 +96,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    runtime.cli_main(main)
+    cli.cli_main(main)

@@ -8,8 +8,8 @@ import pytest
 import torch
 from torch import nn
 
-from utils import checkpoint as ck
 from utils.errors import MofaError
+from utils.training import checkpoint as ck
 
 
 def _net(seed=0, width=4):

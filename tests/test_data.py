@@ -10,10 +10,10 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from utils.datasets import FaceDataset, collate_faces, gt_mask_path, scale_landmarks
+from utils.data.datasets import FaceDataset, collate_faces, gt_mask_path, scale_landmarks
+from utils.data.image_io import read_image_rgb, read_mask, tile_images, write_image_rgb, write_mask, write_tiled_image
+from utils.data.image_root import ImageRoot
 from utils.errors import DataError
-from utils.image_io import read_image_rgb, read_mask, tile_images, write_image_rgb, write_mask, write_tiled_image
-from utils.image_root import ImageRoot
 from utils.landmarks_csv import LandmarkCSVError, read_landmarks_csv, write_landmarks_csv
 
 

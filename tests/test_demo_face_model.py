@@ -8,8 +8,13 @@ import numpy as np
 import pytest
 from scipy.spatial import Delaunay
 
-from utils.demo_face_model import (DEFAULT_TARGET_VERTICES, IBUG_MIRROR, DemoFaceModelError, main,
-                                   write_demo_face_model)
+from utils.synthetic.demo_face_model import (
+    DEFAULT_TARGET_VERTICES,
+    IBUG_MIRROR,
+    DemoFaceModelError,
+    main,
+    write_demo_face_model,
+)
 
 SMALL = {"n_shape": 80, "n_exp": 64, "n_color": 80}  # the loader's minimum: keeps the small builds fast
 GROUPS = {"shape": 199, "expression": 100, "color": 199}

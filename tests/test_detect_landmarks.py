@@ -9,10 +9,10 @@ import cv2
 import numpy as np
 import pytest
 
-from utils import detect_landmarks as dl
+from utils.data.image_io import read_image_rgb, read_mask, write_image_rgb, write_mask
 from utils.errors import DataError
-from utils.image_io import read_image_rgb, read_mask, write_image_rgb, write_mask
 from utils.landmarks_csv import read_landmarks_csv
+from utils.prepare import detect_landmarks as dl
 
 
 def _has_dlib_extra() -> bool:

@@ -20,16 +20,26 @@ from models.face_model import FaceModel
 from models.layout import CoeffLayout
 from tests.evaluate_segmentation import evaluate, main
 from tests.helpers import assert_close
-from utils import runtime
-from utils.builders import FINAL_NAME, build_mofa, build_unet, step_dir
-from utils.checkpoint import CheckpointError, save_training_state
+from utils import cli
+from utils.data.datasets import FaceDataset
+from utils.data.image_io import write_image_rgb, write_mask
 from utils.errors import DataError
-from utils.datasets import FaceDataset
-from utils.evaluation import (COUNT_NAMES, EvalOptions, GroundTruthTable, evaluate_split, image_scores, load_stage,
-                              predict_masks, read_ground_truth, summarise_rows, true_landmarks)
-from utils.image_io import write_image_rgb, write_mask
+from utils.evaluation.evaluate import (
+    COUNT_NAMES,
+    EvalOptions,
+    GroundTruthTable,
+    evaluate_split,
+    image_scores,
+    load_stage,
+    predict_masks,
+    read_ground_truth,
+    summarise_rows,
+    true_landmarks,
+)
+from utils.evaluation.metrics import mask_metrics
 from utils.landmarks_csv import write_landmarks_csv
-from utils.metrics import mask_metrics
+from utils.training.builders import FINAL_NAME, build_mofa, build_unet, step_dir
+from utils.training.checkpoint import CheckpointError, save_training_state
 
 REPO = Path(__file__).resolve().parents[1]
 SIZE = 64
@@ -296,7 +306,7 @@ def test_missing_checkpoint_is_one_line_error(setup, tmp_path, capsys):
     argv = ["--img_path", str(setup["img_path"]), "--save_root", str(tmp_path / "empty"), "--bfm", str(setup["bfm"]),
             "--device", "cpu", "--out", str(tmp_path / "out")]
     with pytest.raises(SystemExit) as exc:
-        runtime.cli_main(main, argv)
+        cli.cli_main(main, argv)
     assert exc.value.code == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error:") and "MoFA_UNet" in err and len(err.splitlines()) == 1

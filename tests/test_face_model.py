@@ -153,7 +153,7 @@ def test_missing_file_message_says_what_to_do(tmp_path):
     message = str(info.value)
     assert str(missing) in message
     assert "https://faces.dmi.unibas.ch/bfm/bfm2017.html" in message
-    assert "python -m utils.demo_face_model --out basel_3DMM/demo_face_model.h5" in message
+    assert "python -m utils.synthetic.demo_face_model --out basel_3DMM/demo_face_model.h5" in message
     assert "--bfm basel_3DMM/demo_face_model.h5" in message
 
 

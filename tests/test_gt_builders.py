@@ -6,11 +6,11 @@ import cv2
 import numpy as np
 import pytest
 
-from utils import ar_gt, celebamask_gt
-from utils.ar_gt import LABEL_COLOURS, ar_category, ar_visible_skin
-from utils.celebamask_gt import compose_visible_skin
+from utils.data.image_io import read_image_rgb, read_mask, write_image_rgb
 from utils.errors import DataError
-from utils.image_io import read_image_rgb, read_mask, write_image_rgb
+from utils.prepare import ar_gt, celebamask_gt
+from utils.prepare.ar_gt import LABEL_COLOURS, ar_category, ar_visible_skin
+from utils.prepare.celebamask_gt import compose_visible_skin
 
 
 def _box(shape, y0, y1, x0, x1) -> np.ndarray:

@@ -10,12 +10,12 @@ from models.face_model import FaceModel
 from models.layout import CoeffLayout
 from tests.helpers import tiny_bfm_arrays, write_bfm_h5
 from tests.test_evaluation import SIZE, make_checkpoints, mean_face_render, tiny_spec
-from utils import runtime
-from utils.builders import step_dir
+from utils import cli
+from utils.data.image_io import read_image_rgb, read_mask, write_image_rgb
 from utils.errors import DataError
-from utils.image_io import read_image_rgb, read_mask, write_image_rgb
+from utils.evaluation.mesh_io import read_obj, read_ply, write_now_landmarks, write_obj, write_ply
 from utils.landmarks_csv import write_landmarks_csv
-from utils.mesh_io import read_obj, read_ply, write_now_landmarks, write_obj, write_ply
+from utils.training.builders import step_dir
 
 
 def small_mesh():
@@ -141,6 +141,6 @@ def test_clear_one_line_errors(ckpt, tmp_path, capsys, case):
         arrays["shape/model/mean"] = arrays["shape/model/mean"] * 1.1  # a bigger head: another model
         argv[-3] = str(write_bfm_h5(tmp_path / "other.h5", arrays))
     with pytest.raises(SystemExit) as exc:
-        runtime.cli_main(reconstruct.main, argv)
+        cli.cli_main(reconstruct.main, argv)
     err = capsys.readouterr().err.strip()
     assert exc.value.code == 2 and len(err.splitlines()) == 1 and expected[case] in err, err

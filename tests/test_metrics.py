@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from utils import metrics as Mt
+from utils.evaluation import metrics as Mt
 
 
 def _m(rows):

@@ -18,10 +18,10 @@ import Step1_Pretrain_MoFA as step1
 import Step2_UNet_trainset_generation as step2
 import Step3_Pretrain_Unet as step3
 import Step4_UNet_MoFA_EM as step4
-from utils.checkpoint import CheckpointError, load_checkpoint
+from utils.data.image_io import read_mask
 from utils.errors import DataError
-from utils.image_io import read_mask
-from utils.training import TrainingError
+from utils.training.checkpoint import CheckpointError, load_checkpoint
+from utils.training.guards import TrainingError
 
 REPO = Path(__file__).resolve().parents[1]
 SIZE = 32
@@ -29,7 +29,7 @@ SIZE = 32
 
 @pytest.fixture(scope="module")
 def image_root(tmp_path_factory, demo_bfm_h5) -> Path:
-    from utils.synthetic_faces import generate_dataset
+    from utils.synthetic.faces import generate_dataset
     root = tmp_path_factory.mktemp("syn")
     generate_dataset(demo_bfm_h5, root, num=30, seed=0, size=SIZE)
     return root

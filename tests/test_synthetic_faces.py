@@ -13,12 +13,12 @@ from models.camera import CameraConfig
 from models.face_model import FaceModel
 from models.layout import FIELDS, CoeffLayout
 from models.renderer import FaceRenderer
-from utils.datasets import FaceDataset
-from utils.image_io import read_image_rgb, read_mask
+from utils.cli import cli_main
+from utils.data.datasets import FaceDataset
+from utils.data.image_io import read_image_rgb, read_mask
 from utils.landmarks_csv import read_landmarks_csv
-from utils.occluders import AR_OCCLUDERS, CELEBA_OCCLUDERS, OCCLUDERS, TextureBank, draw_occluder
-from utils.runtime import cli_main
-from utils.synthetic_faces import RENDER_DTYPE, SceneRanges, generate_dataset, main
+from utils.synthetic.faces import RENDER_DTYPE, SceneRanges, generate_dataset, main
+from utils.synthetic.occluders import AR_OCCLUDERS, CELEBA_OCCLUDERS, OCCLUDERS, TextureBank, draw_occluder
 
 SIZE = 64
 NUM = 16

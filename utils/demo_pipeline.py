@@ -60,9 +60,9 @@ def main(argv=None) -> int:
     out, data, save_root = Path(args.out), Path(args.data), Path(args.out) / "MoFA_UNet_Save"
     out.mkdir(parents=True, exist_ok=True)
     if not Path(args.bfm).is_file():
-        run(["-m", "utils.demo_face_model", "--out", args.bfm])
+        run(["-m", "utils.synthetic.demo_face_model", "--out", args.bfm])
     if not (data / "ground_truth.csv").is_file():
-        run(["-m", "utils.synthetic_faces", "--bfm", args.bfm, "--out", str(data), "--num", str(cfg["num_images"]),
+        run(["-m", "utils.synthetic.faces", "--bfm", args.bfm, "--out", str(data), "--num", str(cfg["num_images"]),
              "--size", str(cfg["image_size"])])
     common = ["--img_path", str(data), "--bfm", args.bfm, "--save_root", str(save_root), "--device", args.device,
               "--workers", "0", "--image_size", str(cfg["image_size"]), "--encoder", cfg["encoder"],

@@ -1,12 +1,9 @@
-"""Project exception hierarchy.
-
-Library code raises these with a message that names the offending file or flag and says what to do;
-command-line entry points catch `MofaError` in `main()` and print that one line to stderr (exit code 2).
+"""Errors of the data and training layers. The base class `MofaError` lives in `models.errors` (the lowest layer);
+command-line entry points catch it and print its message as one line (exit code 2).
 """
+from models.errors import MofaError
 
-
-class MofaError(Exception):
-    """Base class of every error the project raises on purpose (bad input, missing file, bad option)."""
+__all__ = ["DataError", "MofaError"]
 
 
 class DataError(MofaError):

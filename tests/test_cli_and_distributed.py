@@ -1,7 +1,6 @@
 """Device resolution, seeding, repo-relative defaults, distributed setup and the CLI wrapper."""
 import argparse
 import socket
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -9,60 +8,61 @@ import torch
 import torch.distributed as dist
 
 from models.errors import WeightsError
-from utils import runtime as rt
+from utils import cli
 from utils.errors import DataError
+from utils.training import distributed, flags
 
 
 def test_resolve_device(monkeypatch):
-    assert rt.resolve_device("cpu") == torch.device("cpu")
+    assert cli.resolve_device("cpu") == torch.device("cpu")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    assert rt.resolve_device("auto") == torch.device("cpu")
-    with pytest.raises(rt.SetupError, match="--device cuda:0: CUDA is not available"):
-        rt.resolve_device("cuda:0")
-    with pytest.raises(rt.SetupError, match="expected auto, cpu"):
-        rt.resolve_device("gpu")
+    assert cli.resolve_device("auto") == torch.device("cpu")
+    with pytest.raises(cli.SetupError, match="--device cuda:0: CUDA is not available"):
+        cli.resolve_device("cuda:0")
+    with pytest.raises(cli.SetupError, match="expected auto, cpu"):
+        cli.resolve_device("gpu")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
-    assert rt.resolve_device("auto") == torch.device("cuda")
-    assert rt.resolve_device("CUDA:0") == torch.device("cuda:0")
-    with pytest.raises(rt.SetupError, match="only 1 CUDA device"):
-        rt.resolve_device("cuda:3")
-    with pytest.raises(rt.SetupError, match="cuda:<index>"):
-        rt.resolve_device("cuda:x")
+    assert cli.resolve_device("auto") == torch.device("cuda")
+    assert cli.resolve_device("CUDA:0") == torch.device("cuda:0")
+    with pytest.raises(cli.SetupError, match="only 1 CUDA device"):
+        cli.resolve_device("cuda:3")
+    with pytest.raises(cli.SetupError, match="cuda:<index>"):
+        cli.resolve_device("cuda:x")
 
 
 def test_seed_everything_is_reproducible():
-    rt.seed_everything(42)
+    distributed.seed_everything(42)
     a = (torch.rand(3), np.random.rand(2))
-    rt.seed_everything(42)
+    distributed.seed_everything(42)
     b = (torch.rand(3), np.random.rand(2))
     assert torch.equal(a[0], b[0]) and np.array_equal(a[1], b[1])
 
 
 def test_defaults_resolve_against_repo_root_user_paths_against_cwd(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    root = rt.repo_root()
-    assert (root / "utils" / "runtime.py").is_file()
-    assert rt.repo_path("basel_3DMM/x.h5") == root / "basel_3DMM" / "x.h5"
-    assert rt.repo_path(tmp_path / "y") == tmp_path / "y"
+    root = cli.repo_root()
+    assert (root / "utils" / "cli.py").is_file()
+    assert cli.repo_path("basel_3DMM/x.h5") == root / "basel_3DMM" / "x.h5"
+    assert cli.repo_path(tmp_path / "y") == tmp_path / "y"
 
-    parser = rt.add_common_args(argparse.ArgumentParser())
-    args = rt.resolve_paths(parser.parse_args(["--img_path", "data"]))
-    assert args.bfm == root / rt.DEFAULT_BFM and args.save_root == root / "MoFA_UNet_Save"
+    parser = flags.add_common_args(argparse.ArgumentParser())
+    args = cli.resolve_paths(parser.parse_args(["--img_path", "data"]))
+    assert args.bfm == root / cli.DEFAULT_BFM and args.save_root == root / "MoFA_UNet_Save"
     assert args.img_path.resolve() == tmp_path / "data"
-    args = rt.resolve_paths(parser.parse_args(["--img_path", "d", "--bfm", "my.h5", "--save_root", "out"]))
+    args = cli.resolve_paths(parser.parse_args(["--img_path", "d", "--bfm", "my.h5", "--save_root", "out"]))
     assert args.bfm.resolve() == tmp_path / "my.h5" and args.save_root.resolve() == tmp_path / "out"
     assert (args.device, args.seed, args.workers, args.image_size, args.encoder, args.unet_width) == \
         ("auto", 0, 2, 224, "resnet50", 64)
 
 
 def test_common_args_validation(capsys):
-    parser = rt.add_common_args(argparse.ArgumentParser())
+    parser = flags.add_common_args(argparse.ArgumentParser())
     with pytest.raises(SystemExit):
         parser.parse_args([])  # --img_path is required by default
     with pytest.raises(SystemExit):
         parser.parse_args(["--img_path", "x", "--encoder", "vgg19"])
-    optional = rt.add_common_args(argparse.ArgumentParser(), img_path_required=False)
+    optional = flags.add_common_args(argparse.ArgumentParser(), img_path_required=False)
     assert optional.parse_args([]).img_path is None
 
 
@@ -75,23 +75,23 @@ def _free_port():
 def test_init_distributed_single_process_and_torchrun(monkeypatch):
     for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
         monkeypatch.delenv(name, raising=False)
-    info = rt.init_distributed("cpu")
-    assert info == rt.DistInfo(0, 1, 0, True, torch.device("cpu")) and not dist.is_initialized()
+    info = distributed.init_distributed("cpu")
+    assert info == distributed.DistInfo(0, 1, 0, True, torch.device("cpu")) and not dist.is_initialized()
 
     env = {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
            "MASTER_PORT": str(_free_port())}
     for k, v in env.items():
         monkeypatch.setenv(k, v)
     try:
-        info = rt.init_distributed("cpu")
+        info = distributed.init_distributed("cpu")
         assert dist.is_initialized() and dist.get_backend() == "gloo"
         assert (info.rank, info.world_size, info.is_main, info.device) == (0, 1, True, torch.device("cpu"))
     finally:
-        rt.cleanup_distributed()
+        distributed.cleanup_distributed()
     assert not dist.is_initialized()
     monkeypatch.setenv("RANK", "x")
-    with pytest.raises(rt.SetupError, match="RANK='x'"):
-        rt.init_distributed("cpu")
+    with pytest.raises(cli.SetupError, match="RANK='x'"):
+        distributed.init_distributed("cpu")
 
 
 @pytest.mark.parametrize("exc, code, line", [
@@ -104,7 +104,7 @@ def test_cli_main_prints_one_line(exc, code, line, capsys):
         raise exc
 
     with pytest.raises(SystemExit) as info:
-        rt.cli_main(fn, ["x"])
+        cli.cli_main(fn, ["x"])
     assert info.value.code == code
     assert capsys.readouterr().err == line + "\n"
 
@@ -112,10 +112,10 @@ def test_cli_main_prints_one_line(exc, code, line, capsys):
 def test_cli_main_passes_argv_and_status():
     seen = []
     with pytest.raises(SystemExit) as info:
-        rt.cli_main(lambda argv: seen.append(argv), ["--a"])
+        cli.cli_main(lambda argv: seen.append(argv), ["--a"])
     assert info.value.code == 0 and seen == [["--a"]]
     with pytest.raises(SystemExit) as info:
-        rt.cli_main(lambda argv: 3)
+        cli.cli_main(lambda argv: 3)
     assert info.value.code == 3
     with pytest.raises(ZeroDivisionError):  # programming errors keep their traceback
-        rt.cli_main(lambda argv: 1 / 0)
+        cli.cli_main(lambda argv: 1 / 0)

@@ -2,7 +2,7 @@
 
 Usage::
 
-    python -m utils.ar_gt --images AR_IMAGES --labels AR_LABELS --out IMAGE_ROOT [--size S] [--tolerance 40]
+    python -m utils.prepare.ar_gt --images AR_IMAGES --labels AR_LABELS --out IMAGE_ROOT [--size S] [--tolerance 40]
 
 The exact colour coding of those labels could not be checked when this was written, so it is a table,
 `LABEL_COLOURS` (RGB), matched per pixel with a tolerance (max absolute channel difference):
@@ -21,7 +21,7 @@ that is not background. Edit `LABEL_COLOURS` (or pass ``colours=``) if the label
 Labels are matched to images by file stem: label ``X.png`` or ``X_anything.png`` belongs to image ``X.*``.
 Output: ``IMAGE_ROOT/Dataset/X.png``, ``IMAGE_ROOT/Dataset/X_visible_skin_mask.png`` (native size unless
 ``--size``) and ``IMAGE_ROOT/ar_categories.csv`` (``filename,category``, see `ar_category`). No landmarks
-are produced: run ``python -m utils.detect_landmarks`` on ``IMAGE_ROOT/Dataset`` afterwards (it carries
+are produced: run ``python -m utils.prepare.detect_landmarks`` on ``IMAGE_ROOT/Dataset`` afterwards (it carries
 the masks through the alignment), or provide the CSVs.
 """
 
@@ -38,9 +38,9 @@ import cv2
 import numpy as np
 from tqdm import tqdm
 
+from utils.data.image_io import read_image_rgb, resize_mask, write_image_rgb, write_mask
+from utils.data.image_root import ImageRoot
 from utils.errors import DataError, MofaError
-from utils.image_io import read_image_rgb, resize_mask, write_image_rgb, write_mask
-from utils.image_root import ImageRoot
 
 LABEL_COLOURS: dict[str, tuple[int, int, int]] = {
     "hair": (0, 255, 0),
@@ -191,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"wrote {len(written)} images + visible-skin masks to {out.dataset_dir}")
     print(f"categories: {out.root / 'ar_categories.csv'}")
     print("no landmarks were produced: run "
-          f"`python -m utils.detect_landmarks --images {out.dataset_dir} --out ALIGNED_ROOT`")
+          f"`python -m utils.prepare.detect_landmarks --images {out.dataset_dir} --out ALIGNED_ROOT`")
     return 0
 
 

@@ -1,6 +1,6 @@
-"""Face images + 68 landmarks from an image root (see utils/image_root.py for the layout).
+"""Face images + 68 landmarks from an image root (see utils/data/image_root.py for the layout).
 
-Images are expected to be pre-aligned square face crops (``python -m utils.detect_landmarks`` produces
+Images are expected to be pre-aligned square face crops (``python -m utils.prepare.detect_landmarks`` produces
 them from raw photos). Any size is accepted: each image is resized to ``S x S`` (``cv2.INTER_AREA`` when
 shrinking, ``cv2.INTER_LINEAR`` when enlarging) and its landmarks are scaled with it. A non-square image
 is stretched, each axis scaled separately (x by S/W, y by S/H), exactly as the original code did.
@@ -19,9 +19,9 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from utils.data.image_io import read_image_rgb, read_mask
+from utils.data.image_root import ImageRoot
 from utils.errors import DataError
-from utils.image_io import read_image_rgb, read_mask
-from utils.image_root import ImageRoot
 from utils.landmarks_csv import read_landmarks_csv
 
 GT_MASK_SUFFIX = "_visible_skin_mask.png"
@@ -81,14 +81,14 @@ class FaceDataset(Dataset):
         if not csv_path.is_file():
             raise DataError(
                 f"{split} landmark CSV not found: {csv_path} (image root {self.root.root}); "
-                f"create it with `python -m utils.detect_landmarks --images RAW_DIR --out {self.root.root}` "
+                f"create it with `python -m utils.prepare.detect_landmarks --images RAW_DIR --out {self.root.root}` "
                 "or write it yourself (rows: filename, x0, y0, ..., x67, y67)"
             )
         self.rows = read_landmarks_csv(csv_path, image_dir=self.root.dataset_dir, allow_empty=True)
         if not self.rows:
             raise DataError(
                 f"{csv_path} has no rows: the {split} split is empty; add images to it "
-                "(or re-run utils.detect_landmarks with a --split that gives it a share)"
+                "(or re-run utils.prepare.detect_landmarks with a --split that gives it a share)"
             )
 
     def __len__(self) -> int:

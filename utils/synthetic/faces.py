@@ -2,7 +2,7 @@
 
 Faces are rendered with the project's `FaceRenderer` from random coefficients (identity, expression, albedo,
 pose, spherical-harmonics light), composited over textured backgrounds and covered by procedural occluders
-(`utils/occluders.py`): AR-like sunglasses and scarves, CelebA-like hands, microphones, cups, hats, hair strands
+(`utils/synthetic/occluders.py`): AR-like sunglasses and scarves, CelebA-like hands, microphones, cups, hats, hair strands
 and textured polygons / ellipses. Because every pixel's origin is known, the ground truth is exact:
 
 * visible-face mask = rendered face coverage minus occluder pixels (occluder alpha > 0.5). "Face" means everything
@@ -11,7 +11,7 @@ and textured polygons / ellipses. Because every pixel's origin is known, the gro
   224 px, scaled with the image size); landmarks under an occluder are still written;
 * the true coefficients, the occlusion category and the occluded fraction of the face.
 
-Output (the original README's image-root layout, see `utils/image_root.py`)::
+Output (the original README's image-root layout, see `utils/data/image_root.py`)::
 
     IMAGE_ROOT/Dataset/{id:05d}.png                       the image (RGB, size x size)
     IMAGE_ROOT/Dataset/{id:05d}_visible_skin_mask.png     white = visible face
@@ -32,7 +32,7 @@ coffee (Rachel Michetti, CC0), chelsea (Stefan van der Walt, CC0), rocket (Space
 (Brooklyn Museum, no known copyright restrictions), brick (CC0Textures, CC0), grass (CC0), gravel (CC0Textures,
 CC0), camera (Lav Varshney, CC0), hubble_deep_field (NASA, public domain), text (public domain).
 
-CLI: ``python -m utils.synthetic_faces --out IMAGE_ROOT --num N [--bfm H5] [--seed S]
+CLI: ``python -m utils.synthetic.faces --out IMAGE_ROOT --num N [--bfm H5] [--seed S]
 [--occlusion mixed|none|ar|celeba] [--size 224] [--batch 16]``. Without --bfm the demo face model
 ``basel_3DMM/demo_face_model.h5`` is used (and written first if it does not exist).
 """
@@ -56,12 +56,12 @@ from models.camera import CameraConfig
 from models.face_model import FaceModel
 from models.layout import N_SH_BASIS, SH_INIT, CoeffLayout
 from models.renderer import FaceRenderer
+from utils.cli import RepoDefault, cli_main, resolve_cli_path, resolve_device
+from utils.data.image_io import write_image_rgb, write_mask
+from utils.data.image_root import ImageRoot
 from utils.errors import DataError
-from utils.image_io import write_image_rgb, write_mask
-from utils.image_root import ImageRoot
 from utils.landmarks_csv import write_landmarks_csv
-from utils.occluders import AR_OCCLUDERS, CELEBA_OCCLUDERS, TextureBank, draw_occluder, value_noise
-from utils.runtime import RepoDefault, cli_main, resolve_cli_path, resolve_device
+from utils.synthetic.occluders import AR_OCCLUDERS, CELEBA_OCCLUDERS, TextureBank, draw_occluder, value_noise
 
 DEFAULT_DEMO_BFM = "basel_3DMM/demo_face_model.h5"
 OCCLUSION_MODES = ("mixed", "none", "ar", "celeba")
@@ -413,13 +413,13 @@ def generate_dataset(bfm_path: str | Path, out: str | Path, num: int, seed: int 
                "texture_sources": list(textures.names)}
     config = {**{key: value for key, value in summary.items() if key != "root"}, "bfm": Path(bfm_path).name,
               "face_model": renderer.face_model.config(), "ranges": asdict(ranges),
-              "generator": "utils.synthetic_faces"}
+              "generator": "utils.synthetic.faces"}
     (root.root / "synthetic_config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
     return {**summary, "seconds": time.perf_counter() - start}
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m utils.synthetic_faces",
+    parser = argparse.ArgumentParser(prog="python -m utils.synthetic.faces",
                                      description="Render the synthetic occluded-face benchmark into an image root.")
     parser.add_argument("--bfm", default=RepoDefault(DEFAULT_DEMO_BFM),
                         help=f"face model h5 (default: <repo>/{DEFAULT_DEMO_BFM}, written first if missing)")
@@ -439,7 +439,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     bfm = resolve_cli_path(args.bfm)
     if isinstance(args.bfm, RepoDefault) and not bfm.is_file():
-        from utils.demo_face_model import write_demo_face_model
+        from utils.synthetic.demo_face_model import write_demo_face_model
 
         write_demo_face_model(bfm, seed=0)
         print(f"{bfm} did not exist: wrote the procedural demo face model there (a stand-in, not BFM2017)")

@@ -4,6 +4,7 @@ Only the main process (rank 0) writes; on the others every method is a no-op.
 """
 from __future__ import annotations
 
+import csv
 import logging
 from pathlib import Path
 from typing import Sequence
@@ -11,9 +12,38 @@ from typing import Sequence
 import torch
 from tqdm import tqdm
 
-from utils.training import LossLog
-
 log = logging.getLogger(__name__)
+
+
+class LossLog:
+    """A CSV loss log with a header and one row per logged step (the original wrote one character per field)."""
+
+    def __init__(self, path: Path, columns: Sequence[str], enabled: bool = True) -> None:
+        self.path, self.columns, self.enabled = Path(path), ["step", *columns], enabled
+        if enabled:
+            new = not self.path.exists() or self.path.stat().st_size == 0
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._fh = open(self.path, "a", newline="")
+            self._writer = csv.writer(self._fh)
+            if new:
+                self._writer.writerow(self.columns)
+                self._fh.flush()
+
+    def write(self, step: int, values: dict[str, float]) -> None:
+        if not self.enabled:
+            return
+        row = [step] + [_fmt(values.get(c)) for c in self.columns[1:]]
+        self._writer.writerow(row)
+        self._fh.flush()
+
+    def close(self) -> None:
+        if self.enabled:
+            self._fh.close()
+
+def _fmt(v) -> str:
+    if v is None:
+        return ""
+    return f"{float(v):.6g}"
 
 
 class RunMonitor:

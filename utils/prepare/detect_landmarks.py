@@ -2,7 +2,7 @@
 
 Usage::
 
-    python -m utils.detect_landmarks --images RAW_DIR --out IMAGE_ROOT [--size 224] [--seed 0] [--split 0.8,0.1,0.1]
+    python -m utils.prepare.detect_landmarks --images RAW_DIR --out IMAGE_ROOT [--size 224] [--seed 0] [--split 0.8,0.1,0.1]
 
 For every image under RAW_DIR (recursively; ``*_visible_skin_mask.png`` files are not inputs) the largest
 face is found with dlib's HOG detector, its 68 iBUG landmarks with dlib's shape predictor (the model file
@@ -32,10 +32,10 @@ import cv2
 import numpy as np
 from tqdm import tqdm
 
-from utils.datasets import GT_MASK_SUFFIX, gt_mask_path
+from utils.data.datasets import GT_MASK_SUFFIX, gt_mask_path
+from utils.data.image_io import read_image_rgb, read_mask, write_image_rgb, write_mask
+from utils.data.image_root import ImageRoot
 from utils.errors import DataError, MofaError
-from utils.image_io import read_image_rgb, read_mask, write_image_rgb, write_mask
-from utils.image_root import ImageRoot
 from utils.landmarks_csv import write_landmarks_csv
 
 # Target positions of the 5 alignment points as fractions of the crop side (x right, y down, 0 = left/top

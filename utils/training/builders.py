@@ -19,7 +19,7 @@ from models.layout import CoeffLayout
 from models.mofa import MoFA
 from models.renderer import FaceRenderer
 from models.unet import UNet
-from utils.checkpoint import CheckpointError, load_checkpoint, load_model_state
+from utils.training.checkpoint import CheckpointError, load_checkpoint, load_model_state
 
 log = logging.getLogger(__name__)
 

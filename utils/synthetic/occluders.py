@@ -1,4 +1,4 @@
-"""Procedural occluders for the synthetic occluded-face benchmark (see `utils/synthetic_faces.py`).
+"""Procedural occluders for the synthetic occluded-face benchmark (see `utils/synthetic/faces.py`).
 
 Each occluder is a function ``draw(landmarks, size, rng, textures) -> OccluderLayer``: given the face's 68
 iBUG landmarks ``(68, 2)`` (pixels, origin top-left, x right, y down) in an ``size x size`` image, it draws an

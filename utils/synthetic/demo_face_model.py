@@ -27,7 +27,7 @@ grid wrapped around the head, symmetric in x, with forehead, neck and head sides
 (section 4.3) removes while it keeps the whole face and all 68 landmarks. `shape mean + expression mean` is the
 designed head; the landmark vertices are chosen on it.
 
-CLI: `python -m utils.demo_face_model --out basel_3DMM/demo_face_model.h5 [--target_vertices N] [--seed S]`.
+CLI: `python -m utils.synthetic.demo_face_model --out basel_3DMM/demo_face_model.h5 [--target_vertices N] [--seed S]`.
 """
 from __future__ import annotations
 

@@ -16,8 +16,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from utils.data.image_io import read_image_rgb, read_mask, write_image_rgb, write_mask
 from utils.errors import DataError
-from utils.image_io import read_image_rgb, read_mask, write_image_rgb, write_mask
 
 SUFFIXES = ("_org.png", "_raster.png", "_mask.png")
 

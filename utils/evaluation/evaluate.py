@@ -4,7 +4,7 @@ Stages (what produces the estimated mask E; the region F is always the rendered 
     step2  the robust loss's inlier mask of the Step-1 encoder (Step 2's preliminary masks, no UNet);
     step3  the Step-1 encoder with the Step-3 UNet:  E = F * sigmoid(UNet([render, image]));
     step4  the Step-4 encoder and UNet (final model), same formula.
-Mask metrics (utils.metrics) follow the paper protocol: pixels inside F only, E and GT binarised at ``threshold``
+Mask metrics (utils.evaluation.metrics) follow the paper protocol: pixels inside F only, E and GT binarised at ``threshold``
 (or the original's soft counts with ``soft``), computed per image and averaged; pixel-pooled counts over the split
 are reported as well. Images without a GT mask are processed but left out of the mask metrics.
 
@@ -33,17 +33,24 @@ from models.layout import CoeffLayout
 from models.mofa import MoFA
 from models.unet import UNet
 from utils import losses
-from utils.ar_gt import ar_category
-from utils.builders import load_mofa, load_unet, previous_checkpoint  # noqa: F401  (re-exported for reconstruct.py)
-from utils.checkpoint import CheckpointError, load_checkpoint
-from utils.datasets import FaceDataset, collate_faces
+from utils.data.datasets import FaceDataset, collate_faces
+from utils.data.image_io import write_image_rgb, write_mask
+from utils.data.unet_trainset import stem_for
 from utils.errors import DataError
-from utils.image_io import write_image_rgb, write_mask
-from utils.metrics import METRIC_NAMES, confusion_counts, landmark_error, mask_metrics, pooled_metrics, summarise
-from utils.metrics import vertex_error_mm
-from utils.objectives import unet_mask
-from utils.unet_trainset import stem_for
-from utils.visuals import composite
+from utils.evaluation.metrics import (
+    METRIC_NAMES,
+    confusion_counts,
+    landmark_error,
+    mask_metrics,
+    pooled_metrics,
+    summarise,
+    vertex_error_mm,
+)
+from utils.evaluation.visuals import composite
+from utils.prepare.ar_gt import ar_category
+from utils.training.builders import load_mofa, load_unet, previous_checkpoint  # noqa: F401  (re-exported for reconstruct.py)
+from utils.training.checkpoint import CheckpointError, load_checkpoint
+from utils.training.objectives import unet_mask
 
 log = logging.getLogger(__name__)
 
@@ -300,7 +307,7 @@ def evaluate_split(stage: str, mofa: MoFA, unet: UNet | None, dataset: FaceDatas
     """Evaluate every image of a test-mode ``dataset``; returns one row (dict) per image, in order.
 
     Each row: filename, category, has_gt_mask, and (when it has a GT mask) tp/fp/tn/fn and the metrics of
-    utils.metrics.METRIC_NAMES; with ``truth`` also the RECON_NAMES errors (NaN when unavailable).
+    utils.evaluation.metrics.METRIC_NAMES; with ``truth`` also the RECON_NAMES errors (NaN when unavailable).
     """
     if not dataset.test_mode:
         raise ValueError("evaluate_split: the dataset must be built with test_mode=True")

@@ -2,7 +2,7 @@
 
 Usage::
 
-    python -m utils.celebamask_gt --celeba_root CelebAMask-HQ --out IMAGE_ROOT [--size S] [--ids 0 1 2 | --limit N]
+    python -m utils.prepare.celebamask_gt --celeba_root CelebAMask-HQ --out IMAGE_ROOT [--size S] [--ids 0 1 2 | --limit N]
 
 Input layout (as distributed): ``CelebA-HQ-img/{id}.jpg`` (1024 x 1024) and
 ``CelebAMask-HQ-mask-anno/{k}/{id:05d}_{class}.png`` (512 x 512, one binary image per class present,
@@ -19,7 +19,7 @@ at boundaries; subtracting them keeps the GT on the face proper).
 
 Output: ``IMAGE_ROOT/Dataset/{id}.png`` and ``IMAGE_ROOT/Dataset/{id}_visible_skin_mask.png`` (0/255),
 both ``S x S`` when ``--size`` is given, else at the image's native 1024 x 1024 (the masks are upsampled).
-No landmarks are produced: run ``python -m utils.detect_landmarks --images IMAGE_ROOT/Dataset
+No landmarks are produced: run ``python -m utils.prepare.detect_landmarks --images IMAGE_ROOT/Dataset
 --out ALIGNED_ROOT`` afterwards (it aligns the masks with the images), or provide the CSVs yourself.
 Keeping the native size (the default) gives the aligner the full resolution.
 """
@@ -35,9 +35,9 @@ import cv2
 import numpy as np
 from tqdm import tqdm
 
+from utils.data.image_io import read_image_rgb, read_mask, resize_mask, write_image_rgb, write_mask
+from utils.data.image_root import ImageRoot
 from utils.errors import DataError, MofaError
-from utils.image_io import read_image_rgb, read_mask, resize_mask, write_image_rgb, write_mask
-from utils.image_root import ImageRoot
 
 POSITIVE_CLASSES = ("skin", "nose", "l_brow", "r_brow", "l_eye", "r_eye", "u_lip", "l_lip", "mouth")
 OCCLUDER_CLASSES = ("eye_g", "hat", "hair", "ear_r", "neck_l", "neck", "cloth", "l_ear", "r_ear")
@@ -151,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"wrote {written} images + visible-skin masks to {ImageRoot(args.out).dataset_dir}")
     if skipped:
         print(f"skipped {len(skipped)} ids without label files: {skipped[:20]}", file=sys.stderr)
-    print("no landmarks were produced: run `python -m utils.detect_landmarks --images "
+    print("no landmarks were produced: run `python -m utils.prepare.detect_landmarks --images "
           f"{ImageRoot(args.out).dataset_dir} --out ALIGNED_ROOT` or provide the CSVs")
     return 0
 

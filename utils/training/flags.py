@@ -1,0 +1,47 @@
+"""The command-line flags that the four steps share, with the paper's defaults."""
+from __future__ import annotations
+
+import argparse
+
+from utils.cli import DEFAULT_BFM, DEFAULT_SAVE_ROOT, RepoDefault
+
+ENCODERS = ("resnet50", "resnet18", "resnet34")
+
+
+def add_common_args(parser: argparse.ArgumentParser, img_path_required: bool = True) -> argparse.ArgumentParser:
+    """Add the flags every step shares. Path flags have no ``type`` so defaults stay ``RepoDefault``;
+    call ``resolve_paths(args)`` after parsing."""
+    parser.add_argument("--img_path", required=img_path_required, default=None,
+                        help="image root (the folder with the images, or its parent holding the CSVs)")
+    parser.add_argument("--bfm", default=RepoDefault(DEFAULT_BFM),
+                        help=f"Basel Face Model 2017 h5 file (default: <repo>/{DEFAULT_BFM})")
+    parser.add_argument("--save_root", default=RepoDefault(DEFAULT_SAVE_ROOT),
+                        help=f"output root of all steps (default: <repo>/{DEFAULT_SAVE_ROOT})")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:<index> (default: auto)")
+    parser.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    parser.add_argument("--workers", type=int, default=2, help="DataLoader worker processes (default: 2)")
+    parser.add_argument("--image_size", type=int, default=224, help="network input size in pixels (default: 224)")
+    parser.add_argument("--encoder", choices=ENCODERS, default="resnet50", help="encoder backbone")
+    parser.add_argument("--unet_width", type=int, default=64, help="UNet base channel count (default: 64)")
+    return parser
+
+
+def add_training_args(parser: argparse.ArgumentParser, *, lr: float, epochs: int, batch_size: int,
+                      ckpt_every: int, vis_every: int, eval_every: int) -> None:
+    """Flags of every training step (1, 3, 4); defaults are the paper's for that step."""
+    g = parser.add_argument_group("training")
+    g.add_argument("--learning_rate", type=float, default=lr, help="Adadelta learning rate (default %(default)s)")
+    g.add_argument("--epochs", type=int, default=epochs, help="epochs (default %(default)s)")
+    g.add_argument("--batch_size", type=int, default=batch_size, help="batch size per process (default %(default)s)")
+    g.add_argument("--max_iters", type=int, default=None, help="total optimizer steps; overrides --epochs")
+    g.add_argument("--resume", action="store_true", help="continue from this step's latest.pt under --save_root")
+    g.add_argument("--ckpt_every", type=int, default=ckpt_every, help="checkpoint period in steps")
+    g.add_argument("--vis_every", type=int, default=vis_every, help="image-tile period in steps")
+    g.add_argument("--eval_every", type=int, default=eval_every, help="validation period in steps")
+    g.add_argument("--log_every", type=int, default=50, help="CSV/TensorBoard loss period in steps")
+    g.add_argument("--val_batches", type=int, default=0,
+                   help="validate on at most this many batches (0 = the whole validation split)")
+    g.add_argument("--amp", action="store_true",
+                   help="bfloat16 autocast for the encoder and the UNet on CUDA (the renderer stays float32)")
+    g.add_argument("--optimizer", choices=("adadelta", "adam"), default="adadelta",
+                   help="Adadelta as in the paper (default), or Adam for short runs such as the demo")

@@ -1,0 +1,81 @@
+"""Fault guards of a training run: non-finite losses, UNet mask collapse, and a clean stop on Ctrl-C / SIGTERM."""
+from __future__ import annotations
+
+import logging
+import signal
+from dataclasses import dataclass, field
+
+import torch
+
+from utils.errors import MofaError
+
+log = logging.getLogger(__name__)
+
+
+class TrainingError(MofaError):
+    """Training cannot go on (e.g. the loss stayed non-finite); the message says what to do."""
+
+@dataclass
+class NonFiniteGuard:
+    """Skip a step whose loss is NaN/inf; stop with a clear message after ``patience`` in a row."""
+
+    patience: int = 5
+    in_a_row: int = 0
+    skipped: int = 0
+
+    def ok(self, loss: torch.Tensor, step: int) -> bool:
+        if torch.isfinite(loss).all():
+            self.in_a_row = 0
+            return True
+        self.in_a_row += 1
+        self.skipped += 1
+        log.warning("step %d: non-finite loss (%s), update skipped (%d in a row)", step, loss.detach().cpu(),
+                    self.in_a_row)
+        if self.in_a_row >= self.patience:
+            raise TrainingError(f"the loss was non-finite for {self.in_a_row} steps in a row (last at step {step}); "
+                                "the last good checkpoint is kept. Lower --learning_rate or check the data.")
+        return False
+
+@dataclass
+class CollapseAlarm:
+    """Warn loudly when the UNet mask inside the rendered face collapses to all-occluded or all-visible."""
+
+    low: float = 0.05
+    high: float = 0.995
+    patience: int = 3
+    history: list = field(default_factory=list)
+
+    def update(self, mean_mask_in_face: float, step: int) -> bool:
+        bad = not (self.low <= mean_mask_in_face <= self.high)
+        self.history = (self.history + [bad])[-self.patience:]
+        if len(self.history) == self.patience and all(self.history):
+            log.warning("!!! MASK COLLAPSE at step %d: mean UNet mask inside the face = %.4f for %d evaluations in a "
+                        "row (healthy range %.2f-%.3f). Check the Step-2 masks and the learning rates.",
+                        step, mean_mask_in_face, self.patience, self.low, self.high)
+            return True
+        return False
+
+class StopFlag:
+    """Turns the first Ctrl-C (SIGINT) or SIGTERM into a flag so the loop can checkpoint and exit cleanly."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous = {}
+
+    def __enter__(self) -> "StopFlag":
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self._previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread (e.g. inside some test runners)
+                pass
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        if self.requested:  # second Ctrl-C: give up immediately
+            raise KeyboardInterrupt
+        self.requested = True
+        log.warning("interrupt received: finishing this step, writing a checkpoint and exiting")
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
