@@ -21,7 +21,7 @@ import sys
 import time
 from pathlib import Path
 
-from utils.cli import repo_root
+from utils.cli import cli_main, repo_root
 from utils.evaluation.evaluate import run_evaluation
 
 REPO = repo_root()
@@ -116,4 +116,4 @@ def write_figure(path: Path, images_dir: Path, rows: int = 8) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    cli_main(main)
