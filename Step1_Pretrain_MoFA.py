@@ -37,15 +37,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--encoder_weights", default=None, help="local torchvision ImageNet weights for the encoder")
     p.add_argument("--arcface_weights", default=None, help="local ArcFace iresnet-50 backbone.pth (identity loss)")
     p.add_argument("--camera", choices=("g2", "g1"), default="g2", help="camera defaults (G2: f=1014.72, G1: f=250)")
-    p.add_argument("--loss_preset", choices=("g2", "g1"), default="g2", help="loss weights of the G2 or G1 code")
+    flags.add_loss_preset_arg(p)
     p.add_argument("--lr_step", type=int, default=5000, help="StepLR period in steps")
     p.add_argument("--lr_gamma", type=float, default=0.99, help="StepLR decay")
     return cli.resolve_paths(p.parse_args(argv))
-
-
-def loss_setup(args, layout: CoeffLayout, g1: bool) -> LossSetup:
-    weights = losses.LANDMARK_WEIGHTS_G1 if g1 else losses.LANDMARK_WEIGHTS_G2
-    return LossSetup(layout, torch.tensor(weights), landmark_scale=224.0 / args.image_size)
 
 
 def train(args) -> int:
@@ -56,8 +51,8 @@ def train(args) -> int:
     mofa = build_mofa(spec, face_model, args.encoder_weights).to(device)
     encoder = run.ddp(mofa.encoder)
     identity = load_identity_encoder(args.arcface_weights, device)
-    g1 = args.loss_preset == "g1"
-    weights, setup = (losses.Step1Weights.g1() if g1 else losses.Step1Weights()), loss_setup(args, layout, g1)
+    preset = losses.PRESETS[args.loss_preset]
+    weights, setup = preset.step1, LossSetup.from_preset(preset, layout, args.image_size)
 
     train_set = FaceDataset(args.img_path, "train", args.image_size)
     val_set = FaceDataset(args.img_path, "val", args.image_size)

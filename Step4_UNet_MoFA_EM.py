@@ -4,7 +4,9 @@
 
 Starts from Step 1's encoder and Step 3's UNet. Step counter ct: if ct % em_cycle > unet_iters a MoFA step
 (encoder trained, UNet frozen), else a UNet step; the first of every 30 000 steps are the 5 001 UNet steps
-(reference 10). Both schedulers step every iteration. Losses and weights: reference 8.3 (utils/training/objectives.py).
+(reference 10). Both schedulers step every iteration (StepLR(--lr_step, --lr_gamma_mofa / --lr_gamma_unet)); the
+learning rates continue Step 1's decay, read from its checkpoint. Losses and weights: reference 8.3
+(utils/training/objectives.py; --loss_preset, utils/losses.PRESETS).
 Writes <save_root>/MoFA_UNet/ like Step 1; checkpoints hold both networks.
 """
 from __future__ import annotations
@@ -23,7 +25,7 @@ from utils.data.datasets import FaceDataset, collate_faces
 from utils.evaluation.visuals import composite, residual
 from utils.training import flags
 from utils.training.builders import load_mofa, load_unet, previous_checkpoint
-from utils.training.checkpoint import load_checkpoint
+from utils.training.checkpoint import CheckpointError, load_checkpoint
 from utils.training.data_order import make_eval_loader, make_train_loader, total_steps
 from utils.training.guards import CollapseAlarm
 from utils.training.loop import LoopHooks, train_loop, validate
@@ -45,24 +47,41 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--pretrained_unet", "--unet_checkpoint", dest="unet_checkpoint", default=None,
                    help="Step-3 checkpoint (default: <save_root>/Pretrain_UNet/final.pt)")
     p.add_argument("--arcface_weights", default=None, help="local ArcFace iresnet-50 backbone.pth")
-    p.add_argument("--loss_preset", choices=("g2", "g1"), default="g2")
+    flags.add_loss_preset_arg(p)
     p.add_argument("--em_cycle", type=int, default=30000, help="length of one EM cycle in steps")
     p.add_argument("--unet_iters", type=int, default=5000, help="UNet steps at the start of every cycle")
     p.add_argument("--lr_mofa", type=float, default=None,
-                   help="default: learning_rate x Step 1's final decay (0.99^(steps//5000)) x 0.8 (G2)")
+                   help="default: learning_rate x Step 1's final StepLR decay (lr_gamma^(steps // lr_step), read "
+                        "from its checkpoint) x 0.8 (G2)")
     p.add_argument("--lr_unet", type=float, default=None, help="default: 0.06 x the MoFA learning rate")
+    p.add_argument("--lr_step", type=int, default=5000, help="StepLR period of both learning rates in steps")
+    p.add_argument("--lr_gamma_mofa", type=float, default=0.99, help="StepLR decay of the MoFA learning rate")
+    p.add_argument("--lr_gamma_unet", type=float, default=0.95, help="StepLR decay of the UNet learning rate")
     return cli.resolve_paths(p.parse_args(argv))
 
 
-def learning_rates(args, step1_steps: int) -> tuple[float, float]:
-    """Continue Step 1's StepLR decay (the original hard-coded 300k steps: 0.99^60), G2's x0.8, UNet x0.06."""
-    base = args.learning_rate * 0.99 ** (step1_steps // 5000) * (1.0 if args.loss_preset == "g1" else 0.8)
+def step1_decay(payload: dict, path) -> float:
+    """Step 1's StepLR decay at its end, ``lr_gamma ** (step // lr_step)``, from its checkpoint (step and config)."""
+    config = payload.get("config") or {}
+    try:
+        return float(config["lr_gamma"]) ** (int(payload["step"]) // int(config["lr_step"]))
+    except (KeyError, TypeError, ValueError, ZeroDivisionError):
+        raise CheckpointError(f"{path} records no usable Step-1 learning-rate schedule (lr_step, lr_gamma in its "
+                              "config): pass --lr_mofa and --lr_unet") from None
+
+
+def learning_rates(args, preset: losses.LossPreset, step1: dict, step1_path) -> tuple[float, float]:
+    """Continue Step 1's StepLR decay (the original hard-coded 300k steps of StepLR(5000, 0.99): 0.99^60), times
+    the preset's factor (G2: 0.8); the UNet's is 0.06 x that. ``--lr_mofa`` / ``--lr_unet`` override them."""
+    if args.lr_mofa is not None and args.lr_unet is not None:
+        return args.lr_mofa, args.lr_unet
+    base = args.learning_rate * step1_decay(step1, step1_path) * preset.step4_lr_scale
     lr_mofa = args.lr_mofa if args.lr_mofa is not None else base
     return lr_mofa, args.lr_unet if args.lr_unet is not None else 0.06 * base
 
 
 def build(args, run):
-    """Step 1's MoFA and Step 3's UNet, restored from their final checkpoints."""
+    """Step 1's MoFA and Step 3's UNet, restored from their final checkpoints; also (Step 1's payload, its path)."""
     face_model = FaceModel.from_h5(args.bfm, CoeffLayout()).to(run.device)
     mofa_ckpt = previous_checkpoint(args.mofa_checkpoint, args.save_root, step=1)
     mofa, payload, spec = load_mofa(mofa_ckpt, face_model, run.device)
@@ -70,7 +89,7 @@ def build(args, run):
     unet_payload = load_checkpoint(unet_ckpt, map_location=run.device)
     spec = {**spec, "unet_width": unet_payload["extra"]["model"]["unet_width"]}
     unet = load_unet(unet_payload, spec["unet_width"], unet_ckpt, run.device)
-    return mofa, unet, spec, int(payload["step"])
+    return mofa, unet, spec, (payload, mofa_ckpt)
 
 
 def train(args) -> int:
@@ -78,15 +97,12 @@ def train(args) -> int:
     warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)` before")
     run = start_run(args, step=4)
     device = run.device
-    mofa, unet, spec, step1_steps = build(args, run)
+    mofa, unet, spec, step1 = build(args, run)
     encoder, unet_ddp = run.ddp(mofa.encoder), run.ddp(unet)
     identity = load_identity_encoder(args.arcface_weights, device)
-    g1 = args.loss_preset == "g1"
-    w_unet = losses.Step4UNetWeights.g1() if g1 else losses.Step4UNetWeights()
-    w_mofa = losses.Step4MoFAWeights.g1() if g1 else losses.Step4MoFAWeights()
-    setup = LossSetup(CoeffLayout(**spec["layout"]),
-                      torch.tensor(losses.LANDMARK_WEIGHTS_G1 if g1 else losses.LANDMARK_WEIGHTS_G2),
-                      landmark_scale=224.0 / spec["image_size"], neighbour_radius=1 if g1 else 2)
+    preset = losses.PRESETS[args.loss_preset]
+    w_unet, w_mofa = preset.step4_unet, preset.step4_mofa
+    setup = LossSetup.from_preset(preset, CoeffLayout(**spec["layout"]), spec["image_size"])
 
     size = spec["image_size"]
     loader, sampler = make_train_loader(FaceDataset(args.img_path, "train", size), args.batch_size, args.seed,
@@ -95,11 +111,11 @@ def train(args) -> int:
                                   collate_faces)
     vis_batch = next(iter(val_loader))
 
-    lr_mofa, lr_unet = learning_rates(args, step1_steps)
+    lr_mofa, lr_unet = learning_rates(args, preset, *step1)
     opt_mofa = make_optimizer(args.optimizer, mofa.encoder.parameters(), lr_mofa)
     opt_unet = make_optimizer(args.optimizer, unet.parameters(), lr_unet)
-    sched_mofa = torch.optim.lr_scheduler.StepLR(opt_mofa, step_size=5000, gamma=0.99)
-    sched_unet = torch.optim.lr_scheduler.StepLR(opt_unet, step_size=5000, gamma=0.95)
+    sched_mofa = torch.optim.lr_scheduler.StepLR(opt_mofa, step_size=args.lr_step, gamma=args.lr_gamma_mofa)
+    sched_unet = torch.optim.lr_scheduler.StepLR(opt_unet, step_size=args.lr_step, gamma=args.lr_gamma_unet)
     state = ({"encoder": mofa.encoder, "unet": unet}, {"encoder": opt_mofa, "unet": opt_unet},
              {"mofa": sched_mofa, "unet": sched_unet})
     start = run.resume(*state)

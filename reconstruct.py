@@ -28,15 +28,14 @@ from models.layout import CoeffLayout
 from models.mofa import MoFA
 from models.unet import UNet
 from utils import cli
-from utils.data.datasets import resize_image
-from utils.data.image_io import read_image_rgb, write_image_rgb, write_mask
+from utils.data.image_io import read_image_rgb, resize_image, write_image_rgb, write_mask
 from utils.errors import DataError
-from utils.evaluation.evaluate import load_mofa, load_unet, predict_masks
+from utils.evaluation.evaluate import predict_masks
 from utils.evaluation.mesh_io import write_now_landmarks, write_obj, write_ply
 from utils.evaluation.visuals import composite
 from utils.landmarks_csv import read_landmarks_csv
 from utils.prepare.detect_landmarks import align_face, detect_landmarks68, load_dlib
-from utils.training.builders import FINAL_NAME
+from utils.training.builders import FINAL_NAME, load_mofa, load_unet
 from utils.training.checkpoint import CheckpointError
 
 log = logging.getLogger("reconstruct")
@@ -90,7 +89,7 @@ def network_input(image_path: Path, landmarks: str | None, size: int) -> np.ndar
     if not square:
         log.info("%s is %dx%d and no --landmarks were given: taken as an aligned face crop and resized to %dx%d "
                  "(pass --landmarks auto or CSV to align it)", image_path, image.shape[1], image.shape[0], size, size)
-    return resize_image(image, size)
+    return resize_image(image, size, size)
 
 
 def overlay(images: torch.Tensor, mask: torch.Tensor, region: torch.Tensor) -> torch.Tensor:

@@ -7,9 +7,10 @@ first block of each stage has stride 2 and a 1x1-conv + BN ``downsample``); head
 fc(512*7*7 -> 512) - features (BatchNorm1d). A 112x112 input gives layer1 56x56, ..., layer4 7x7.
 
 ``IdentityEncoder`` warps a face image to the 112x112 ArcFace crop with a least-squares similarity from five
-points (eye centres, nose tip, mouth corners) to the ArcFace template, in torch (differentiable w.r.t. the
-image and the landmarks), maps it to [-1, 1] and returns the L2-normalised 512-d embedding, or the layer1
-feature map for the Step-4 preserve / dist losses. Its weights are frozen and it stays in eval mode.
+points (eye centres = means of the eye corners as in G2, nose tip, mouth corners) to the ArcFace template, in
+torch (differentiable w.r.t. the image and the landmarks), maps it to [-1, 1] and returns the L2-normalised 512-d
+embedding, or the layer1 feature map for the Step-4 preserve / dist losses. Its weights are frozen and it stays
+in eval mode.
 """
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from models.errors import WeightsError
+from models.landmarks68 import five_points
 
 log = logging.getLogger(__name__)
 
@@ -89,15 +91,14 @@ class IResNet(nn.Module):
         return self.features(self.fc(x))
 
 
-def five_points(landmarks: torch.Tensor) -> torch.Tensor:
-    """(B, 68, 2) iBUG landmarks -> (B, 5, 2): eye centres (means of 36-41, 42-47), nose tip 30, mouth
-    corners 48, 54. (B, 5, 2) input is returned unchanged. Pixels, origin top-left."""
+def alignment_points(landmarks: torch.Tensor) -> torch.Tensor:
+    """(B, 68, 2) iBUG landmarks -> (B, 5, 2) alignment points (`models.landmarks68.five_points`: eye centres as
+    the means of the eye corners, as in G2); (B, 5, 2) input is returned unchanged. Pixels, origin top-left."""
     if landmarks.ndim == 3 and landmarks.shape[1:] == (5, 2):
         return landmarks
-    if landmarks.ndim != 3 or landmarks.shape[1:] != (68, 2):
+    if landmarks.ndim != 3:
         raise ValueError(f"expected (B, 68, 2) or (B, 5, 2) landmarks, got {tuple(landmarks.shape)}")
-    return torch.stack([landmarks[:, 36:42].mean(dim=1), landmarks[:, 42:48].mean(dim=1), landmarks[:, 30],
-                        landmarks[:, 48], landmarks[:, 54]], dim=1)
+    return five_points(landmarks)
 
 
 def similarity_to_template(src: torch.Tensor, dst: torch.Tensor) -> torch.Tensor:
@@ -122,7 +123,7 @@ def warp_to_template(images: torch.Tensor, landmarks: torch.Tensor, size: int = 
     in the input's range."""
     B, _, H, W = images.shape
     template = torch.tensor(ARCFACE_TEMPLATE, dtype=images.dtype, device=images.device) * (size / ARCFACE_SIZE)
-    A = similarity_to_template(five_points(landmarks).to(images.dtype), template)  # (B, 2, 3)
+    A = similarity_to_template(alignment_points(landmarks).to(images.dtype), template)  # (B, 2, 3)
     a, b = A[:, 0, 0], A[:, 1, 0]
     inv = torch.stack([torch.stack([a, b], -1), torch.stack([-b, a], -1)], 1) / (a * a + b * b).clamp_min(1e-12)[
         :, None, None]  # (B, 2, 2)

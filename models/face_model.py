@@ -19,12 +19,12 @@ import torch
 from torch import nn
 
 from models.errors import FaceModelError
+from models.landmarks68 import N_LANDMARKS
 from models.layout import CoeffLayout
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_LANDMARKS_PATH = REPO_ROOT / "basel_3DMM" / "ibug68_landmarks.txt"
+# The G1 landmark list shipped beside this package (models/ never imports utils.cli, where the repository root lives).
+DEFAULT_LANDMARKS_PATH = Path(__file__).resolve().parents[1] / "basel_3DMM" / "ibug68_landmarks.txt"
 LANDMARK_KEY = "metadata/landmarks/ibug68_vertex_indices"
-N_LANDMARKS = 68
 RECENTRE_MM = (0.0, 0.0, 100.0)
 BFM_URL = "https://faces.dmi.unibas.ch/bfm/bfm2017.html"
 DEMO_HINT = ("`python -m utils.synthetic.demo_face_model --out basel_3DMM/demo_face_model.h5` and "
@@ -69,21 +69,24 @@ def _read(h5, key: str, expected: tuple[int | AtLeast | None, ...], path: Path) 
     return np.asarray(h5[key][()])
 
 
-def analytic_crop_mask(points: np.ndarray) -> np.ndarray:
+def analytic_crop_mask(points: np.ndarray, scale: float = 1.0, c4_min: float = 20.0) -> np.ndarray:
     """G1 analytic face crop on the original (not recentred) BFM mean.
 
     Args:
         points: `(N, 3)` model-frame vertices in mm (BFM origin, before the (0, 0, 100) recentring).
+        scale, c4_min: 1 and 20 are G1's crop (what the loader uses); ``scale < 1`` shrinks the three cones and
+            ``c4_min > 20`` moves the back plane ``z + 0.05 y > c4_min`` forward (margins, e.g. for picking
+            landmark vertices well inside the crop).
     Returns:
         `(N,)` bool, True for vertices inside the crop region (before the used-by-a-kept-triangle rule).
     """
     x, y, z = points[:, 0], points[:, 1], points[:, 2]
     with np.errstate(divide="ignore", invalid="ignore"):
         xz2, yz, y18z, y25z = (x / z) ** 2, y / z, (y + 18.0) / z, (y - 25.0) / z
-        c1 = xz2 / 100.0**2 + yz**2 / 0.75**2 <= 1.0
-        c2 = xz2 / 100.0**2 + y18z**2 / 0.62**2 <= 1.0
-        c3 = xz2 / 3.2**2 + y25z**2 / 0.92**2 <= 1.0
-    c4 = z + 0.05 * y > 20.0
+        c1 = xz2 / (100.0 * scale) ** 2 + yz**2 / (0.75 * scale) ** 2 <= 1.0
+        c2 = xz2 / (100.0 * scale) ** 2 + y18z**2 / (0.62 * scale) ** 2 <= 1.0
+        c3 = xz2 / (3.2 * scale) ** 2 + y25z**2 / (0.92 * scale) ** 2 <= 1.0
+    c4 = z + 0.05 * y > c4_min
     return (c1 | c2 | c3) & c4
 
 
@@ -209,7 +212,6 @@ class FaceModel(nn.Module):
             self.register_buffer(name, value.to(torch.float32).contiguous(), persistent=False)
         for name, value in (("faces", faces), ("landmark_idx", landmark_idx), ("kept_vertices", kept)):
             self.register_buffer(name, value.to(torch.long).contiguous(), persistent=False)
-        self.source = ""
 
     @classmethod
     def from_h5(cls, path: str | Path, layout: CoeffLayout = CoeffLayout(), crop: bool = True,
@@ -231,12 +233,10 @@ class FaceModel(nn.Module):
             landmarks = _remap_landmarks(landmarks, old_to_new, path)
         rows = _vertex_rows(kept)
         t = torch.from_numpy
-        model = cls(mean_shape=t(mean_shape[kept] - np.asarray(RECENTRE_MM)),
-                    shape_basis=t(pcas["shape"][1][rows]), exp_basis=t(pcas["exp"][1][rows]),
-                    mean_albedo=t(pcas["tex"][0].reshape(n_full, 3)[kept]), tex_basis=t(pcas["tex"][1][rows]),
-                    faces=t(faces), landmark_idx=t(landmarks), kept_vertices=t(kept))
-        model.source = str(path)
-        return model
+        return cls(mean_shape=t(mean_shape[kept] - np.asarray(RECENTRE_MM)),
+                   shape_basis=t(pcas["shape"][1][rows]), exp_basis=t(pcas["exp"][1][rows]),
+                   mean_albedo=t(pcas["tex"][0].reshape(n_full, 3)[kept]), tex_basis=t(pcas["tex"][1][rows]),
+                   faces=t(faces), landmark_idx=t(landmarks), kept_vertices=t(kept))
 
     @property
     def n_vertices(self) -> int:

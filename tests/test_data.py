@@ -11,7 +11,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from utils.data.datasets import FaceDataset, collate_faces, gt_mask_path, scale_landmarks
-from utils.data.image_io import read_image_rgb, read_mask, tile_images, write_image_rgb, write_mask, write_tiled_image
+from utils.data.image_io import read_image_rgb, read_mask, write_image_rgb, write_mask
 from utils.data.image_root import ImageRoot
 from utils.errors import DataError
 from utils.landmarks_csv import LandmarkCSVError, read_landmarks_csv, write_landmarks_csv
@@ -190,17 +190,6 @@ def test_mask_write_read_binary(tmp_path):
     np.testing.assert_array_equal(read_mask(tmp_path / "c.png"), [[1, 0], [0, 0]])
     with pytest.raises(DataError, match="png"):
         write_mask(tmp_path / "m.jpg", soft)
-
-
-def test_tiled_image_layout(tmp_path):
-    images = torch.stack([torch.full((3, 2, 3), i / 10.0) for i in range(5)])
-    grid = tile_images(images, ncols=3)
-    assert grid.shape == (3, 4, 9)
-    assert grid[0, 0, 3].item() == pytest.approx(0.1)  # row 0, column 1
-    assert grid[0, 2, 0].item() == pytest.approx(0.3)  # row 1, column 0
-    assert grid[0, 2, 6].item() == 0.0  # empty cell
-    write_tiled_image(tmp_path / "grid.png", images, ncols=3)
-    assert read_image_rgb(tmp_path / "grid.png").shape == (4, 9, 3)
 
 
 # ---------------------------------------------------------------- FaceDataset

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from scipy.spatial import Delaunay
 
+from utils.cli import cli_main
 from utils.synthetic.demo_face_model import (
     DEFAULT_TARGET_VERTICES,
     IBUG_MIRROR,
@@ -248,13 +249,22 @@ def test_bad_arguments_raise_clear_errors(tmp_path: Path) -> None:
         write_demo_face_model(tmp_path / "m.h5", target_vertices=600, n_exp=10)
 
 
+def test_default_output_is_in_the_repository() -> None:
+    from utils.cli import repo_root
+    from utils.synthetic.demo_face_model import DEFAULT_OUT
+
+    assert DEFAULT_OUT == repo_root() / "basel_3DMM" / "demo_face_model.h5"
+
+
 def test_cli_writes_the_file(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     out = tmp_path / "sub" / "demo.h5"
     assert main(["--out", str(out), "--target_vertices", "800", "--seed", "2"]) == 0
     arrays = _read(out)
     assert set(arrays) == set(EXPECTED_KEYS)
     assert abs(arrays["shape/representer/points"].shape[1] / 800 - 1) < 0.15
-    assert main(["--out", str(tmp_path / "x.h5"), "--target_vertices", "5"]) == 2
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(main, ["--out", str(tmp_path / "x.h5"), "--target_vertices", "5"])
+    assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "--target_vertices 5" in err
     assert not (tmp_path / "x.h5").exists()

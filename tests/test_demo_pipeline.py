@@ -1,7 +1,12 @@
-"""`make demo`'s driver end to end in its --quick mode (tiny sizes; the numbers are meaningless, the plumbing is not)."""
+"""`make demo`'s driver end to end in --quick mode (tiny sizes: the numbers are meaningless, the plumbing is not)."""
 from __future__ import annotations
 
+import csv
 import json
+
+import cv2
+import numpy as np
+import pytest
 
 from utils import demo_pipeline
 
@@ -11,7 +16,21 @@ def test_quick_demo_writes_results_for_every_stage(tmp_path, demo_bfm_h5):
     assert demo_pipeline.main(["--quick", "--out", str(out), "--data", str(data), "--bfm", str(demo_bfm_h5),
                                "--device", "cpu"]) == 0
     results = json.loads((out / "results.json").read_text())
-    for stage in ("step2_prelim", "step3_unet", "step4_final"):
-        assert set(results[stage]) >= {"iou", "accuracy", "precision", "recall", "f1"}
-        assert all(0.0 <= results[stage][m] <= 1.0 for m in ("iou", "f1"))
-    assert results["wall_seconds"] > 0 and (out / "figure.png").is_file()
+    size = demo_pipeline.QUICK["image_size"]
+    for key, stage in demo_pipeline.STAGES.items():
+        summary = json.loads((out / key / "summary.json").read_text())
+        assert summary["stage"] == stage and summary["split"] == "test" and summary["n_with_gt"] >= 1
+        with (out / key / "per_image.csv").open() as fh:
+            rows = [r for r in csv.DictReader(fh) if r["has_gt_mask"] == "True"]
+        assert len(rows) == summary["n_with_gt"]
+        for metric in ("iou", "accuracy", "precision", "recall", "f1"):
+            per_image = np.array([float(r[metric]) for r in rows])
+            assert results[key][metric] == pytest.approx(summary["paper_protocol"][metric]["mean"])
+            assert results[key][metric] == pytest.approx(per_image.mean(), abs=1e-6)  # the table is the image mean
+            assert 0.0 <= per_image.min() and per_image.max() <= 1.0
+    assert set(results["step_seconds"]) == {"step1", "step2", "step3", "step4"}
+    assert results["wall_seconds"] >= sum(results["step_seconds"].values()) > 0
+    assert results["settings"] == json.loads(json.dumps(demo_pipeline.QUICK))
+    figure = cv2.imread(str(out / "figure.png"))
+    rows = min(8, len(list((out / "step4_final" / "images").rglob("*_org.png"))))
+    assert figure.shape == (rows * size, 3 * size, 3)  # input | reconstruction | mask, one row per test image

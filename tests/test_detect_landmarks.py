@@ -9,8 +9,9 @@ import cv2
 import numpy as np
 import pytest
 
+from utils.cli import cli_main
 from utils.data.image_io import read_image_rgb, read_mask, write_image_rgb, write_mask
-from utils.errors import DataError
+from utils.errors import DataError, MofaError
 from utils.landmarks_csv import read_landmarks_csv
 from utils.prepare import detect_landmarks as dl
 
@@ -32,11 +33,13 @@ COLOURS = [(255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 0), (0, 255, 255)]
 
 
 def _landmarks_with_five(five: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """68 random points whose `five_points` are exactly `five` (eye rings centred on the eye points)."""
+    """68 random points whose `five_points` are exactly `five` (eye corners centred on the eye points)."""
     points = rng.uniform(-20, 20, size=(68, 2)) + five.mean(0)
     for eye, lo in ((0, 36), (1, 42)):
         ring = rng.normal(size=(6, 2)) * 3
-        points[lo : lo + 6] = five[eye] + ring - ring.mean(0)
+        points[lo : lo + 6] = five[eye] + ring
+        half = rng.normal(size=2) * 3
+        points[lo], points[lo + 3] = five[eye] - half, five[eye] + half  # the corners: their mean is the centre
     points[30], points[48], points[54] = five[2], five[3], five[4]
     return points
 
@@ -48,12 +51,12 @@ def _similarity(angle_deg: float, scale: float, shift: tuple[float, float]) -> n
 
 
 def test_five_points_definition():
-    points = np.arange(136, dtype=np.float64).reshape(68, 2)
+    points = np.random.default_rng(0).uniform(0, 100, size=(68, 2))
     five = dl.five_points(points)
-    np.testing.assert_allclose(five[0], points[36:42].mean(0))
-    np.testing.assert_allclose(five[1], points[42:48].mean(0))
+    np.testing.assert_allclose(five[0], (points[36] + points[39]) / 2)  # G2: the mean of the eye corners
+    np.testing.assert_allclose(five[1], (points[42] + points[45]) / 2)
     np.testing.assert_allclose(five[2:], points[[30, 48, 54]])
-    with pytest.raises(DataError, match=r"\(68, 2\)"):
+    with pytest.raises(MofaError, match=r"68, 2\)"):
         dl.five_points(points[:5])
 
 
@@ -123,15 +126,18 @@ def test_split_parsing_and_seeded_split():
 def test_missing_extra_gives_the_install_hint(tmp_path, monkeypatch, capsys):
     write_image_rgb(tmp_path / "raw" / "a.png", np.zeros((8, 8, 3), np.uint8))
     monkeypatch.setitem(sys.modules, "dlib", None)  # makes `import dlib` raise ImportError
-    assert dl.main(["--images", str(tmp_path / "raw"), "--out", str(tmp_path / "root")]) == 2
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(dl.main, ["--images", str(tmp_path / "raw"), "--out", str(tmp_path / "root")])
+    assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "pip install -r requirements-landmarks.txt" in err
 
 
 def test_cli_rejects_writing_over_its_input(tmp_path, capsys):
     (tmp_path / "root" / "Dataset").mkdir(parents=True)
-    assert dl.main(["--images", str(tmp_path / "root" / "Dataset"), "--out", str(tmp_path / "root")]) == 2
-    assert "write to a new image root" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(dl.main, ["--images", str(tmp_path / "root" / "Dataset"), "--out", str(tmp_path / "root")])
+    assert exit_info.value.code == 2 and "write to a new image root" in capsys.readouterr().err
 
 
 @needs_dlib

@@ -18,7 +18,7 @@ import torch
 
 from models.face_model import FaceModel
 from models.layout import CoeffLayout
-from tests.evaluate_segmentation import evaluate, main
+from tests.evaluate_segmentation import main
 from tests.helpers import assert_close
 from utils import cli
 from utils.data.datasets import FaceDataset
@@ -33,6 +33,7 @@ from utils.evaluation.evaluate import (
     load_stage,
     predict_masks,
     read_ground_truth,
+    run_evaluation,
     summarise_rows,
     true_landmarks,
 )
@@ -123,7 +124,7 @@ def setup(tmp_path_factory, tiny_bfm_h5) -> dict:
 
 
 def run_eval(setup: dict, out: Path, *extra: str) -> dict:
-    return evaluate(["--img_path", str(setup["img_path"]), "--save_root", str(setup["save_root"]),
+    return run_evaluation(["--img_path", str(setup["img_path"]), "--save_root", str(setup["save_root"]),
                      "--bfm", str(setup["bfm"]), "--device", "cpu", "--out", str(out), *extra])
 
 

@@ -6,6 +6,7 @@ import cv2
 import numpy as np
 import pytest
 
+from utils.cli import cli_main
 from utils.data.image_io import read_image_rgb, read_mask, write_image_rgb
 from utils.errors import DataError
 from utils.prepare import ar_gt, celebamask_gt
@@ -92,8 +93,9 @@ def test_celebamask_cli(tmp_path, capsys):
     np.testing.assert_array_equal(mask, expected.astype(np.float32))
     assert celebamask_gt.main(["--celeba_root", str(tmp_path / "celeba"), "--out", str(out), "--ids", "2"]) == 0
     assert read_mask(out / "Dataset" / "2_visible_skin_mask.png").shape == (64, 64)  # native image size
-    assert celebamask_gt.main(["--celeba_root", str(tmp_path / "nowhere"), "--out", str(out)]) == 2
-    assert "CelebA-HQ-img" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(celebamask_gt.main, ["--celeba_root", str(tmp_path / "nowhere"), "--out", str(out)])
+    assert exit_info.value.code == 2 and "CelebA-HQ-img" in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------- AR
@@ -169,5 +171,6 @@ def test_ar_cli(tmp_path, capsys):
     np.testing.assert_array_equal(read_mask(out / "Dataset" / "m-001-21_visible_skin_mask.png"), expected)
     np.testing.assert_array_equal(read_mask(out / "Dataset" / "m-001-24_visible_skin_mask.png"), expected)
     assert (out / "ar_categories.csv").read_text() == "m-001-21.png,sunglasses\nm-001-24.png,scarf\n"
-    assert ar_gt.main(["--images", str(images), "--labels", str(images), "--out", str(out)]) == 2
-    assert "different folders" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(ar_gt.main, ["--images", str(images), "--labels", str(images), "--out", str(out)])
+    assert exit_info.value.code == 2 and "different folders" in capsys.readouterr().err

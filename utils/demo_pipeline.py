@@ -21,7 +21,10 @@ import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+from utils.cli import cli_main, repo_root
+from utils.evaluation.evaluate import run_evaluation
+
+REPO = repo_root()
 
 DEMO = {
     "num_images": 1200,
@@ -76,11 +79,9 @@ def main(argv=None) -> int:
         t = time.time()
         run([script, *common, *extra])
         timings[name] = round(time.time() - t, 1)
-    sys.path.insert(0, str(REPO / "tests"))
-    from evaluate_segmentation import evaluate  # noqa: E402  (a script in tests/, imported for its function)
     results = {}
     for key, stage in STAGES.items():
-        summary = evaluate(["--img_path", str(data), "--split", "test", "--save_root", str(save_root),
+        summary = run_evaluation(["--img_path", str(data), "--split", "test", "--save_root", str(save_root),
                             "--bfm", args.bfm, "--device", args.device, "--stage", stage,
                             "--out", str(out / key), *(["--save_images"] if stage == "step4" else [])])
         results[key] = {m: v["mean"] for m, v in summary["paper_protocol"].items()}
@@ -115,4 +116,4 @@ def write_figure(path: Path, images_dir: Path, rows: int = 8) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    cli_main(main)

@@ -16,9 +16,9 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
+from models.landmarks68 import N_LANDMARKS
 from utils.errors import DataError
 
-N_LANDMARKS = 68
 N_FIELDS = 1 + 2 * N_LANDMARKS
 
 LandmarkRow = tuple[str, np.ndarray]

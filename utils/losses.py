@@ -10,8 +10,8 @@ Notation used in every docstring:
 
 No function holds weights. The weights of each step live in a frozen dataclass (``Step1Weights``,
 ``Step4UNetWeights``, ``Step4MoFAWeights``) whose defaults are the G2 (FOCUS-era) values and whose ``g1()``
-classmethod gives the G1 ("To fit or not to fit" release) values; ``weighted_sum`` is the one place where they
-are applied.
+classmethod gives the G1 ("To fit or not to fit" release) values; ``PRESETS`` bundles them with the landmark weights
+and the other G1/G2 switches (``--loss_preset``); ``weighted_sum`` is the one place where they are applied.
 """
 from __future__ import annotations
 
@@ -260,6 +260,31 @@ class Step4MoFAWeights:
     @classmethod
     def g1(cls) -> "Step4MoFAWeights":
         return cls(rec=4.0, identity=0.5, reg=0.01 / 1.5, landmark=0.01, area=0.5)
+
+
+@dataclass(frozen=True)
+class LossPreset:
+    """Everything ``--loss_preset`` selects, in one place (Steps 1 and 4 read it; reference 8.1, 8.3 and 10).
+
+    step1 / step4_unet / step4_mofa: the weights of each step's terms; landmark_weights: the (68,) per-point
+    weights (squared constants, see LANDMARK_WEIGHTS_G1); neighbour_radius: 1 = G1's 3x3 window, 2 = G2's 5x5;
+    step4_lr_scale: the factor on Step 4's learning-rate base (G2 multiplies it by 0.8).
+    """
+    step1: Step1Weights
+    step4_unet: Step4UNetWeights
+    step4_mofa: Step4MoFAWeights
+    landmark_weights: tuple[float, ...]
+    neighbour_radius: int
+    step4_lr_scale: float
+
+
+PRESETS: dict[str, LossPreset] = {
+    "g2": LossPreset(Step1Weights(), Step4UNetWeights(), Step4MoFAWeights(), LANDMARK_WEIGHTS_G2,
+                     neighbour_radius=2, step4_lr_scale=0.8),
+    "g1": LossPreset(Step1Weights.g1(), Step4UNetWeights.g1(), Step4MoFAWeights.g1(), LANDMARK_WEIGHTS_G1,
+                     neighbour_radius=1, step4_lr_scale=1.0),
+}
+"""``--loss_preset`` name -> preset; "g2" (the FOCUS-era code) is the default."""
 
 
 def weighted_sum(terms: Mapping[str, torch.Tensor | None], weights: object) -> torch.Tensor:

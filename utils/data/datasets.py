@@ -1,8 +1,8 @@
 """Face images + 68 landmarks from an image root (see utils/data/image_root.py for the layout).
 
 Images are expected to be pre-aligned square face crops (``python -m utils.prepare.detect_landmarks`` produces
-them from raw photos). Any size is accepted: each image is resized to ``S x S`` (``cv2.INTER_AREA`` when
-shrinking, ``cv2.INTER_LINEAR`` when enlarging) and its landmarks are scaled with it. A non-square image
+them from raw photos). Any size is accepted: each image is resized to ``S x S`` (`image_io.resize_image`: area
+averaging when shrinking, bilinear when enlarging) and its landmarks are scaled with it. A non-square image
 is stretched, each axis scaled separately (x by S/W, y by S/H), exactly as the original code did.
 
 Everything returned stays on the CPU, so ``DataLoader(num_workers > 0)`` works; move batches to the device
@@ -19,18 +19,10 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from utils.data.image_io import read_image_rgb, read_mask
-from utils.data.image_root import ImageRoot
+from utils.data.image_io import read_image_rgb, read_mask, resize_image
+from utils.data.image_root import ImageRoot, gt_mask_path
 from utils.errors import DataError
 from utils.landmarks_csv import read_landmarks_csv
-
-GT_MASK_SUFFIX = "_visible_skin_mask.png"
-
-
-def gt_mask_path(image_path: str | Path) -> Path:
-    """Path of the GT visible-skin mask beside an image: ``dir/X.jpg`` -> ``dir/X_visible_skin_mask.png``."""
-    image_path = Path(image_path)
-    return image_path.with_name(image_path.stem + GT_MASK_SUFFIX)
 
 
 def scale_landmarks(landmarks: np.ndarray, src_hw: tuple[int, int], dst_hw: tuple[int, int]) -> np.ndarray:
@@ -41,15 +33,6 @@ def scale_landmarks(landmarks: np.ndarray, src_hw: tuple[int, int], dst_hw: tupl
     """
     scale = np.array([dst_hw[1] / src_hw[1], dst_hw[0] / src_hw[0]], dtype=np.float64)
     return ((np.asarray(landmarks, dtype=np.float64) + 0.5) * scale - 0.5).astype(np.float32)
-
-
-def resize_image(image: np.ndarray, size: int) -> np.ndarray:
-    """Resize ``(H, W[, C])`` to ``(size, size[, C])``: area averaging when shrinking both axes, else bilinear."""
-    height, width = image.shape[:2]
-    if (height, width) == (size, size):
-        return image
-    shrinking = size <= height and size <= width
-    return cv2.resize(image, (size, size), interpolation=cv2.INTER_AREA if shrinking else cv2.INTER_LINEAR)
 
 
 class FaceDataset(Dataset):
@@ -112,7 +95,7 @@ class FaceDataset(Dataset):
         image = read_image_rgb(image_path)
         size = self.image_size
         landmarks = scale_landmarks(landmarks, image.shape[:2], (size, size))
-        image = resize_image(image, size)
+        image = resize_image(image, size, size)
         item: dict[str, Any] = {
             "image": torch.from_numpy(image).permute(2, 0, 1).float().div_(255.0),
             "landmarks": torch.from_numpy(landmarks),

@@ -46,13 +46,20 @@ def read_mask(path: str | Path) -> np.ndarray:
     return (mask.astype(np.float32) >= 0.5 * full_scale).astype(np.float32)
 
 
+def resize_image(image: np.ndarray, height: int, width: int) -> np.ndarray:
+    """Resize ``(H, W[, C])`` to ``(height, width[, C])``: area averaging when shrinking both axes, else bilinear.
+
+    The project's one resize rule for images and masks (an image of the right size is returned as is).
+    """
+    if image.shape[:2] == (height, width):
+        return image
+    shrinking = height <= image.shape[0] and width <= image.shape[1]
+    return cv2.resize(image, (width, height), interpolation=cv2.INTER_AREA if shrinking else cv2.INTER_LINEAR)
+
+
 def resize_mask(mask: np.ndarray, height: int, width: int) -> np.ndarray:
-    """Resize a ``(H, W)`` {0, 1} mask smoothly (area when shrinking, else bilinear) and re-binarise at 0.5."""
-    if mask.shape == (height, width):
-        return mask.astype(np.float32)
-    shrinking = height <= mask.shape[0] and width <= mask.shape[1]
-    interpolation = cv2.INTER_AREA if shrinking else cv2.INTER_LINEAR
-    resized = cv2.resize(mask.astype(np.float32), (width, height), interpolation=interpolation)
+    """Resize a ``(H, W)`` {0, 1} mask with `resize_image` and re-binarise at 0.5: ``(height, width)`` float32."""
+    resized = resize_image(mask.astype(np.float32), height, width)
     return (resized >= 0.5).astype(np.float32)
 
 
@@ -103,24 +110,3 @@ def write_mask(path: str | Path, mask: np.ndarray | torch.Tensor) -> None:
         raise DataError(f"write_mask({path}): expected (H, W) or (1, H, W), got {array.shape}")
     binary = (array.astype(np.float32) >= (127.5 if array.dtype == np.uint8 else 0.5)).astype(np.uint8) * 255
     _write(path, binary)
-
-
-def tile_images(images: torch.Tensor, ncols: int = 10) -> torch.Tensor:
-    """Arrange ``(B, 3, H, W)`` images row-major in a grid of `ncols` columns -> ``(3, rows*H, ncols*W)``.
-
-    Empty cells of the last row are black. ``ncols`` is capped at B.
-    """
-    if images.ndim != 4 or images.shape[1] not in (1, 3):
-        raise DataError(f"tile_images: expected (B, 3, H, W), got {tuple(images.shape)}")
-    batch, channels, height, width = images.shape
-    ncols = max(1, min(ncols, batch))
-    nrows = -(-batch // ncols)
-    grid = images.new_zeros(nrows * ncols, channels, height, width)
-    grid[:batch] = images
-    grid = grid.reshape(nrows, ncols, channels, height, width).permute(2, 0, 3, 1, 4)  # (C, rows, H, cols, W)
-    return grid.reshape(channels, nrows * height, ncols * width)
-
-
-def write_tiled_image(path: str | Path, images: torch.Tensor, ncols: int = 10) -> None:
-    """Write ``(B, 3, H, W)`` float RGB [0, 1] images as one grid image (see `tile_images`)."""
-    write_image_rgb(path, tile_images(images.detach().float().cpu(), ncols).clamp(0.0, 1.0))

@@ -19,10 +19,44 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
+
 from utils.errors import DataError
 
 SPLITS = ("train", "val", "test", "all")
 DATASET_DIRNAME = "Dataset"
+GT_MASK_SUFFIX = "_visible_skin_mask.png"
+
+
+def gt_mask_path(image_path: str | Path) -> Path:
+    """Path of the GT visible-skin mask beside an image: ``dir/X.jpg`` -> ``dir/X_visible_skin_mask.png``."""
+    image_path = Path(image_path)
+    return image_path.with_name(image_path.stem + GT_MASK_SUFFIX)
+
+
+def split_indices(n: int, fractions: tuple[float, float, float], seed: int) -> dict[str, list[int]]:
+    """The project's one train/val/test split rule (synthetic benchmark and ``detect_landmarks``).
+
+    A seeded permutation of ``range(n)`` (``numpy.random.default_rng([seed, 2])``) is cut into val, test and train,
+    in that order. val and test get ``round(fraction * n)`` images each, at least one when their fraction is
+    positive and ``n >= 3``; train gets the rest (when the train fraction is 0 the rest goes to test, or to val).
+    Returns ``{"train", "val", "test"} -> sorted indices`` and ``"all" -> range(n)``.
+    """
+    f_train, f_val, f_test = fractions
+    counts = {}
+    for name, fraction in (("val", f_val), ("test", f_test)):
+        count = round(fraction * n)
+        counts[name] = max(count, 1) if fraction > 0 and n >= 3 else count
+    counts["val"] = min(counts["val"], n)
+    counts["test"] = min(counts["test"], n - counts["val"])
+    rest = n - counts["val"] - counts["test"]
+    if f_train <= 0 and rest:
+        counts["test" if f_test > 0 else "val"] += rest
+    order = np.random.default_rng([seed, 2]).permutation(n)
+    cut_val, cut_test = counts["val"], counts["val"] + counts["test"]
+    parts = {"val": order[:cut_val], "test": order[cut_val:cut_test], "train": order[cut_test:]}
+    splits = {name: sorted(int(i) for i in parts[name]) for name in ("train", "val", "test")}
+    return {**splits, "all": list(range(n))}
 
 
 def _csv_names(split: str) -> tuple[str, str]:

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from utils.atomic_write import atomic_write
 from utils.data.image_io import read_image_rgb, read_mask, write_image_rgb, write_mask
 from utils.errors import DataError
 
@@ -37,12 +38,10 @@ def write_sample(out_dir: Path, stem: str, image: torch.Tensor, raster: torch.Te
 
 def write_list(path: Path, rows: list[tuple[str, str]]) -> None:
     """Write a list CSV of ``(stem, source filename)`` rows, atomically."""
-    tmp = path.with_suffix(".csv.tmp")
-    with open(tmp, "w", newline="") as fh:
+    with atomic_write(path, "w", newline="") as fh:
         writer = csv.writer(fh)
         writer.writerow(["stem", "source"])
         writer.writerows(rows)
-    tmp.replace(path)
 
 
 def read_list(path: Path) -> list[str]:

@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import csv
 import re
-import sys
 from pathlib import Path
 from typing import Mapping
 
@@ -38,9 +37,11 @@ import cv2
 import numpy as np
 from tqdm import tqdm
 
-from utils.data.image_io import read_image_rgb, resize_mask, write_image_rgb, write_mask
+from utils.cli import cli_main
+from utils.data.image_io import read_image_rgb
 from utils.data.image_root import ImageRoot
-from utils.errors import DataError, MofaError
+from utils.errors import DataError
+from utils.prepare.gt_writer import write_gt_pair
 
 LABEL_COLOURS: dict[str, tuple[int, int, int]] = {
     "hair": (0, 255, 0),
@@ -136,16 +137,7 @@ def convert_pair(image_path: Path, label_path: Path, image_root: ImageRoot, size
     label = read_image_rgb(label_path)
     if label.shape[:2] != image.shape[:2]:
         label = cv2.resize(label, image.shape[1::-1], interpolation=cv2.INTER_NEAREST)
-    mask = ar_visible_skin(label, tolerance=tolerance)
-    height, width = (size, size) if size else image.shape[:2]
-    if image.shape[:2] != (height, width):
-        interpolation = cv2.INTER_AREA if height <= image.shape[0] and width <= image.shape[1] else cv2.INTER_LINEAR
-        image = cv2.resize(image, (width, height), interpolation=interpolation)
-        mask = resize_mask(mask, height, width)
-    filename = f"{image_path.stem}.png"
-    write_image_rgb(image_root.dataset_dir / filename, image)
-    write_mask(image_root.dataset_dir / f"{image_path.stem}_visible_skin_mask.png", mask)
-    return filename
+    return write_gt_pair(image_root, image_path.stem, image, ar_visible_skin(label, tolerance=tolerance), size)
 
 
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -182,11 +174,7 @@ def run(args: argparse.Namespace) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parse_args(argv)
-    try:
-        written = run(args)
-    except MofaError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    written = run(args)
     out = ImageRoot(args.out)
     print(f"wrote {len(written)} images + visible-skin masks to {out.dataset_dir}")
     print(f"categories: {out.root / 'ar_categories.csv'}")
@@ -196,4 +184,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    cli_main(main)

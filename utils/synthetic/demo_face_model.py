@@ -32,15 +32,16 @@ CLI: `python -m utils.synthetic.demo_face_model --out basel_3DMM/demo_face_model
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 import numpy as np
+from scipy.interpolate import CubicSpline
 
+from models.face_model import analytic_crop_mask
+from utils.cli import cli_main, repo_path
 from utils.errors import MofaError
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_OUT = REPO_ROOT / "basel_3DMM" / "demo_face_model.h5"
+DEFAULT_OUT = repo_path("basel_3DMM/demo_face_model.h5")
 DEFAULT_TARGET_VERTICES = 5000
 BFM_SIZE_VERTICES = 53000
 VERTEX_RANGE = (500, 250_000)
@@ -95,22 +96,10 @@ def _ellipse_ray(theta: np.ndarray, a: np.ndarray, c: np.ndarray, ze: np.ndarray
 
 def _natural_spline(table: np.ndarray, t: np.ndarray) -> np.ndarray:
     """Natural cubic spline (C2: no shading creases) through the rows of `table (M, 1 + C)` = (knot, values...),
-    evaluated at `t` clipped to the knot range. Returns `t.shape + (C,)`."""
-    knots, values = table[:, 0], table[:, 1:]
-    h = np.diff(knots)
-    system = np.zeros((len(knots), len(knots)))
-    system[0, 0] = system[-1, -1] = 1.0
-    rhs = np.zeros_like(values)
-    for i in range(1, len(knots) - 1):
-        system[i, i - 1:i + 2] = h[i - 1], 2.0 * (h[i - 1] + h[i]), h[i]
-        rhs[i] = 6.0 * ((values[i + 1] - values[i]) / h[i] - (values[i] - values[i - 1]) / h[i - 1])
-    curvature = np.linalg.solve(system, rhs)  # (M, C) second derivatives at the knots
-    t = np.clip(t, knots[0], knots[-1])
-    i = np.clip(np.searchsorted(knots, t) - 1, 0, len(knots) - 2)
-    b = ((t - knots[i]) / h[i])[..., None]
-    a, hi = 1.0 - b, h[i][..., None]
-    return (a * values[i] + b * values[i + 1]
-            + ((a**3 - a) * curvature[i] + (b**3 - b) * curvature[i + 1]) * hi**2 / 6.0)
+    evaluated at `t` clipped to the knot range (`scipy.interpolate.CubicSpline`). Returns `t.shape + (C,)`."""
+    knots = table[:, 0]
+    spline = CubicSpline(knots, table[:, 1:], axis=0, bc_type="natural")
+    return spline(np.clip(t, knots[0], knots[-1]))
 
 
 def _body_radius(theta: np.ndarray, y: np.ndarray) -> np.ndarray:
@@ -266,20 +255,6 @@ def vertex_normals(points: np.ndarray, faces: np.ndarray) -> np.ndarray:
     return summed / np.maximum(np.linalg.norm(summed, axis=1, keepdims=True), 1e-12)
 
 
-def g1_crop_keep(points: np.ndarray, scale: float = 1.0, c4_min: float = 20.0) -> np.ndarray:
-    """Vertices `(N,)` bool inside the G1 analytic crop (section 4.3) of the un-recentred mean `points (N, 3)`.
-
-    `scale < 1` shrinks the three cones and `c4_min > 20` moves the back plane forward (a safety margin).
-    """
-    x, y, z = points[:, 0], points[:, 1], points[:, 2]
-    with np.errstate(divide="ignore", invalid="ignore"):
-        xz2 = (x / z) ** 2
-        c1 = xz2 / (100.0 * scale) ** 2 + (y / z) ** 2 / (0.75 * scale) ** 2 <= 1.0
-        c2 = xz2 / (100.0 * scale) ** 2 + ((y + 18.0) / z) ** 2 / (0.62 * scale) ** 2 <= 1.0
-        c3 = xz2 / (3.2 * scale) ** 2 + ((y - 25.0) / z) ** 2 / (0.92 * scale) ** 2 <= 1.0
-    return (c1 | c2 | c3) & (z + 0.05 * y > c4_min)
-
-
 # iBUG-68 mirror partner of every landmark (subject's right <-> left; midline points map to themselves).
 IBUG_MIRROR = np.array(
     [16, 15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0,  # jaw
@@ -324,7 +299,7 @@ def select_landmarks(points: np.ndarray, faces: np.ndarray, n_rows: int, n_cols:
     """
     mid = (n_cols - 1) // 2
     cols = np.arange(points.shape[0]) % n_cols
-    usable = g1_crop_keep(points, scale=0.92, c4_min=26.0) & (vertex_normals(points, faces)[:, 2] > 0.2)
+    usable = analytic_crop_mask(points, scale=0.92, c4_min=26.0) & (vertex_normals(points, faces)[:, 2] > 0.2)
     landmarks = np.full(68, -1, dtype=np.int64)
     for i, (x, y) in _landmark_targets().items():
         allowed = usable & ((cols == mid) if x == 0 else (cols <= mid))
@@ -561,7 +536,7 @@ def build_demo_face_model(target_vertices: int = DEFAULT_TARGET_VERTICES, seed: 
     designed = surface_points(cols[None, :], rows[:, None]).reshape(-1, 3)  # (N, 3) shape mean + exp mean
     faces = grid_faces(len(rows), len(cols))
     landmarks = select_landmarks(designed, faces, len(rows), len(cols))
-    face = g1_crop_keep(designed)
+    face = analytic_crop_mask(designed)
     rng = np.random.default_rng(seed)
     expression = _expression_semantic(designed)
     smile = expression[:, 1].reshape(-1, 3)
@@ -614,14 +589,10 @@ def main(argv: list[str] | None = None) -> int:
                              f"{BFM_SIZE_VERTICES} gives a BFM-sized mesh)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random bases (default 0)")
     args = parser.parse_args(argv)
-    try:
-        path = write_demo_face_model(args.out, args.target_vertices, args.seed)
-    except MofaError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    path = write_demo_face_model(args.out, args.target_vertices, args.seed)
     print(f"wrote {path}")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    cli_main(main)

@@ -41,7 +41,6 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import math
 import re
 import time
 from dataclasses import asdict, dataclass, replace
@@ -56,24 +55,22 @@ from models.camera import CameraConfig
 from models.face_model import FaceModel
 from models.layout import N_SH_BASIS, SH_INIT, CoeffLayout
 from models.renderer import FaceRenderer
+from models.shading import sh_basis
 from utils.cli import RepoDefault, cli_main, resolve_cli_path, resolve_device
 from utils.data.image_io import write_image_rgb, write_mask
-from utils.data.image_root import ImageRoot
+from utils.data.image_root import GT_MASK_SUFFIX, ImageRoot, gt_mask_path, split_indices
 from utils.errors import DataError
 from utils.landmarks_csv import write_landmarks_csv
 from utils.synthetic.occluders import AR_OCCLUDERS, CELEBA_OCCLUDERS, TextureBank, draw_occluder, value_noise
 
 DEFAULT_DEMO_BFM = "basel_3DMM/demo_face_model.h5"
 OCCLUSION_MODES = ("mixed", "none", "ar", "celeba")
-SPLIT_SHARES = {"val": 0.1, "test": 0.1}
-MASK_SUFFIX = "_visible_skin_mask.png"
+SPLIT_FRACTIONS = (0.8, 0.1, 0.1)  # train, val, test
 REFERENCE_SIZE = 224
 RENDER_DTYPE = torch.float64
 """Faces are rendered in float64 so that an image does not depend on the batch it was rendered in: in float32 the
 matrix products differ in the last bits with the batch composition (~1e-5 px), enough to flip a rounded digit."""
-_Y00 = 1.0 / math.sqrt(4.0 * math.pi)  # SH basis (0, 0)
-_Y1 = math.sqrt(3.0 / (4.0 * math.pi))  # |SH basis (1, m)| per normal component
-_OWN_FILE = re.compile(r"^\d{5,}(_visible_skin_mask)?\.png$")
+_OWN_FILE = re.compile(r"^\d{5,}(" + re.escape(GT_MASK_SUFFIX) + r"|\.png)$")
 
 
 @dataclass(frozen=True)
@@ -114,6 +111,13 @@ class SceneRanges:
 
 # ----- sampling -------------------------------------------------------------------------------------------------
 
+def _sh_bands01() -> tuple[float, np.ndarray]:
+    """The renderer's SH basis (`models.shading.sh_basis`) read off at the three axes: ``Y_00`` and the ``(3, 3)``
+    map from a direction ``l`` to the band-1 coefficients whose irradiance is ``n . l`` (band 1 is linear in n)."""
+    at_axes = sh_basis(torch.eye(3, dtype=torch.float64)[None])[0].numpy()  # (axis, 9)
+    return float(at_axes[0, 0]), np.linalg.inv(at_axes[:, 1:4])
+
+
 def sample_light(rng: np.random.Generator, ranges: SceneRanges) -> np.ndarray:
     """SH light offsets ``(27,)`` (index 9c + k; the renderer adds `SH_INIT`) for a plausible, mostly positive light.
 
@@ -128,10 +132,11 @@ def sample_light(rng: np.random.Generator, ranges: SceneRanges) -> np.ndarray:
     beta = rng.uniform(*ranges.directional) * (1.0 + rng.uniform(-0.15, 0.15, 3))
     default_dc = np.asarray(SH_INIT, dtype=np.float64).reshape(3, N_SH_BASIS)[:, 0]  # (3,)
     dc = default_dc * gain / (1.0 + 0.5 * beta * np.cos(theta))
-    ambient = dc * _Y00
+    y00, band1 = _sh_bands01()
+    ambient = dc * y00
     sh = np.zeros((3, N_SH_BASIS))
     sh[:, 0] = dc
-    sh[:, 1:4] = (beta * ambient / _Y1)[:, None] * np.array([-ly, lz, -lx])  # basis order: -y, z, -x
+    sh[:, 1:4] = (beta * ambient)[:, None] * (band1 @ np.array([lx, ly, lz]))[None, :]
     sh[:, 4:] = rng.normal(0.0, ranges.band2, (3, 5)) * ambient[:, None]
     return (sh.reshape(-1) - np.asarray(SH_INIT)).astype(np.float32)
 
@@ -296,22 +301,15 @@ def generate_batch(ids: range, seed: int, occlusion: str, renderer: FaceRenderer
             rgb[k], coverage[k], landmarks[k], categories[k], rngs[k], textures, ranges)
         filename = f"{index:05d}.png"
         write_image_rgb(dataset_dir / filename, image)
-        write_mask(dataset_dir / f"{index:05d}{MASK_SUFFIX}", visible)
+        write_mask(gt_mask_path(dataset_dir / filename), visible)
         records.append(SampleRecord(filename, coeffs[k], noisy, categories[k], fraction, visible_lms))
     return records
 
 
 def split_ids(num: int, seed: int) -> dict[str, list[int]]:
-    """Deterministic split of ``range(num)``: 10 % val, 10 % test (at least 1 each from 3 images), rest train.
-
-    Returns ``{"train", "val", "test", "all"} -> sorted ids``.
-    """
-    order = np.random.default_rng([seed, 2]).permutation(num)
-    counts = {name: (max(1, int(round(share * num))) if num >= 3 else 0) for name, share in SPLIT_SHARES.items()}
-    val, test = order[:counts["val"]], order[counts["val"]:counts["val"] + counts["test"]]
-    train = order[counts["val"] + counts["test"]:]
-    return {"train": sorted(map(int, train)), "val": sorted(map(int, val)), "test": sorted(map(int, test)),
-            "all": list(range(num))}
+    """The split of ``range(num)``: `utils.data.image_root.split_indices` with `SPLIT_FRACTIONS` (10 % val, 10 %
+    test, at least 1 each from 3 images on, the rest train). Returns ``{"train", "val", "test", "all"} -> ids``."""
+    return split_indices(num, SPLIT_FRACTIONS, seed)
 
 
 def coefficient_columns(layout: CoeffLayout) -> list[str]:

@@ -7,7 +7,6 @@ model's identity, which is checked against the ``--bfm`` file given now.
 from __future__ import annotations
 
 import logging
-import shutil
 from pathlib import Path
 
 import torch
@@ -19,7 +18,8 @@ from models.layout import CoeffLayout
 from models.mofa import MoFA
 from models.renderer import FaceRenderer
 from models.unet import UNet
-from utils.training.checkpoint import CheckpointError, load_checkpoint, load_model_state
+from utils.atomic_write import atomic_copy
+from utils.training.checkpoint import LATEST_NAME, CheckpointError, load_checkpoint, load_model_state
 
 log = logging.getLogger(__name__)
 
@@ -112,11 +112,7 @@ def load_unet(payload: dict, width: int, path: Path, device: torch.device) -> UN
 
 def mark_final(out_dir: Path) -> Path:
     """Copy ``latest.pt`` to ``final.pt`` atomically: the file the next step reads by default."""
-    src, dst = Path(out_dir) / "latest.pt", Path(out_dir) / FINAL_NAME
-    tmp = dst.with_suffix(".pt.tmp")
-    shutil.copyfile(src, tmp)
-    tmp.replace(dst)
-    return dst
+    return atomic_copy(Path(out_dir) / LATEST_NAME, Path(out_dir) / FINAL_NAME)
 
 
 def _describe(cfg: dict) -> str:

@@ -5,26 +5,24 @@ A checkpoint is one ``torch.save``d dict:
      "schedulers": {name: state_dict}, "config": dict (JSON-able, the resolved run config),
      "rng": {"torch", "cuda", "numpy", "python"}, "extra": dict or None}
 It contains only tensors and plain Python values, so it is loaded with ``torch.load(weights_only=True)``.
-Every file is written to a temporary file in the same directory, fsynced, then moved into place with
-``os.replace``: a crash mid-write leaves the previous file intact.
+Every file is written atomically (`utils.atomic_write`: a temporary file in the same directory, fsynced, then moved
+into place with ``os.replace``): a crash mid-write leaves the previous file intact.
 """
 from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import random
 import re
-import shutil
-import tempfile
 from argparse import Namespace
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Mapping
 
 import numpy as np
 import torch
 from torch import nn
 
+from utils.atomic_write import atomic_copy, atomic_write
 from utils.errors import MofaError
 
 FORMAT = "mofa-ckpt-v1"
@@ -35,23 +33,6 @@ _CKPT_RE = re.compile(r"^ckpt_(\d+)\.pt$")
 
 class CheckpointError(MofaError):
     """A checkpoint is missing, unreadable, of another format, or does not fit the networks."""
-
-
-def _atomic_write(path: Path, write: Callable[[Any], None]) -> None:
-    """Call ``write(binary file)`` on a temp file beside ``path``, fsync it and rename it over ``path``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def _reject_modules(obj: Any, where: str = "payload") -> None:
@@ -68,7 +49,8 @@ def _reject_modules(obj: Any, where: str = "payload") -> None:
 def save_checkpoint(path: str | Path, payload: dict) -> None:
     """Write ``payload`` to ``path`` atomically (temp file in the same directory, fsync, os.replace)."""
     _reject_modules(payload)
-    _atomic_write(Path(path), lambda f: torch.save(payload, f))
+    with atomic_write(path) as f:
+        torch.save(payload, f)
 
 
 def config_to_dict(config: Any) -> dict:
@@ -138,14 +120,10 @@ def save_training_state(directory: str | Path, step: int, models: Mapping[str, n
     path = directory / f"ckpt_{int(step):06d}.pt"
     save_checkpoint(path, payload)
     if keep_latest:
-        _atomic_write(directory / LATEST_NAME, lambda f: _copy_into(path, f))
-    _atomic_write(directory / CONFIG_NAME, lambda f: f.write((json.dumps(cfg, indent=2) + "\n").encode()))
+        atomic_copy(path, directory / LATEST_NAME)
+    with atomic_write(directory / CONFIG_NAME, "w") as f:
+        f.write(json.dumps(cfg, indent=2) + "\n")
     return path
-
-
-def _copy_into(src: Path, f) -> None:
-    with open(src, "rb") as s:
-        shutil.copyfileobj(s, f)
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu", hint: str | None = None) -> dict:

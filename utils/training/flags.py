@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 
 from utils.cli import DEFAULT_BFM, DEFAULT_SAVE_ROOT, RepoDefault
+from utils.losses import PRESETS
 
 ENCODERS = ("resnet50", "resnet18", "resnet34")
 
@@ -45,3 +46,9 @@ def add_training_args(parser: argparse.ArgumentParser, *, lr: float, epochs: int
                    help="bfloat16 autocast for the encoder and the UNet on CUDA (the renderer stays float32)")
     g.add_argument("--optimizer", choices=("adadelta", "adam"), default="adadelta",
                    help="Adadelta as in the paper (default), or Adam for short runs such as the demo")
+
+
+def add_loss_preset_arg(parser: argparse.ArgumentParser) -> None:
+    """``--loss_preset g2|g1``: the original code generation whose loss settings a step uses (`losses.PRESETS`)."""
+    parser.add_argument("--loss_preset", choices=tuple(PRESETS), default="g2",
+                        help="loss weights, landmark weights and neighbour window of the G2 (default) or G1 code")

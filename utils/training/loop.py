@@ -72,39 +72,51 @@ def due(step: int, every: int, end: int) -> bool:
 
 
 class RunningMean:
-    """Mean of scalar loss terms over the steps since the last ``reset``."""
+    """Mean of each scalar loss term over the steps since the last ``reset`` that reported it.
+
+    Every key has its own count: a term that only some steps compute (Step 4's UNet-phase and MoFA-phase terms)
+    is averaged over those steps, not diluted by the others. None values are not counted.
+    """
 
     def __init__(self) -> None:
         self.sums: dict[str, float] = {}
-        self.count = 0
+        self.counts: dict[str, int] = {}
 
     def add(self, terms: dict[str, torch.Tensor | float | None]) -> None:
         for k, v in terms.items():
             if v is not None:
                 self.sums[k] = self.sums.get(k, 0.0) + float(v.detach() if torch.is_tensor(v) else v)
-        self.count += 1
+                self.counts[k] = self.counts.get(k, 0) + 1
 
     def mean(self) -> dict[str, float]:
-        return {k: v / max(self.count, 1) for k, v in self.sums.items()}
+        return {k: v / self.counts[k] for k, v in self.sums.items()}
 
     def reset(self) -> None:
-        self.sums, self.count = {}, 0
+        self.sums, self.counts = {}, {}
+
+
+def batch_size_of(batch: dict) -> int:
+    """Images in a batch: the length of its ``"index"`` entry, which every dataset of the steps returns."""
+    if "index" not in batch:
+        raise TypeError(f"validate: a batch must carry 'index' (B,) (it has {sorted(batch)})")
+    return len(batch["index"])
 
 @torch.no_grad()
 def validate(objective, loader: DataLoader, max_batches: int = 0) -> dict[str, float]:
     """Mean of every loss term over the split (weighted by batch size); the original logged the last batch only.
 
-    ``objective(batch) -> (total, terms)``; terms that are None are left out.
+    ``objective(batch) -> (total, terms)``; terms that are None are left out. Each term is averaged over the
+    images of the batches that reported it (`batch_size_of`).
     """
     sums: dict[str, float] = {}
-    count = 0
+    counts: dict[str, int] = {}
     for i, batch in enumerate(loader):
         if max_batches and i >= max_batches:
             break
         total, terms = objective(batch)
-        n = len(next(iter(batch.values())))
+        n = batch_size_of(batch)
         for k, v in {"total": total, **terms}.items():
             if v is not None:
                 sums[k] = sums.get(k, 0.0) + float(v) * n
-        count += n
-    return {k: v / max(count, 1) for k, v in sums.items()}
+                counts[k] = counts.get(k, 0) + n
+    return {k: v / counts[k] for k, v in sums.items()}

@@ -25,6 +25,12 @@ class LossSetup:
     sigma: float = 0.043
     neighbour_radius: int = 2
 
+    @classmethod
+    def from_preset(cls, preset: losses.LossPreset, layout: CoeffLayout, image_size: int) -> "LossSetup":
+        """The setup of a ``--loss_preset`` (landmark weights, neighbour window) for ``image_size`` pixel images."""
+        return cls(layout, torch.tensor(preset.landmark_weights), landmark_scale=224.0 / image_size,
+                   neighbour_radius=preset.neighbour_radius)
+
 
 def _prior_terms(out, landmarks_gt: torch.Tensor, setup: LossSetup) -> dict:
     parts = setup.layout.split(out.coeffs)

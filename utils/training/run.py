@@ -75,8 +75,7 @@ class Run:
             torch.distributed.barrier()
 
 def start_run(args: argparse.Namespace, step: int) -> Run:
-    """Logging, process group, device, seed and the output folder (with the resolved config as JSON)."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+    """Process group, device, seed and the output folder (with the resolved config as JSON)."""
     dist = distributed.init_distributed(args.device)
     distributed.seed_everything(args.seed + dist.rank)
     out_dir = step_dir(args.save_root, step)

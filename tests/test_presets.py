@@ -1,0 +1,61 @@
+"""The G1 and G2 values behind --loss_preset (reference 8.1 item 5, 8.3 and 10), and the one switch that picks them."""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+
+import pytest
+import torch
+
+import Step1_Pretrain_MoFA as step1
+import Step4_UNet_MoFA_EM as step4
+from models.layout import CoeffLayout
+from utils import losses
+from utils.training import flags
+from utils.training.objectives import LossSetup
+
+
+def _values(weights) -> dict:
+    return dataclasses.asdict(weights)
+
+
+def test_g1_weights_of_every_dataclass():
+    g1 = losses.PRESETS["g1"]
+    assert _values(g1.step1) == {"photo": 0.5, "reg": 0.01, "landmark": 0.01, "identity": 0.25}
+    assert _values(g1.step4_unet) == {"binary": 10.0, "area": 0.5, "preserve": 2.5, "dist": 3.0, "neighbour": 15.0}
+    assert _values(g1.step4_mofa) == {"rec": 4.0, "identity": 0.5, "reg": pytest.approx(0.01 / 1.5),
+                                      "landmark": 0.01, "area": 0.5}
+    assert g1.step1 == losses.Step1Weights.g1() and g1.step4_unet == losses.Step4UNetWeights.g1()
+    assert g1.step4_mofa == losses.Step4MoFAWeights.g1()
+    assert g1.neighbour_radius == 1 and g1.step4_lr_scale == 1.0
+    # jaw 0.2, brows 0.1, the rest 1, applied inside the square in the original: squared here
+    assert g1.landmark_weights == pytest.approx([0.04] * 17 + [0.01] * 10 + [1.0] * 41)
+
+
+def test_g2_weights_are_the_defaults():
+    g2 = losses.PRESETS["g2"]
+    assert _values(g2.step1) == {"photo": 0.5, "reg": 0.1, "landmark": 5e-4, "identity": 0.25}
+    assert _values(g2.step4_unet) == {"binary": 10.0, "area": 0.5, "preserve": 0.25, "dist": 3.0, "neighbour": 15.0}
+    assert _values(g2.step4_mofa) == {"rec": 0.5, "identity": 0.25, "reg": 0.1, "landmark": 5e-4, "area": 0.06}
+    assert (g2.step1, g2.step4_unet, g2.step4_mofa) == (losses.Step1Weights(), losses.Step4UNetWeights(),
+                                                        losses.Step4MoFAWeights())
+    assert g2.neighbour_radius == 2 and g2.step4_lr_scale == 0.8
+    heavy = [j for j, w in enumerate(g2.landmark_weights) if w == 400.0]
+    assert heavy == [28, 29, 30, *range(60, 68)] and sum(w == 1.0 for w in g2.landmark_weights) == 68 - 11
+
+
+def test_steps_1_and_4_take_the_same_preset_flag():
+    for module in (step1, step4):
+        assert module.parse_args(["--img_path", "x"]).loss_preset == "g2"
+        assert module.parse_args(["--img_path", "x", "--loss_preset", "g1"]).loss_preset == "g1"
+        with pytest.raises(SystemExit):
+            module.parse_args(["--img_path", "x", "--loss_preset", "g3"])
+    parser = argparse.ArgumentParser()
+    flags.add_loss_preset_arg(parser)
+    assert parser._option_string_actions["--loss_preset"].choices == tuple(losses.PRESETS)
+
+
+def test_loss_setup_from_a_preset():
+    setup = LossSetup.from_preset(losses.PRESETS["g1"], CoeffLayout(), 112)
+    assert setup.landmark_scale == 2.0 and setup.neighbour_radius == 1
+    assert torch.equal(setup.landmark_weights, torch.tensor(losses.LANDMARK_WEIGHTS_G1))
