@@ -64,7 +64,7 @@ def train(args) -> int:
     opt = make_optimizer(args.optimizer, mofa.encoder.parameters(), args.learning_rate)
     sched = torch.optim.lr_scheduler.StepLR(opt, step_size=args.lr_step, gamma=args.lr_gamma)
     state = ({"encoder": mofa.encoder}, {"encoder": opt}, {"encoder": sched})
-    start = run.resume(*state)
+    start = run.resume(*state, spec)
     end = total_steps(args.max_iters, args.epochs, sampler.batches_per_epoch)
     columns = ["total", "photo", "landmark", "reg", "identity"]
     monitor = RunMonitor(run.out_dir, columns, start, end, run.is_main, desc="step1")

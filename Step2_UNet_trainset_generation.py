@@ -4,8 +4,9 @@
 
 With the Step-1 encoder (eval, no grad) every image of the chosen splits is reconstructed; its preliminary mask is
 the robust loss's inlier mask (reference 9): inside the rendered face and ||I - R||_RGB < 3 sigma (0.129).
-Writes <save_root>/UNet_trainset/: <stem>_org.png, <stem>_raster.png, <stem>_mask.png (PNG keeps masks binary)
-and <split>_list.csv for each split (what Step 3 reads).
+Writes <save_root>/UNet_trainset/: X_org.png, X_raster.png, X_mask.png for every image X (its path relative to
+IMAGE_ROOT/Dataset, extension kept, so names are unique; PNG keeps masks binary) and <split>_list.csv for each
+split (what Step 3 reads). A folder holding an earlier Step-2 output is refused unless --overwrite is given.
 """
 from __future__ import annotations
 
@@ -20,9 +21,10 @@ from models.face_model import FaceModel
 from models.layout import CoeffLayout
 from utils import cli, losses
 from utils.data.datasets import FaceDataset, collate_faces
-from utils.data.unet_trainset import stem_for, write_list, write_sample
+from utils.data.unet_trainset import check_unique, stem_for, write_list, write_sample
+from utils.errors import DataError
 from utils.training import flags
-from utils.training.builders import load_mofa, previous_checkpoint
+from utils.training.builders import announce_spec, load_mofa, previous_checkpoint
 from utils.training.run import finish_run, start_run
 
 log = logging.getLogger("step2")
@@ -58,20 +60,21 @@ def generate(args) -> int:
     face_model = FaceModel.from_h5(args.bfm, CoeffLayout()).to(run.device)
     ckpt = previous_checkpoint(args.mofa_checkpoint, args.save_root, step=1)
     mofa, _, spec = load_mofa(ckpt, face_model, run.device)
-    for split in [s.strip() for s in args.splits.split(",") if s.strip()]:
-        dataset = FaceDataset(args.img_path, split, spec["image_size"], test_mode=True)
-        rows = write_split(mofa, dataset, run, args, run.out_dir if run.is_main else _ensure(run.out_dir))
+    announce_spec(args, spec, f"the Step-1 checkpoint {ckpt}")
+    datasets = {split: FaceDataset(args.img_path, split, spec["image_size"], test_mode=True)
+                for split in dict.fromkeys(s.strip() for s in args.splits.split(",") if s.strip())}
+    if not datasets:
+        raise DataError(f"--splits {args.splits!r}: name at least one split, e.g. train,val")
+    check_unique((str(d.root.csv(split)), name) for split, d in datasets.items() for name in d.filenames)
+    run.claim()
+    for split, dataset in datasets.items():
+        rows = write_split(mofa, dataset, run, args, run.out_dir)
         run.barrier()
         if run.is_main:
             write_list(run.out_dir / f"{split}_list.csv", rows)
             log.info("%s: %d images -> %s", split, len(rows), run.out_dir)
     finish_run(run)
     return 0
-
-
-def _ensure(path):
-    path.mkdir(parents=True, exist_ok=True)
-    return path
 
 
 def main(argv=None) -> int:

@@ -17,7 +17,7 @@ import torch
 from utils import cli, losses
 from utils.data.unet_trainset import UNetTrainset
 from utils.training import flags
-from utils.training.builders import build_unet, step_dir
+from utils.training.builders import announce_spec, build_unet, step_dir
 from utils.training.data_order import make_eval_loader, make_train_loader, total_steps
 from utils.training.guards import CollapseAlarm
 from utils.training.loop import LoopHooks, train_loop, validate
@@ -42,7 +42,8 @@ def train(args) -> int:
     device = run.device
     data_dir = Path(args.trainset_dir) if args.trainset_dir else step_dir(args.save_root, 2)
     train_set, val_set = UNetTrainset(data_dir, "train"), UNetTrainset(data_dir, "val")
-    spec = {"unet_width": args.unet_width}
+    spec = {"unet_width": args.unet_width, "image_size": train_set.image_size}
+    announce_spec(args, spec, f"Step 2's images in {data_dir}")
     unet = build_unet(spec).to(device)
     net = run.ddp(unet)
     loader, sampler = make_train_loader(train_set, args.batch_size, args.seed, args.workers, run.dist.rank,
@@ -53,7 +54,7 @@ def train(args) -> int:
     opt = make_optimizer(args.optimizer, unet.parameters(), args.learning_rate)
     sched = torch.optim.lr_scheduler.StepLR(opt, step_size=args.lr_step, gamma=args.lr_gamma)
     state = ({"unet": unet}, {"unet": opt}, {"unet": sched})
-    start = run.resume(*state)
+    start = run.resume(*state, spec)
     end = total_steps(args.max_iters, args.epochs, sampler.batches_per_epoch)
     monitor = RunMonitor(run.out_dir, ["bce", "mask_in_face"], start, end, run.is_main, desc="step3")
     alarm = CollapseAlarm()

@@ -24,7 +24,7 @@ from utils import cli, losses
 from utils.data.datasets import FaceDataset, collate_faces
 from utils.evaluation.visuals import composite, residual
 from utils.training import flags
-from utils.training.builders import load_mofa, load_unet, previous_checkpoint
+from utils.training.builders import STEP_DIRS, announce_spec, load_mofa, load_unet, previous_checkpoint
 from utils.training.checkpoint import CheckpointError, load_checkpoint
 from utils.training.data_order import make_eval_loader, make_train_loader, total_steps
 from utils.training.guards import CollapseAlarm
@@ -85,9 +85,14 @@ def build(args, run):
     face_model = FaceModel.from_h5(args.bfm, CoeffLayout()).to(run.device)
     mofa_ckpt = previous_checkpoint(args.mofa_checkpoint, args.save_root, step=1)
     mofa, payload, spec = load_mofa(mofa_ckpt, face_model, run.device)
+    announce_spec(args, spec, f"the Step-1 checkpoint {mofa_ckpt}")
     unet_ckpt = previous_checkpoint(args.unet_checkpoint, args.save_root, step=3)
     unet_payload = load_checkpoint(unet_ckpt, map_location=run.device)
-    spec = {**spec, "unet_width": unet_payload["extra"]["model"]["unet_width"]}
+    width = ((unet_payload.get("extra") or {}).get("model") or {}).get("unet_width")
+    if width is None or "unet" not in unet_payload.get("models", {}):
+        raise CheckpointError(f"{unet_ckpt} holds no UNet: pass a Step-3 ({STEP_DIRS[3]}/) checkpoint")
+    announce_spec(args, {"unet_width": width}, f"the Step-3 checkpoint {unet_ckpt}")
+    spec = {**spec, "unet_width": width}
     unet = load_unet(unet_payload, spec["unet_width"], unet_ckpt, run.device)
     return mofa, unet, spec, (payload, mofa_ckpt)
 
@@ -118,7 +123,7 @@ def train(args) -> int:
     sched_unet = torch.optim.lr_scheduler.StepLR(opt_unet, step_size=args.lr_step, gamma=args.lr_gamma_unet)
     state = ({"encoder": mofa.encoder, "unet": unet}, {"encoder": opt_mofa, "unet": opt_unet},
              {"mofa": sched_mofa, "unet": sched_unet})
-    start = run.resume(*state)
+    start = run.resume(*state, spec)
     end = total_steps(args.max_iters, args.epochs, sampler.batches_per_epoch)
     monitor = RunMonitor(run.out_dir, COLUMNS, start, end, run.is_main, desc="step4")
     alarm = CollapseAlarm()

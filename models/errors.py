@@ -10,6 +10,17 @@ class MofaError(Exception):
     """Base class of every error the project raises on purpose (bad input, missing file, bad option)."""
 
 
+def message_of(exc: BaseException) -> str:
+    """The message of ``exc`` without the worker traceback that a DataLoader worker's re-raised error carries in its
+    text ("Caught DataError in DataLoader worker process 0. Original Traceback ...: <message>")."""
+    text = str(exc)
+    if text.startswith("Caught ") and "Original Traceback" in text:
+        marker = f"{type(exc).__name__}: "
+        if marker in text:
+            return text.rsplit(marker, 1)[1].strip()
+    return text
+
+
 class ModelInputError(MofaError, ValueError):
     """Base class for user-facing errors raised while building models from files or arguments."""
 

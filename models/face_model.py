@@ -151,6 +151,10 @@ def _read_pca(h5, group: str, n_keep: int, field: str, n_rows: int, path: Path) 
         raise FaceModelError(f"{path}: '{group}' has {n_file} components but the layout asks for {n_keep} "
                              f"(CoeffLayout.{field}); use a smaller layout or another model file")
     basis = _read(h5, f"{group}/pcaBasis", (n_rows, n_file), path)[:, :n_keep].astype(np.float64)
+    for key, values in (("mean", mean), ("pcaVariance", variance[:n_keep]), ("pcaBasis", basis)):
+        if not np.isfinite(values).all():
+            raise FaceModelError(f"{path}: '{group}/{key}' holds NaN or infinite values: the file is damaged; "
+                                 "download or write it again")
     if (variance[:n_keep] < 0).any():
         raise FaceModelError(f"{path}: '{group}/pcaVariance' has negative entries")
     return mean, basis * np.sqrt(variance[:n_keep])[None, :]
@@ -267,11 +271,16 @@ class FaceModel(nn.Module):
         return flat.view(tex.shape[0], self.n_vertices, 3)
 
     def config(self) -> dict:
-        """Path-independent identity of this model, stored in checkpoints to detect a different face model."""
-        mean = self.mean_shape.detach().to("cpu", torch.float32).contiguous().numpy()
+        """Path-independent identity of this model, stored in checkpoints to detect a different face model: the
+        sizes and one checksum over every buffer (means, bases, triangles, landmarks, kept vertices), in float32 /
+        int64 whatever device or dtype the model was moved to."""
+        digest = hashlib.sha256()
+        for name, buffer in self.named_buffers():
+            dtype = torch.float32 if buffer.is_floating_point() else torch.int64
+            digest.update(name.encode())
+            digest.update(buffer.detach().to("cpu", dtype).contiguous().numpy().tobytes())
         return {"n_vertices": self.n_vertices, "n_faces": self.n_faces, "n_shape": self.layout.n_shape,
-                "n_exp": self.layout.n_exp, "n_tex": self.layout.n_tex,
-                "mean_shape_sha256": hashlib.sha256(mean.tobytes()).hexdigest()[:16]}
+                "n_exp": self.layout.n_exp, "n_tex": self.layout.n_tex, "sha256": digest.hexdigest()[:16]}
 
 
 def _remap_landmarks(landmarks: np.ndarray, old_to_new: np.ndarray, path: Path) -> np.ndarray:

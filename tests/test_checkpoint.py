@@ -136,5 +136,7 @@ def test_find_latest(tmp_path):
     assert ck.find_latest(tmp_path) is None
     for step in (5, 20, 10):
         ck.save_training_state(tmp_path, step, {"m": _net()})
+    assert ck.find_latest(tmp_path).name == "latest.pt"  # the last one written, not the highest-numbered
+    assert ck.load_checkpoint(tmp_path / "latest.pt")["step"] == 10
+    (tmp_path / "latest.pt").unlink()  # killed between the step checkpoint and latest.pt
     assert ck.find_latest(tmp_path).name == "ckpt_000020.pt"
-    assert ck.load_checkpoint(tmp_path / "latest.pt")["step"] == 10  # latest.pt = the last one written

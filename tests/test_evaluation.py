@@ -279,7 +279,7 @@ def test_step2_masks_match_gt_and_images_are_saved(setup, tmp_path):
     assert summary["paper_protocol"]["iou"]["mean"] == pytest.approx(1.0)
     for stem in ("a", "b", "c", "d"):
         for suffix in ("_org.png", "_result.png", "_estmask.png"):
-            assert (tmp_path / "images" / f"{stem}{suffix}").is_file()
+            assert (tmp_path / "images" / f"{stem}.png{suffix}").is_file()  # named after the whole file name
 
 
 def test_step4_counts_cover_exactly_the_rendered_face(setup, tmp_path):

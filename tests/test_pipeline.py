@@ -115,7 +115,7 @@ def test_missing_previous_step_names_the_script(tmp_path, image_root, demo_bfm_h
 
 def test_other_face_model_is_refused(chain, image_root, tiny_bfm_h5):
     with pytest.raises(CheckpointError, match="another face model"):
-        step2.main(common(image_root, tiny_bfm_h5, chain))
+        step2.main(common(image_root, tiny_bfm_h5, chain) + ["--overwrite"])  # refused before anything is removed
 
 
 def test_empty_split_is_a_clear_error(tmp_path, image_root, demo_bfm_h5):

@@ -13,7 +13,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from models.errors import MofaError
+from models.errors import MofaError, message_of
 
 DEFAULT_BFM = "basel_3DMM/model2017-1_bfm_nomouth.h5"
 DEFAULT_SAVE_ROOT = "MoFA_UNet_Save"
@@ -77,7 +77,7 @@ def resolve_paths(args: argparse.Namespace, names: Sequence[str] = ("img_path", 
     return args
 
 def _one_line(exc: BaseException) -> str:
-    text = " ".join(str(exc).split())
+    text = " ".join(message_of(exc).split())
     return text or type(exc).__name__
 
 def cli_main(fn: Callable[[list[str] | None], int | None], argv: list[str] | None = None) -> None:

@@ -69,7 +69,7 @@ def main(argv=None) -> int:
              "--size", str(cfg["image_size"])])
     common = ["--img_path", str(data), "--bfm", args.bfm, "--save_root", str(save_root), "--device", args.device,
               "--workers", "0", "--image_size", str(cfg["image_size"]), "--encoder", cfg["encoder"],
-              "--unet_width", str(cfg["unet_width"])]
+              "--unet_width", str(cfg["unet_width"]), "--overwrite"]  # a demo run replaces the previous one
     periods = ["--vis_every", "200", "--eval_every", "500", "--log_every", "25", "--val_batches", "4"]
     timings = {}
     for name, script, extra in (("step1", "Step1_Pretrain_MoFA.py", cfg["step1"] + periods),

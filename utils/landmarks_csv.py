@@ -20,6 +20,7 @@ from models.landmarks68 import N_LANDMARKS
 from utils.errors import DataError
 
 N_FIELDS = 1 + 2 * N_LANDMARKS
+MAX_COORDINATE = 1e6  # pixels; beyond any image (and far below float32's 3.4e38, where 1e39 becomes inf)
 
 LandmarkRow = tuple[str, np.ndarray]
 
@@ -39,6 +40,9 @@ def _parse_number(text: str, column: int, where: str) -> float:
         raise LandmarkCSVError(f"{where}: field {column + 1} ({label}) is not a number: {text!r}{hint}") from None
     if not math.isfinite(value):
         raise LandmarkCSVError(f"{where}: field {column + 1} ({label}) is not finite: {text!r}")
+    if abs(value) > MAX_COORDINATE:
+        raise LandmarkCSVError(f"{where}: field {column + 1} ({label}) = {text!r} is not a pixel coordinate "
+                               f"(|value| > {MAX_COORDINATE:g})")
     return value
 
 

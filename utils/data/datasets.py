@@ -11,6 +11,7 @@ in the training loop.
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,11 @@ from utils.data.image_io import read_image_rgb, read_mask, resize_image
 from utils.data.image_root import ImageRoot, gt_mask_path
 from utils.errors import DataError
 from utils.landmarks_csv import read_landmarks_csv
+
+log = logging.getLogger(__name__)
+
+LANDMARK_MARGIN = 0.5  # landmarks may lie this fraction of the image side outside it (faces at the border)
+SMALL_IMAGE_FRACTION = 0.25  # warn when an image is smaller than this fraction of --image_size
 
 
 def scale_landmarks(landmarks: np.ndarray, src_hw: tuple[int, int], dst_hw: tuple[int, int]) -> np.ndarray:
@@ -67,7 +73,9 @@ class FaceDataset(Dataset):
                 f"create it with `python -m utils.prepare.detect_landmarks --images RAW_DIR --out {self.root.root}` "
                 "or write it yourself (rows: filename, x0, y0, ..., x67, y67)"
             )
+        self.csv_path = csv_path
         self.rows = read_landmarks_csv(csv_path, image_dir=self.root.dataset_dir, allow_empty=True)
+        self._warned: set[str] = set()
         if not self.rows:
             raise DataError(
                 f"{csv_path} has no rows: the {split} split is empty; add images to it "
@@ -89,11 +97,28 @@ class FaceDataset(Dataset):
         mask = cv2.resize(read_mask(path), (self.image_size,) * 2, interpolation=cv2.INTER_NEAREST)
         return torch.from_numpy(mask).unsqueeze(0)
 
+    def _check_sample(self, filename: str, hw: tuple[int, int], landmarks: np.ndarray) -> None:
+        """DataError when the landmarks lie far outside their image (the CSV is for other images or another frame);
+        a warning, once per file, when the image is much smaller than ``image_size`` (it is upscaled a lot)."""
+        height, width = hw
+        lo = -LANDMARK_MARGIN * np.array([width, height])
+        hi = (1.0 + LANDMARK_MARGIN) * np.array([width, height])
+        if ((landmarks < lo) | (landmarks > hi)).any():
+            raise DataError(f"{self.csv_path}: the landmarks of {filename!r} lie far outside its {width}x{height} "
+                            f"image (x {landmarks[:, 0].min():.0f}..{landmarks[:, 0].max():.0f}, y "
+                            f"{landmarks[:, 1].min():.0f}..{landmarks[:, 1].max():.0f}): they must be pixel "
+                            "coordinates of this image file")
+        if min(height, width) < SMALL_IMAGE_FRACTION * self.image_size and filename not in self._warned:
+            self._warned.add(filename)
+            log.warning("%s is %dx%d px, less than a quarter of --image_size %d: it is enlarged %.0fx", filename,
+                        width, height, self.image_size, self.image_size / min(height, width))
+
     def __getitem__(self, index: int) -> dict[str, Any]:
         filename, landmarks = self.rows[index]
         image_path = self.root.dataset_dir / filename
         image = read_image_rgb(image_path)
         size = self.image_size
+        self._check_sample(filename, image.shape[:2], landmarks)
         landmarks = scale_landmarks(landmarks, image.shape[:2], (size, size))
         image = resize_image(image, size, size)
         item: dict[str, Any] = {

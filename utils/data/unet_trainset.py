@@ -1,15 +1,19 @@
 """The Step 2 -> Step 3 contract: preliminary-mask files and the list CSVs that index them.
 
-Step 2 writes, for every image ``X`` of a split, ``<dir>/<stem>_org.png`` (network input), ``<stem>_raster.png``
-(render on black) and ``<stem>_mask.png`` (preliminary mask, 0/255, PNG so it stays binary), and a list
-``<dir>/<split>_list.csv`` with a header ``stem,source`` (``source`` = the image's path relative to
-``IMAGE_ROOT/Dataset``). Step 3 reads the lists back with ``UNetTrainset``. The original wrote no lists and derived
+Step 2 writes, for every image ``X`` of a split (``X`` = its path relative to ``IMAGE_ROOT/Dataset`` as the CSV
+gives it, e.g. ``sub/0001.jpg``), ``<dir>/X_org.png`` (network input), ``<dir>/X_raster.png`` (render on black) and
+``<dir>/X_mask.png`` (preliminary mask, 0/255, PNG so it stays binary), mirroring the image folder tree, and a list
+``<dir>/<split>_list.csv`` with a header ``stem,source`` (``stem`` = ``X`` normalised by ``stem_for``, ``source`` =
+the CSV's filename). Keeping the whole relative path and the extension makes the names unique and reversible
+(``x.png`` and ``x.jpg``, ``a b.png`` and ``a_b.png``, ``日本.png`` and ``中国.png`` stay apart); two images whose names
+would still meet (they differ only in letter case, which a case-insensitive file system merges) are refused
+(``check_unique``). Step 3 reads the lists back with ``UNetTrainset``. The original wrote no lists and derived
 names by string replacement that broke for files not called ``*_org.jpg`` (defects 5, 6, 17).
 """
 from __future__ import annotations
 
 import csv
-import re
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
@@ -24,9 +28,29 @@ SUFFIXES = ("_org.png", "_raster.png", "_mask.png")
 
 
 def stem_for(filename: str) -> str:
-    """A flat, unique file stem for an image path relative to the dataset folder (``a/b.jpg`` -> ``a__b``)."""
-    stem = str(Path(filename).with_suffix("")).replace("\\", "/")
-    return re.sub(r"[^A-Za-z0-9._-]", "_", stem.replace("/", "__"))
+    """The output stem of an image: its path relative to the dataset folder, extension kept, in ``/`` form without
+    ``.`` parts (``./a\\b.jpg`` -> ``a/b.jpg``; the outputs are ``a/b.jpg_org.png``, ...).
+
+    Raises DataError for a path that would leave the output folder (absolute, a drive, or ``..``).
+    """
+    posix = str(filename).replace("\\", "/")
+    parts = [part for part in posix.split("/") if part not in ("", ".")]
+    if posix.startswith("/") or not parts or ".." in parts or (len(parts[0]) == 2 and parts[0][1] == ":"):
+        raise DataError(f"image name {filename!r}: Step 2 names its outputs after the image's path relative to "
+                        "IMAGE_ROOT/Dataset, which must not be absolute or contain '..'")
+    return "/".join(parts)
+
+
+def check_unique(sources: Iterable[tuple[str, str]]) -> None:
+    """DataError naming both images when two different names give the same outputs (``sources``: ``(where, name)``
+    pairs, e.g. ``("train_landmarks_3D.csv", "a.png")``); the same name twice (one image in two splits) is fine."""
+    seen: dict[str, tuple[str, str]] = {}
+    for where, name in sources:
+        stem = stem_for(name)
+        first = seen.setdefault(stem.casefold(), (where, stem))
+        if first[1] != stem:
+            raise DataError(f"{where}: {name!r} and {first[1]!r} ({first[0]}) would get the same Step-2 output "
+                            "files (their names differ only in letter case); rename one of the images")
 
 
 def write_sample(out_dir: Path, stem: str, image: torch.Tensor, raster: torch.Tensor, mask: torch.Tensor) -> None:
@@ -37,11 +61,14 @@ def write_sample(out_dir: Path, stem: str, image: torch.Tensor, raster: torch.Te
 
 
 def write_list(path: Path, rows: list[tuple[str, str]]) -> None:
-    """Write a list CSV of ``(stem, source filename)`` rows, atomically."""
-    with atomic_write(path, "w", newline="") as fh:
-        writer = csv.writer(fh)
-        writer.writerow(["stem", "source"])
-        writer.writerows(rows)
+    """Write a list CSV of ``(stem, source filename)`` rows (UTF-8), atomically."""
+    try:
+        with atomic_write(path, "w", newline="", encoding="utf-8") as fh:
+            writer = csv.writer(fh)
+            writer.writerow(["stem", "source"])
+            writer.writerows(rows)
+    except OSError as exc:
+        raise DataError(f"cannot write {path}: {exc.strerror or exc}") from None
 
 
 def read_list(path: Path) -> list[str]:
@@ -49,7 +76,7 @@ def read_list(path: Path) -> list[str]:
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path} not found: run Step2_UNet_trainset_generation.py first (or pass --trainset_dir)")
-    with open(path, newline="") as fh:
+    with open(path, newline="", encoding="utf-8") as fh:
         rows = list(csv.reader(fh))
     if not rows or rows[0][:1] != ["stem"]:
         raise DataError(f"{path} line 1: expected the header 'stem,source' written by Step 2")
@@ -59,7 +86,11 @@ def read_list(path: Path) -> list[str]:
             continue
         if not row[0]:
             raise DataError(f"{path} line {lineno}: empty stem")
-        stems.append(row[0])
+        try:
+            stem = stem_for(row[0])
+        except DataError as exc:
+            raise DataError(f"{path} line {lineno}: {exc}") from None
+        stems.append(stem)
     if not stems:
         raise DataError(f"{path} lists no images: rerun Step 2 on a split with images")
     return stems
@@ -79,6 +110,11 @@ class UNetTrainset(Dataset):
 
     def __len__(self) -> int:
         return len(self.stems)
+
+    @property
+    def image_size(self) -> int:
+        """Side of the images Step 2 wrote (read from the first sample)."""
+        return int(read_image_rgb(self.dir / f"{self.stems[0]}{SUFFIXES[0]}").shape[0])
 
     def __getitem__(self, i: int) -> dict:
         stem = self.stems[i]

@@ -425,7 +425,7 @@ Metrics follow the paper protocol (pixels inside the rendered face only, per ima
 estimate binarised at --threshold (--soft: the original's soft counts); pixel-pooled metrics are reported too.
 GT masks are ``X_visible_skin_mask.png`` beside ``X``; images without one are processed but not scored.
 Writes RESULTS_DIR/per_image.csv, summary.json, summary.md (and with --save_images RESULTS_DIR/images/
-X_org.png, X_result.png, X_estmask.png). --stage picks the model: step2 = Step-1 encoder with the inlier mask,
+X_org.png, X_result.png, X_estmask.png, X = the image's path under Dataset/ with its extension). --stage picks the model: step2 = Step-1 encoder with the inlier mask,
 step3 = Step-1 encoder + Step-3 UNet, step4 = the final Step-4 model (default). --checkpoint overrides the
 stage's checkpoint (step2: Step 1's, step3: Step 3's UNet, step4: Step 4's).
 """

@@ -58,7 +58,7 @@ from models.renderer import FaceRenderer
 from models.shading import sh_basis
 from utils.cli import RepoDefault, cli_main, resolve_cli_path, resolve_device
 from utils.data.image_io import write_image_rgb, write_mask
-from utils.data.image_root import GT_MASK_SUFFIX, ImageRoot, gt_mask_path, split_indices
+from utils.data.image_root import GT_MASK_SUFFIX, SPLITS, ImageRoot, gt_mask_path, split_indices
 from utils.errors import DataError
 from utils.landmarks_csv import write_landmarks_csv
 from utils.synthetic.occluders import AR_OCCLUDERS, CELEBA_OCCLUDERS, TextureBank, draw_occluder, value_noise
@@ -351,10 +351,30 @@ def _check_arguments(num: int, occlusion: str, size: int, batch: int) -> None:
         raise DataError(f"--batch must be a positive integer, got {batch!r}")
 
 
+def _foreign_files(root: ImageRoot) -> list[Path]:
+    """Entries of ``root`` that are not this generator's output (empty for a new folder or an earlier run's)."""
+    if not root.root.is_dir():
+        return []
+    own_top = {"Dataset", "ground_truth.csv", "synthetic_config.json", *(f"{s}_landmarks_3D.csv" for s in SPLITS)}
+    foreign = [p for p in root.root.iterdir() if p.name not in own_top]
+    if root.dataset_dir.is_dir():
+        foreign += [p for p in root.dataset_dir.iterdir() if not _OWN_FILE.match(p.name)]
+    tables = [p for p in root.root.iterdir() if p.name != "Dataset" and p.name in own_top]
+    if tables and not (root.root / "synthetic_config.json").is_file():
+        foreign += tables  # CSVs without the generator's config: the user's own
+    return sorted(foreign)
+
+
 def prepare_output(out: str | Path, overwrite: bool) -> ImageRoot:
-    """Create ``out/Dataset``; refuse a folder that already holds images unless `overwrite` (which removes the
+    """Create ``out/Dataset``; refuse a folder holding files this generator did not write (a user's images or
+    CSVs, even with `overwrite`), and one that holds an earlier run's images unless `overwrite` (which removes the
     images and masks a previous run wrote, so no stale ones remain)."""
     root = ImageRoot(out)
+    foreign = _foreign_files(root)
+    if foreign:
+        shown = ", ".join(p.relative_to(root.root).as_posix() for p in foreign[:3])
+        raise DataError(f"--out {root.root} holds files that utils.synthetic.faces did not write ({shown}"
+                        f"{' ...' if len(foreign) > 3 else ''}); choose an empty or new folder")
     if root.dataset_dir.is_dir():
         existing = [path for path in root.dataset_dir.iterdir() if _OWN_FILE.match(path.name)]
         if existing and not overwrite:

@@ -18,8 +18,14 @@ from models.layout import CoeffLayout
 from models.mofa import MoFA
 from models.renderer import FaceRenderer
 from models.unet import UNet
-from utils.atomic_write import atomic_copy
-from utils.training.checkpoint import LATEST_NAME, CheckpointError, load_checkpoint, load_model_state
+from utils.training.checkpoint import (
+    LATEST_NAME,
+    CheckpointError,
+    CheckpointWriteError,
+    load_checkpoint,
+    load_model_state,
+    publish,
+)
 
 log = logging.getLogger(__name__)
 
@@ -27,6 +33,10 @@ STEP_DIRS = {1: "pretrain_mofa", 2: "UNet_trainset", 3: "Pretrain_UNet", 4: "MoF
 STEP_SCRIPTS = {1: "Step1_Pretrain_MoFA.py", 2: "Step2_UNet_trainset_generation.py", 3: "Step3_Pretrain_Unet.py",
                 4: "Step4_UNet_MoFA_EM.py"}
 FINAL_NAME = "final.pt"
+# The flag that sets each entry of a model spec (what a user changes to get a different network).
+SPEC_FLAGS = {"encoder": "--encoder", "image_size": "--image_size", "camera": "--camera", "layout": "the coefficient layout",
+              "unet_width": "--unet_width", "face_model": "--bfm"}
+MOFA_SPEC_KEYS = ("encoder", "image_size", "camera", "layout", "face_model")
 
 
 def step_dir(save_root: str | Path, step: int) -> Path:
@@ -77,6 +87,9 @@ def load_spec_checkpoint(path: Path, face_model: FaceModel, device: torch.device
     spec = (payload.get("extra") or {}).get("model")
     if spec is None:
         raise CheckpointError(f"{path} has no model description: it was not written by this project's steps")
+    if any(key not in spec for key in MOFA_SPEC_KEYS) or "encoder" not in payload.get("models", {}):
+        raise CheckpointError(f"{path} holds no MoFA encoder (it holds: {', '.join(sorted(payload.get('models', {})))})"
+                              f": pass a Step-1 ({STEP_DIRS[1]}/) or Step-4 ({STEP_DIRS[4]}/) checkpoint")
     theirs, ours = spec["face_model"], face_model.config()
     if theirs != ours:
         raise CheckpointError(f"{path} was trained with another face model ({_describe(theirs)}) than --bfm "
@@ -110,9 +123,38 @@ def load_unet(payload: dict, width: int, path: Path, device: torch.device) -> UN
     return unet
 
 
+def spec_mismatches(theirs: dict, ours: dict) -> list[str]:
+    """One phrase per network setting that differs between a checkpoint's spec and this run's, naming the flag."""
+    out = []
+    for key in sorted(set(theirs) | set(ours)):
+        if theirs.get(key) == ours.get(key):
+            continue
+        flag = SPEC_FLAGS.get(key, key)
+        if key == "face_model":
+            out.append(f"{flag} gives another face model ({_describe(ours.get(key) or {})}; the checkpoint's: "
+                       f"{_describe(theirs.get(key) or {})})")
+        else:
+            out.append(f"{flag} {ours.get(key)} (the checkpoint's: {theirs.get(key)})")
+    return out
+
+
+def announce_spec(args, spec: dict, source: str) -> None:
+    """Warn, one line per flag, where a flag of this run differs from what ``source`` (e.g. "the Step-1 checkpoint
+    X") fixes: ``--image_size 224 is ignored: using 64 from the Step-1 checkpoint X``."""
+    for key in ("encoder", "image_size", "camera", "unet_width"):
+        given = getattr(args, key, None)
+        if given is not None and key in spec and given != spec[key]:
+            log.warning("%s %s is ignored: using %s from %s", SPEC_FLAGS[key], given, spec[key], source)
+
+
 def mark_final(out_dir: Path) -> Path:
-    """Copy ``latest.pt`` to ``final.pt`` atomically: the file the next step reads by default."""
-    return atomic_copy(Path(out_dir) / LATEST_NAME, Path(out_dir) / FINAL_NAME)
+    """Publish ``latest.pt`` as ``final.pt`` (a hard link, atomically): the file the next step reads by default."""
+    src, dst = Path(out_dir) / LATEST_NAME, Path(out_dir) / FINAL_NAME
+    try:
+        return publish(src, dst)
+    except OSError as exc:
+        raise CheckpointWriteError(f"cannot write {dst} ({exc.strerror or exc}): {src} holds the same state; "
+                                   f"copy it to {dst.name}") from None
 
 
 def _describe(cfg: dict) -> str:

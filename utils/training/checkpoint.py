@@ -2,11 +2,15 @@
 
 A checkpoint is one ``torch.save``d dict:
     {"format": "mofa-ckpt-v1", "step": int, "models": {name: state_dict}, "optimizers": {name: state_dict},
+     "optimizer_classes": {name: class name, e.g. "Adadelta"} (checked on restore; absent in older files),
      "schedulers": {name: state_dict}, "config": dict (JSON-able, the resolved run config),
      "rng": {"torch", "cuda", "numpy", "python"}, "extra": dict or None}
 It contains only tensors and plain Python values, so it is loaded with ``torch.load(weights_only=True)``.
-Every file is written atomically (`utils.atomic_write`: a temporary file in the same directory, fsynced, then moved
-into place with ``os.replace``): a crash mid-write leaves the previous file intact.
+Every file is written to a temporary file in the same directory, fsynced, then moved into place with
+``os.replace``: a crash mid-write leaves the previous file intact. ``latest.pt`` and ``final.pt`` are hard links to
+the step checkpoint they name (a copy only where the file system has no hard links), published the same way, so they
+cost no space and no write; a pruned ``ckpt_*.pt`` leaves them intact. Every file gets the mode ``open()`` gives
+(0666 less the umask), like the logs and images beside them.
 """
 from __future__ import annotations
 
@@ -14,6 +18,7 @@ import dataclasses
 import json
 import random
 import re
+import os
 from argparse import Namespace
 from pathlib import Path
 from typing import Any, Mapping
@@ -22,7 +27,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from utils.atomic_write import atomic_copy, atomic_write
+from utils.atomic_write import atomic_copy, atomic_write, temp_name
 from utils.errors import MofaError
 
 FORMAT = "mofa-ckpt-v1"
@@ -33,6 +38,10 @@ _CKPT_RE = re.compile(r"^ckpt_(\d+)\.pt$")
 
 class CheckpointError(MofaError):
     """A checkpoint is missing, unreadable, of another format, or does not fit the networks."""
+
+
+class CheckpointWriteError(CheckpointError):
+    """A checkpoint could not be written (disk full, folder unwritable); the files written before are intact."""
 
 
 def _reject_modules(obj: Any, where: str = "payload") -> None:
@@ -99,11 +108,15 @@ def set_rng_state(state: Mapping) -> None:
 
 def save_training_state(directory: str | Path, step: int, models: Mapping[str, nn.Module],
                         optimizers: Mapping[str, Any] | None = None, schedulers: Mapping[str, Any] | None = None,
-                        config: Any = None, extra: dict | None = None, keep_latest: bool = True) -> Path:
+                        config: Any = None, extra: dict | None = None, keep_latest: bool = True,
+                        keep: int = 0) -> Path:
     """Write ``ckpt_{step:06d}.pt`` (and ``latest.pt`` if keep_latest) plus ``config.json`` into ``directory``.
 
     models: name -> module (DDP wrappers are unwrapped); optimizers / schedulers: name -> object with
-    ``state_dict()``. Call it on the main process only. Returns the path of the step checkpoint.
+    ``state_dict()``. keep: keep the ``keep`` newest ``ckpt_*.pt`` and delete older ones (0 keeps all; latest.pt
+    and final.pt are never deleted). Call it on the main process only. Returns the path of the step checkpoint.
+    Raises CheckpointWriteError (one line) when the disk is full or the folder unwritable: a file that could not be
+    written is left as it was, so the previous checkpoint and latest.pt stay loadable.
     """
     directory = Path(directory)
     cfg = config_to_dict(config)
@@ -112,18 +125,69 @@ def save_training_state(directory: str | Path, step: int, models: Mapping[str, n
         "step": int(step),
         "models": {name: _unwrap(m).state_dict() for name, m in models.items()},
         "optimizers": {name: o.state_dict() for name, o in (optimizers or {}).items()},
+        "optimizer_classes": {name: type(o).__name__ for name, o in (optimizers or {}).items()},
         "schedulers": {name: s.state_dict() for name, s in (schedulers or {}).items()},
         "config": cfg,
         "rng": rng_state(),
         "extra": extra,
     }
     path = directory / f"ckpt_{int(step):06d}.pt"
-    save_checkpoint(path, payload)
-    if keep_latest:
-        atomic_copy(path, directory / LATEST_NAME)
-    with atomic_write(directory / CONFIG_NAME, "w") as f:
-        f.write(json.dumps(cfg, indent=2) + "\n")
+    try:
+        save_checkpoint(path, payload)
+        if keep_latest:
+            publish(path, directory / LATEST_NAME)
+        with atomic_write(directory / CONFIG_NAME, "w") as f:
+            f.write(json.dumps(cfg, indent=2) + "\n")
+    except OSError as exc:
+        raise CheckpointWriteError(f"cannot write checkpoint {path} ({exc.strerror or exc}): the checkpoint written "
+                                   f"before it and {LATEST_NAME} are unchanged") from None
+    if keep > 0:
+        prune_checkpoints(directory, keep)
     return path
+
+
+def publish(src: Path, dst: Path) -> Path:
+    """Make ``dst`` name the same file as ``src`` atomically: a hard link moved over ``dst`` with ``os.replace``
+    (no second copy; files are never modified in place, so sharing them is safe), or an atomic copy where the file
+    system cannot link. Returns ``dst``."""
+    src, dst = Path(src), Path(dst)
+    tmp = temp_name(dst)
+    try:
+        os.link(src, tmp)
+    except (OSError, NotImplementedError, AttributeError):  # FAT, some network file systems, no link support
+        atomic_copy(src, dst)
+        return dst
+    try:
+        os.replace(tmp, dst)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return dst
+
+
+def checkpoint_steps(directory: str | Path) -> list[tuple[int, Path]]:
+    """``(step, path)`` of every ``ckpt_*.pt`` in ``directory``, ascending."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return []
+    return sorted((int(m.group(1)), p) for p in directory.iterdir() if (m := _CKPT_RE.match(p.name)) and p.is_file())
+
+
+def prune_checkpoints(directory: str | Path, keep: int) -> list[Path]:
+    """Delete all but the ``keep`` newest ``ckpt_*.pt``; latest.pt and final.pt are other names, never deleted."""
+    old = [p for _, p in checkpoint_steps(directory)][:-keep] if keep > 0 else []
+    for path in old:
+        path.unlink(missing_ok=True)
+    return old
+
+
+def remove_orphans(directory: str | Path) -> list[Path]:
+    """Delete the temporary files (``*.tmp``) that a killed process left in ``directory``; returns them."""
+    directory = Path(directory)
+    found = [p for p in directory.iterdir() if p.name.endswith(".tmp") and p.is_file()] if directory.is_dir() else []
+    for path in found:
+        path.unlink(missing_ok=True)
+    return found
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu", hint: str | None = None) -> dict:
@@ -185,8 +249,13 @@ def restore_training_state(payload: dict, models: Mapping[str, nn.Module],
     for name, model in models.items():
         load_model_state(model, _section(payload, "models", name), name)
     for name, opt in (optimizers or {}).items():
+        saved = _section(payload, "optimizers", name)
+        theirs = (payload.get("optimizer_classes") or {}).get(name)
+        if theirs is not None and theirs != type(opt).__name__:
+            raise CheckpointError(f"optimizer '{name}' differs: the checkpoint was trained with {theirs}, this run "
+                                  f"builds {type(opt).__name__}; pass the --optimizer the run was started with")
         try:
-            opt.load_state_dict(_section(payload, "optimizers", name))
+            opt.load_state_dict(saved)
         except (ValueError, KeyError) as exc:
             raise CheckpointError(f"optimizer '{name}' does not match the checkpoint: {exc}") from None
     for name, sched in (schedulers or {}).items():
@@ -197,12 +266,11 @@ def restore_training_state(payload: dict, models: Mapping[str, nn.Module],
 
 
 def find_latest(directory: str | Path) -> Path | None:
-    """The highest-step ``ckpt_*.pt`` in ``directory``, else ``latest.pt`` if present, else None."""
+    """``latest.pt`` in ``directory`` (the last checkpoint written); else the highest-step ``ckpt_*.pt`` (a run
+    killed between the two writes); else None."""
     directory = Path(directory)
-    if not directory.is_dir():
-        return None
-    steps = [(int(m.group(1)), p) for p in directory.iterdir() if (m := _CKPT_RE.match(p.name)) and p.is_file()]
-    if steps:
-        return max(steps)[1]
     latest = directory / LATEST_NAME
-    return latest if latest.is_file() else None
+    if latest.is_file():
+        return latest
+    steps = checkpoint_steps(directory)
+    return steps[-1][1] if steps else None

@@ -2,11 +2,23 @@
 from __future__ import annotations
 
 import argparse
+import math
 
 from utils.cli import DEFAULT_BFM, DEFAULT_SAVE_ROOT, RepoDefault
 from utils.losses import PRESETS
+from utils.errors import MofaError
 
 ENCODERS = ("resnet50", "resnet18", "resnet34")
+MIN_IMAGE_SIZE = 16  # the UNet halves the image four times
+# Numeric flags of the steps and the smallest value each accepts (``check_flags``); a flag a step lacks is skipped.
+INT_MINIMA = {"batch_size": 1, "image_size": MIN_IMAGE_SIZE, "workers": 0, "epochs": 1, "max_iters": 1,
+              "ckpt_every": 1, "keep_ckpts": 0, "val_batches": 0, "lr_step": 1, "em_cycle": 1, "unet_iters": 0,
+              "unet_width": 1}
+POSITIVE_FLOATS = ("learning_rate", "lr_gamma", "lr_gamma_mofa", "lr_gamma_unet", "sigma", "lr_mofa", "lr_unet")
+
+
+class FlagError(MofaError):
+    """A command-line flag has a value the step cannot run with."""
 
 
 def add_common_args(parser: argparse.ArgumentParser, img_path_required: bool = True) -> argparse.ArgumentParser:
@@ -24,7 +36,25 @@ def add_common_args(parser: argparse.ArgumentParser, img_path_required: bool = T
     parser.add_argument("--image_size", type=int, default=224, help="network input size in pixels (default: 224)")
     parser.add_argument("--encoder", choices=ENCODERS, default="resnet50", help="encoder backbone")
     parser.add_argument("--unet_width", type=int, default=64, help="UNet base channel count (default: 64)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace the run already in this step's folder under --save_root (its files are "
+                             "removed once the inputs have been checked)")
     return parser
+
+
+def check_flags(args: argparse.Namespace) -> None:
+    """One FlagError naming the flag for a value no step can run with (``--batch_size 0``, ``--max_iters -3``...)."""
+    for name, low in INT_MINIMA.items():
+        value = getattr(args, name, None)
+        if value is not None and value < low:
+            need = "a positive integer" if low == 1 else f"at least {low}"
+            raise FlagError(f"--{name} {value}: must be {need}")
+    for name in POSITIVE_FLOATS:
+        value = getattr(args, name, None)
+        if value is not None and not (math.isfinite(value) and value > 0):
+            raise FlagError(f"--{name} {value}: must be a positive number")
+    if getattr(args, "resume", False) and getattr(args, "overwrite", False):
+        raise FlagError("--resume continues the run in the folder, --overwrite replaces it: pass one of them")
 
 
 def add_training_args(parser: argparse.ArgumentParser, *, lr: float, epochs: int, batch_size: int,
@@ -37,6 +67,9 @@ def add_training_args(parser: argparse.ArgumentParser, *, lr: float, epochs: int
     g.add_argument("--max_iters", type=int, default=None, help="total optimizer steps; overrides --epochs")
     g.add_argument("--resume", action="store_true", help="continue from this step's latest.pt under --save_root")
     g.add_argument("--ckpt_every", type=int, default=ckpt_every, help="checkpoint period in steps")
+    g.add_argument("--keep_ckpts", type=int, default=5,
+                   help="keep the N newest ckpt_*.pt, delete older ones (0 keeps all; latest.pt and final.pt are "
+                        "always kept) (default %(default)s)")
     g.add_argument("--vis_every", type=int, default=vis_every, help="image-tile period in steps")
     g.add_argument("--eval_every", type=int, default=eval_every, help="validation period in steps")
     g.add_argument("--log_every", type=int, default=50, help="CSV/TensorBoard loss period in steps")

@@ -32,8 +32,8 @@ class NonFiniteGuard:
         log.warning("step %d: non-finite loss (%s), update skipped (%d in a row)", step, loss.detach().cpu(),
                     self.in_a_row)
         if self.in_a_row >= self.patience:
-            raise TrainingError(f"the loss was non-finite for {self.in_a_row} steps in a row (last at step {step}); "
-                                "the last good checkpoint is kept. Lower --learning_rate or check the data.")
+            raise TrainingError(f"the loss was non-finite for {self.in_a_row} steps in a row (last at step {step}): "
+                                "check the data, or lower --learning_rate")
         return False
 
 @dataclass

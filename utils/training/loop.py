@@ -4,6 +4,7 @@ The step scripts supply what differs (``LoopHooks``); nothing here knows about f
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 from dataclasses import dataclass
 from typing import Callable
@@ -11,8 +12,10 @@ from typing import Callable
 import torch
 from torch.utils.data import DataLoader
 
+from utils.errors import MofaError, message_of
+from utils.training.checkpoint import LATEST_NAME, CheckpointWriteError
 from utils.training.data_order import iterate_steps
-from utils.training.guards import NonFiniteGuard, StopFlag
+from utils.training.guards import NonFiniteGuard, StopFlag, TrainingError
 from utils.training.run import Run, conclude
 
 log = logging.getLogger(__name__)
@@ -33,11 +36,18 @@ class LoopHooks:
 
 def train_loop(run: Run, loader, sampler, start: int, end: int, hooks: LoopHooks, state: tuple, spec: dict,
                monitor) -> int:
-    """The loop every training step shares: optimise, log, show, validate, checkpoint, stop cleanly on Ctrl-C."""
+    """The loop every training step shares: optimise, log, show, validate, checkpoint, stop cleanly on Ctrl-C.
+
+    A data error, the non-finite-loss stop or a failed write ends the run with one line, after the state of the last
+    completed step is saved (``save_on_error``): a corrupt image at hour ten costs nothing but a ``--resume``.
+    """
     args, (_, optimizers, schedulers) = run.args, state
+    if start >= end:
+        log.warning("nothing to train: the run is at step %d and --max_iters / --epochs end at step %d; final.pt "
+                    "gets the step-%d state", start, end, start)
     guard, running = NonFiniteGuard(), RunningMean()
     step = start
-    with StopFlag() as stop:
+    with StopFlag() as stop, saving_on_error(run, lambda: step, state, spec, monitor):
         for step, batch in iterate_steps(loader, sampler, start, end):
             loss, terms, names = hooks.forward(step, batch)
             for opt in optimizers.values():
@@ -65,6 +75,50 @@ def train_loop(run: Run, loader, sampler, start: int, end: int, hooks: LoopHooks
             if stop.requested:
                 break
     return conclude(run, step, end, stop.requested, state, spec, monitor)
+
+@contextlib.contextmanager
+def saving_on_error(run: Run, current_step: Callable[[], int], state: tuple, spec: dict, monitor):
+    """Turn a data error, the non-finite stop or a failed write inside the block into ``save_on_error``'s error."""
+    try:
+        yield
+    except (MofaError, OSError) as exc:
+        with contextlib.suppress(OSError):
+            monitor.close()
+        raise save_on_error(run, current_step(), state, spec, exc) from None
+
+def save_on_error(run: Run, step: int, state: tuple, spec: dict, exc: BaseException) -> MofaError:
+    """The error to raise when training stops at ``step`` (steps completed) on ``exc``, after saving that state.
+
+    The state is saved unless it is saved already, nothing was trained, the weights are no longer finite, or the
+    error is a failed checkpoint write (then the previous checkpoint stands). The message says where the state is.
+    """
+    if isinstance(exc, OSError):
+        exc = TrainingError(f"cannot write {exc.filename or 'a file'} ({exc.strerror or exc})")
+    latest = run.out_dir / LATEST_NAME
+    if run.saved_step == step:
+        note = f"the step-{step} state is in {latest}"
+    elif step == 0 or isinstance(exc, CheckpointWriteError):
+        note = ("nothing was trained yet" if step == 0 else
+                f"{latest} (step {run.saved_step}) is intact" if run.saved_step is not None else "no checkpoint yet")
+    elif not all(bool(torch.isfinite(p).all()) for p in _parameters(state)):
+        note = (f"the weights are no longer finite, so they were not saved; {latest} (step {run.saved_step}) is "
+                "intact" if run.saved_step is not None else "the weights are no longer finite, so they were not saved")
+    else:
+        try:
+            run.save(step, *state, spec)
+            note = f"the state after step {step} is saved in {latest}"
+        except CheckpointWriteError as write_error:
+            note = f"saving the step-{step} state failed too: {write_error}"
+    text = (f"stopped after step {step}: {message_of(exc)}; {note}. Fix the cause, then continue with --resume "
+            "(or start again with --overwrite)")
+    if isinstance(exc, MofaError):
+        exc.args = (text,)
+        return exc
+    return TrainingError(text)
+
+def _parameters(state: tuple):
+    for model in state[0].values():
+        yield from model.parameters()
 
 def due(step: int, every: int, end: int) -> bool:
     """True every ``every`` steps and at the last step (``every`` <= 0 means only at the end)."""

@@ -16,11 +16,17 @@ log = logging.getLogger(__name__)
 
 
 class LossLog:
-    """A CSV loss log with a header and one row per logged step (the original wrote one character per field)."""
+    """A CSV loss log with a header and one row per logged step (the original wrote one character per field).
 
-    def __init__(self, path: Path, columns: Sequence[str], enabled: bool = True) -> None:
+    A log that exists already (a resumed run) is first cut back to the rows up to ``start``, so steps redone after a
+    resume are not listed twice.
+    """
+
+    def __init__(self, path: Path, columns: Sequence[str], enabled: bool = True, start: int = 0) -> None:
         self.path, self.columns, self.enabled = Path(path), ["step", *columns], enabled
         if enabled:
+            if self.path.exists():
+                _truncate(self.path, start)
             new = not self.path.exists() or self.path.stat().st_size == 0
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._fh = open(self.path, "a", newline="")
@@ -40,6 +46,19 @@ class LossLog:
         if self.enabled:
             self._fh.close()
 
+def _truncate(path: Path, start: int) -> None:
+    """Keep the header and the rows of steps <= ``start`` (rewritten atomically; unchanged if nothing is cut)."""
+    with open(path, newline="") as fh:
+        rows = list(csv.reader(fh))
+    keep = rows[:1] + [row for row in rows[1:] if row and row[0].isdigit() and int(row[0]) <= start]
+    if len(keep) == len(rows):
+        return
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w", newline="") as fh:
+        csv.writer(fh).writerows(keep)
+    tmp.replace(path)
+
+
 def _fmt(v) -> str:
     if v is None:
         return ""
@@ -52,15 +71,16 @@ class RunMonitor:
     def __init__(self, out_dir: Path, columns: Sequence[str], start: int, total: int, enabled: bool = True,
                  desc: str = "train") -> None:
         self.out_dir, self.enabled = Path(out_dir), enabled
-        self.train_log = LossLog(self.out_dir / "loss_train.csv", columns, enabled)
-        self.val_log = LossLog(self.out_dir / "loss_val.csv", columns, enabled)
+        self.train_log = LossLog(self.out_dir / "loss_train.csv", columns, enabled, start)
+        self.val_log = LossLog(self.out_dir / "loss_val.csv", columns, enabled, start)
         self.bar = tqdm(total=total, initial=start, desc=desc, dynamic_ncols=True, disable=not enabled,
                         mininterval=2.0)
         self.tb = None
         if enabled:
             try:
                 from torch.utils.tensorboard import SummaryWriter
-                self.tb = SummaryWriter(log_dir=str(self.out_dir / "tensorboard"))
+                purge = start + 1 if start else None  # events of steps redone after a resume replace the old ones
+                self.tb = SummaryWriter(log_dir=str(self.out_dir / "tensorboard"), purge_step=purge)
             except ImportError:  # tensorboard is in requirements.txt; keep training if a user removed it
                 log.warning("tensorboard is not installed: no TensorBoard logs")
 

@@ -6,7 +6,6 @@ only rank 0 writes files.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,10 +14,16 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from utils.training import distributed
-from utils.training.builders import mark_final, step_dir
-from utils.training.checkpoint import find_latest, load_checkpoint, restore_training_state, save_training_state
+from utils.training.builders import FINAL_NAME, mark_final, spec_mismatches, step_dir
+from utils.training.checkpoint import (LATEST_NAME, CheckpointError, find_latest, load_checkpoint,
+                                       restore_training_state, save_training_state)
+from utils.training.flags import check_flags
+from utils.training.run_folder import RunFolderError, check_output, claim_output
 
 log = logging.getLogger(__name__)
+# Flags a resumed run may change without a word (how long, how often, on what hardware).
+RESUME_FREE = {"resume", "overwrite", "max_iters", "epochs", "device", "workers", "keep_ckpts", "log_every",
+               "vis_every", "eval_every", "ckpt_every", "val_batches", "amp", "bfm", "save_root"}
 
 
 def make_optimizer(name: str, params, lr: float) -> torch.optim.Optimizer:
@@ -35,6 +40,8 @@ class Run:
     dist: "distributed.DistInfo"
     device: torch.device
     out_dir: Path
+    pipeline_step: int = 0  # 1-4
+    saved_step: int | None = None  # the step latest.pt holds, once this run wrote or resumed it
 
     @property
     def is_main(self) -> bool:
@@ -55,34 +62,68 @@ class Run:
     def save(self, step: int, models: dict, optimizers: dict, schedulers: dict, spec: dict) -> None:
         if self.is_main:
             save_training_state(self.out_dir, step, models, optimizers, schedulers, config=vars(self.args),
-                                extra={"model": spec})
+                                extra={"model": spec}, keep=getattr(self.args, "keep_ckpts", 0))
+            self.saved_step = step
 
-    def resume(self, models: dict, optimizers: dict, schedulers: dict) -> int:
-        """With --resume, restore everything from ``latest.pt`` and return its step; else 0."""
-        if not self.args.resume:
-            return 0
-        path = find_latest(self.out_dir)
-        if path is None:
+    def resume(self, models: dict, optimizers: dict, schedulers: dict, spec: dict | None = None) -> int:
+        """The last set-up call, once the inputs are checked: with --resume restore everything from ``latest.pt``
+        (refusing a run with other networks, ``spec``, or another optimizer) and return its step, else 0; then
+        claim the output folder (``claim``)."""
+        start = 0
+        path = find_latest(self.out_dir) if self.args.resume else None
+        if self.args.resume and path is None:
+            if (self.out_dir / FINAL_NAME).is_file():
+                raise RunFolderError(f"--resume: {self.out_dir} holds a finished run ({FINAL_NAME}) but no "
+                                     f"{LATEST_NAME} to continue from; pass --overwrite to start again")
             log.warning("--resume: no checkpoint in %s yet, starting from scratch", self.out_dir)
-            return 0
-        payload = load_checkpoint(path, map_location=self.device)
-        restore_training_state(payload, models, optimizers, schedulers, restore_rng=True)
-        log.info("resumed from %s at step %d", path, payload["step"])
-        return int(payload["step"])
+        if path is not None:
+            payload = load_checkpoint(path, map_location=self.device)
+            self._check_resumable(payload, path, spec)
+            try:
+                start = restore_training_state(payload, models, optimizers, schedulers, restore_rng=True)
+            except CheckpointError as exc:
+                raise CheckpointError(f"--resume from {path}: {exc}") from None
+            self.saved_step = start if path.name == LATEST_NAME else None
+            log.info("resumed from %s at step %d", path, start)
+        self.claim(replace=start == 0)
+        return start
+
+    def _check_resumable(self, payload: dict, path: Path, spec: dict | None) -> None:
+        theirs = (payload.get("extra") or {}).get("model")
+        if spec is not None and theirs is not None and theirs != spec:
+            raise CheckpointError(f"--resume: {path} was trained with other networks: "
+                                  f"{'; '.join(spec_mismatches(theirs, spec))}; resume with the run's flags, or "
+                                  "start a new run with --overwrite or another --save_root")
+        before, now = payload.get("config") or {}, vars(self.args)
+        changed = [f"--{k} {now[k]} (was {before[k]})" for k in sorted(set(before) & set(now) - RESUME_FREE)
+                   if str(before[k]) != str(now[k])]
+        if changed:
+            log.warning("--resume: %s; the weights, optimizer and scheduler states (learning rates included) "
+                        "continue from the checkpoint", ", ".join(changed))
+
+    def claim(self, replace: bool = True) -> None:
+        """Make the output folder this run's (see ``run_folder.claim_output``): ``replace`` removes an old run's
+        files, which only happens with --overwrite or a --resume that found no checkpoint."""
+        if self.is_main:
+            claim_output(self.out_dir, self.pipeline_step, self.args, replace=replace and (
+                bool(getattr(self.args, "overwrite", False)) or bool(getattr(self.args, "resume", False))))
+        self.barrier()
 
     def barrier(self) -> None:
         if self.dist.world_size > 1:
             torch.distributed.barrier()
 
 def start_run(args: argparse.Namespace, step: int) -> Run:
-    """Process group, device, seed and the output folder (with the resolved config as JSON)."""
+    """Check the flags and the output folder (writing nothing: ``Run.resume`` / ``Run.claim`` write, once the inputs
+    are checked), then process group, device and seed."""
+    check_flags(args)
+    out_dir = step_dir(args.save_root, step)
+    check_output(out_dir, step, args)
     dist = distributed.init_distributed(args.device)
     distributed.seed_everything(args.seed + dist.rank)
-    out_dir = step_dir(args.save_root, step)
-    if dist.is_main:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "run_config.json").write_text(json.dumps(vars(args), indent=2, default=str))
-    return Run(args=args, dist=dist, device=dist.device, out_dir=out_dir)
+    run = Run(args=args, dist=dist, device=dist.device, out_dir=out_dir, pipeline_step=step)
+    run.barrier()  # every process has looked at the folder before the main one claims it
+    return run
 
 def finish_run(run: Run) -> None:
     distributed.cleanup_distributed()
@@ -95,7 +136,8 @@ def conclude(run: Run, step: int, end: int, interrupted: bool, state: tuple, spe
         finish_run(run)
         return 130
     if run.is_main:
-        run.save(step, *state, spec)
+        if run.saved_step != step:
+            run.save(step, *state, spec)
         log.info("done: %s", mark_final(run.out_dir))
     finish_run(run)
     return 0
