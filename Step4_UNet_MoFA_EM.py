@@ -15,12 +15,12 @@ import warnings
 
 import torch
 
-from models.arcface import load_identity_encoder
 from models.face_model import FaceModel
 from models.layout import CoeffLayout
 from utils import cli, losses
 from utils.data.datasets import FaceDataset, collate_faces
 from utils.evaluation.visuals import composite, residual
+from utils.identity import add_identity_args, load_identity, resolve_identity_flag
 from utils.training import flags
 from utils.training.builders import load_mofa, load_unet, previous_checkpoint
 from utils.training.checkpoint import load_checkpoint
@@ -44,14 +44,14 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="Step-1 checkpoint (default: <save_root>/pretrain_mofa/final.pt)")
     p.add_argument("--pretrained_unet", "--unet_checkpoint", dest="unet_checkpoint", default=None,
                    help="Step-3 checkpoint (default: <save_root>/Pretrain_UNet/final.pt)")
-    p.add_argument("--arcface_weights", default=None, help="local ArcFace iresnet-50 backbone.pth")
+    add_identity_args(p)
     p.add_argument("--loss_preset", choices=("g2", "g1"), default="g2")
     p.add_argument("--em_cycle", type=int, default=30000, help="length of one EM cycle in steps")
     p.add_argument("--unet_iters", type=int, default=5000, help="UNet steps at the start of every cycle")
     p.add_argument("--lr_mofa", type=float, default=None,
                    help="default: learning_rate x Step 1's final decay (0.99^(steps//5000)) x 0.8 (G2)")
     p.add_argument("--lr_unet", type=float, default=None, help="default: 0.06 x the MoFA learning rate")
-    return cli.resolve_paths(p.parse_args(argv))
+    return resolve_identity_flag(cli.resolve_paths(p.parse_args(argv)))
 
 
 def learning_rates(args, step1_steps: int) -> tuple[float, float]:
@@ -80,7 +80,7 @@ def train(args) -> int:
     device = run.device
     mofa, unet, spec, step1_steps = build(args, run)
     encoder, unet_ddp = run.ddp(mofa.encoder), run.ddp(unet)
-    identity = load_identity_encoder(args.arcface_weights, device)
+    identity = load_identity(args, device)
     g1 = args.loss_preset == "g1"
     w_unet = losses.Step4UNetWeights.g1() if g1 else losses.Step4UNetWeights()
     w_mofa = losses.Step4MoFAWeights.g1() if g1 else losses.Step4MoFAWeights()
