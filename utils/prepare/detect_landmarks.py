@@ -23,7 +23,6 @@ face outline; the original authors recommend 3D-FAN contour points for the jaw (
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import sys
 from pathlib import Path
 from typing import Any
@@ -32,6 +31,8 @@ import cv2
 import numpy as np
 from tqdm import tqdm
 
+from models.dlib_face import dlib_model_path
+from models.errors import ExtraMissing
 from utils.data.datasets import GT_MASK_SUFFIX, gt_mask_path
 from utils.data.image_io import read_image_rgb, read_mask, write_image_rgb, write_mask
 from utils.data.image_root import ImageRoot
@@ -51,8 +52,7 @@ REQUIREMENTS_HINT = "pip install -r requirements-landmarks.txt"
 DETECT_MAX_SIDE = 800
 
 
-class LandmarkExtraMissing(MofaError):
-    """dlib or its model files are not installed."""
+LandmarkExtraMissing = ExtraMissing  # dlib or its model files are not installed
 
 
 def template_points(size: int) -> np.ndarray:
@@ -133,20 +133,10 @@ def align_face(image: np.ndarray, landmarks68: np.ndarray, size: int) -> tuple[n
 
 
 def predictor_path() -> Path:
-    """Location of ``shape_predictor_68_face_landmarks.dat`` in the ``face-recognition-models`` package.
-
-    Found with `importlib.util.find_spec`, without importing the package (its ``__init__`` needs the
-    deprecated ``pkg_resources``).
+    """Location of ``shape_predictor_68_face_landmarks.dat`` in the ``face-recognition-models`` package, found
+    without importing the package (`models.dlib_face.dlib_model_path`); `LandmarkExtraMissing` names the pip command.
     """
-    spec = importlib.util.find_spec("face_recognition_models")
-    folders = list(spec.submodule_search_locations or []) if spec else []
-    for folder in folders:
-        path = Path(folder) / "models" / "shape_predictor_68_face_landmarks.dat"
-        if path.is_file():
-            return path
-    raise LandmarkExtraMissing(
-        f"the 68-point dlib model (package face-recognition-models) is missing: {REQUIREMENTS_HINT}"
-    )
+    return dlib_model_path("shape_predictor_68_face_landmarks.dat")
 
 
 def load_dlib() -> tuple[Any, Any]:
