@@ -26,6 +26,7 @@ demo: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/rasterizer.py
+	$(PY) benchmarks/dlib_face.py
 
 clean-demo:
 	rm -rf demo_output demo_data

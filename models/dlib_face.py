@@ -247,33 +247,21 @@ def _read_con(r: _Reader, layer: _Layer) -> dict:
 
 
 def _read_affine(r: _Reader, channels: int) -> dict:
-    tag = r.tag(("affine_", "affine_2", "bn_con2"), "affine (frozen batch norm)")
+    """affine_ / affine_2 (frozen batch norm): gamma and beta. (dlib can also load a bn_con2 batch-norm layer into
+    an affine one; the model file holds none, so that is refused rather than supported untested.)"""
+    tag = r.tag(("affine_", "affine_2"), "affine (frozen batch norm)")
     params = r.tensor().reshape(-1)
-    if tag == "bn_con2":  # a batch-norm layer, which dlib converts to affine on load
-        gamma_shape, _ = r.alias(), r.alias()
-        _means, _invstds = r.tensor(), r.tensor()
-        running_mean, running_var = r.tensor().reshape(-1), r.tensor().reshape(-1)
-        r.int(), r.int()  # num_updates, running_stats_window_size
-        for _ in range(4):
-            r.scalar()
-        eps = r.scalar()
-        n = int(np.prod(gamma_shape))
-        gamma = params[:n] / np.sqrt(running_var + eps)
-        beta = params[n:2 * n] - gamma * running_mean
-    else:
-        gamma_shape, _ = r.alias(), r.alias()
-        mode = r.int()
-        if tag == "affine_2":
-            disabled = r.bool()
-            if disabled:
-                raise r.fail("a disabled affine layer")
-        if mode != 0:  # dlib layer_mode: CONV_MODE = 0 (per channel), FC_MODE = 1 (per element)
-            raise r.fail(f"affine layer in mode {mode}, expected the per-channel mode 0")
-        n = int(np.prod(gamma_shape))
-        gamma, beta = params[:n], params[n:2 * n]
+    gamma_shape, _ = r.alias(), r.alias()
+    mode = r.int()
+    if tag == "affine_2" and r.bool():
+        raise r.fail("a disabled affine layer")
+    if mode != 0:  # dlib layer_mode: CONV_MODE = 0 (per channel), FC_MODE = 1 (per element)
+        raise r.fail(f"affine layer in mode {mode}, expected the per-channel mode 0")
+    n = int(np.prod(gamma_shape))
+    gamma, beta = params[:n], params[n:2 * n]
     if gamma.size != channels or beta.size != channels:
         raise r.fail(f"affine layer of {gamma.size} channels after a {channels}-filter convolution")
-    return {"gamma": gamma.astype(np.float32), "beta": beta.astype(np.float32)}
+    return {"gamma": gamma, "beta": beta}
 
 
 def _read_pool(r: _Reader, layer: _Layer) -> None:
