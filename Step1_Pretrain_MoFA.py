@@ -3,7 +3,7 @@
     python Step1_Pretrain_MoFA.py --img_path ./image_root [--bfm basel_3DMM/model2017-1_bfm_nomouth.h5]
 
 Loss (reference 8.1): photo * robust photometric + reg * coefficient prior + landmark * landmark loss
-+ identity * ArcFace identity loss (only with --arcface_weights). Adadelta, StepLR(5000, 0.99) per step.
++ identity * identity loss (--identity arcface|dlib|none, see utils/identity.py). Adadelta, StepLR(5000, 0.99) per step.
 Writes <save_root>/pretrain_mofa/: ckpt_NNNNNN.pt, latest.pt, final.pt, config.json, loss CSVs, TensorBoard, vis/.
 """
 from __future__ import annotations
@@ -13,12 +13,12 @@ import logging
 
 import torch
 
-from models.arcface import load_identity_encoder
 from models.face_model import FaceModel
 from models.layout import CoeffLayout
 from utils import cli, losses
 from utils.data.datasets import FaceDataset, collate_faces
 from utils.evaluation.visuals import composite
+from utils.identity import add_identity_args, load_identity, resolve_identity_flag
 from utils.training import flags
 from utils.training.builders import build_mofa, model_spec
 from utils.training.data_order import make_eval_loader, make_train_loader, total_steps
@@ -35,12 +35,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     flags.add_common_args(p)
     flags.add_training_args(p, lr=0.1, epochs=100, batch_size=12, ckpt_every=5000, vis_every=500, eval_every=5000)
     p.add_argument("--encoder_weights", default=None, help="local torchvision ImageNet weights for the encoder")
-    p.add_argument("--arcface_weights", default=None, help="local ArcFace iresnet-50 backbone.pth (identity loss)")
+    add_identity_args(p)
     p.add_argument("--camera", choices=("g2", "g1"), default="g2", help="camera defaults (G2: f=1014.72, G1: f=250)")
     flags.add_loss_preset_arg(p)
     p.add_argument("--lr_step", type=int, default=5000, help="StepLR period in steps")
     p.add_argument("--lr_gamma", type=float, default=0.99, help="StepLR decay")
-    return cli.resolve_paths(p.parse_args(argv))
+    return resolve_identity_flag(cli.resolve_paths(p.parse_args(argv)))
 
 
 def train(args) -> int:
@@ -50,7 +50,7 @@ def train(args) -> int:
     spec = model_spec(args, face_model, layout)
     mofa = build_mofa(spec, face_model, args.encoder_weights).to(device)
     encoder = run.ddp(mofa.encoder)
-    identity = load_identity_encoder(args.arcface_weights, device)
+    identity = load_identity(args, device)
     preset = losses.PRESETS[args.loss_preset]
     weights, setup = preset.step1, LossSetup.from_preset(preset, layout, args.image_size)
 

@@ -17,12 +17,12 @@ import warnings
 
 import torch
 
-from models.arcface import load_identity_encoder
 from models.face_model import FaceModel
 from models.layout import CoeffLayout
 from utils import cli, losses
 from utils.data.datasets import FaceDataset, collate_faces
 from utils.evaluation.visuals import composite, residual
+from utils.identity import add_identity_args, load_identity, resolve_identity_flag
 from utils.training import flags
 from utils.training.builders import STEP_DIRS, announce_spec, load_mofa, load_unet, previous_checkpoint
 from utils.training.checkpoint import CheckpointError, load_checkpoint
@@ -46,7 +46,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="Step-1 checkpoint (default: <save_root>/pretrain_mofa/final.pt)")
     p.add_argument("--pretrained_unet", "--unet_checkpoint", dest="unet_checkpoint", default=None,
                    help="Step-3 checkpoint (default: <save_root>/Pretrain_UNet/final.pt)")
-    p.add_argument("--arcface_weights", default=None, help="local ArcFace iresnet-50 backbone.pth")
+    add_identity_args(p)
     flags.add_loss_preset_arg(p)
     p.add_argument("--em_cycle", type=int, default=30000, help="length of one EM cycle in steps")
     p.add_argument("--unet_iters", type=int, default=5000, help="UNet steps at the start of every cycle")
@@ -57,7 +57,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--lr_step", type=int, default=5000, help="StepLR period of both learning rates in steps")
     p.add_argument("--lr_gamma_mofa", type=float, default=0.99, help="StepLR decay of the MoFA learning rate")
     p.add_argument("--lr_gamma_unet", type=float, default=0.95, help="StepLR decay of the UNet learning rate")
-    return cli.resolve_paths(p.parse_args(argv))
+    return resolve_identity_flag(cli.resolve_paths(p.parse_args(argv)))
 
 
 def step1_decay(payload: dict, path) -> float:
@@ -104,7 +104,7 @@ def train(args) -> int:
     device = run.device
     mofa, unet, spec, step1 = build(args, run)
     encoder, unet_ddp = run.ddp(mofa.encoder), run.ddp(unet)
-    identity = load_identity_encoder(args.arcface_weights, device)
+    identity = load_identity(args, device)
     preset = losses.PRESETS[args.loss_preset]
     w_unet, w_mofa = preset.step4_unet, preset.step4_mofa
     setup = LossSetup.from_preset(preset, CoeffLayout(**spec["layout"]), spec["image_size"])

@@ -1,7 +1,7 @@
 """Reconstruct one face image: occlusion mask, render, and the 3D mesh.
 
     python reconstruct.py --image PATH --checkpoint MoFA_UNet_Save/MoFA_UNet/final.pt --out DIR
-        [--landmarks auto|CSV] [--bfm PATH] [--device auto|cpu|cuda] [--now]
+        [--landmarks auto|CSV] [--bfm PATH] [--device auto|cpu|cuda] [--now] [--identity arcface|dlib|none]
 
 The checkpoint is a Step-4 one (encoder + UNet); a Step-1 one works too, the mask is then the robust loss's inlier
 mask (Step 2's preliminary mask). The network takes an aligned S x S face crop (S = the checkpoint's image size):
@@ -13,10 +13,14 @@ input), NAME_mask.png (1 = visible face), NAME_overlay.png (visible face tinted 
 NAME.obj and NAME.ply (cropped mesh with expression, per-vertex albedo colours, model frame, mm).
 --now also writes DIR/now/NAME.obj (the uncropped mesh, shape only, expression 0) and DIR/now/NAME.txt (the 7 NoW
 landmarks; only for the real BFM2017 mesh).
+With an identity network (--identity, default as in the training steps: see utils/identity.py) it also writes
+NAME_identity.json: the cosine similarity of the input's and the render's identity embeddings (both aligned with the
+fitted landmarks), a measure of how well the reconstruction keeps the person recognisable.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 from pathlib import Path
 
@@ -33,6 +37,7 @@ from utils.errors import DataError
 from utils.evaluation.evaluate import predict_masks
 from utils.evaluation.mesh_io import write_now_landmarks, write_obj, write_ply
 from utils.evaluation.visuals import composite
+from utils.identity import add_identity_args, load_identity, resolve_identity_flag
 from utils.landmarks_csv import read_landmarks_csv
 from utils.prepare.detect_landmarks import align_face, detect_landmarks68, load_dlib
 from utils.training.builders import FINAL_NAME, load_mofa, load_unet
@@ -58,7 +63,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help=f"face model the checkpoint was trained with (default: <repo>/{cli.DEFAULT_BFM})")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:<index> (default: auto)")
     p.add_argument("--now", action="store_true", help="also export the NoW-challenge mesh and 7 landmarks")
-    return cli.resolve_paths(p.parse_args(argv), ("image", "bfm", "out", "checkpoint"))
+    add_identity_args(p)
+    return resolve_identity_flag(cli.resolve_paths(p.parse_args(argv), ("image", "bfm", "out", "checkpoint")))
 
 
 def _csv_landmarks(csv_path: Path, image_path: Path) -> np.ndarray:
@@ -151,6 +157,13 @@ def write_outputs(out_dir: Path, name: str, images: torch.Tensor, est: torch.Ten
     write_ply(out_dir / f"{name}.ply", vertices, model.faces, colours)
 
 
+def identity_score(identity, images: torch.Tensor, out) -> float:
+    """Cosine similarity (1 = same embedding) between the identity embeddings of the input and of the render, both
+    aligned with the fitted landmarks (the term Steps 1 and 4 minimise is 1 minus this)."""
+    return float(torch.nn.functional.cosine_similarity(identity(images, out.landmarks),
+                                                       identity(out.image, out.landmarks), dim=1)[0])
+
+
 def reconstruct(args: argparse.Namespace) -> int:
     device = cli.resolve_device(args.device)
     mofa, unet, spec = load_networks(args, device)
@@ -162,6 +175,12 @@ def reconstruct(args: argparse.Namespace) -> int:
     write_outputs(args.out, name, images, est, region, out, mofa)
     if args.now:
         export_now(args.bfm, mofa.layout.split(out.coeffs).shape, args.out, name)
+    identity = load_identity(args, device)
+    if identity is not None:
+        score = identity_score(identity, images, out)
+        (args.out / f"{name}_identity.json").write_text(json.dumps(
+            {"identity": args.identity, "cosine_input_vs_render": round(score, 6)}, indent=2) + "\n")
+        log.info("identity (%s): cosine similarity of input and render %.3f", args.identity, score)
     log.info("wrote %s_{input,composite,mask,overlay}.png, %s.obj and %s.ply to %s", name, name, name, args.out)
     return 0
 

