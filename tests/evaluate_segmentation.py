@@ -1,7 +1,7 @@
 """Evaluate occlusion masks (and, on the synthetic benchmark, reconstructions) on one split of an image root.
 
     python tests/evaluate_segmentation.py --img_path IMAGE_ROOT --split test --save_root DIR --out RESULTS_DIR
-        [--stage step2|step3|step4] [--checkpoint PATH] [--threshold 0.5] [--soft] [--save_images]
+        [--stage step2|step3|step4|fit_oracle] [--checkpoint PATH] [--threshold 0.5] [--soft] [--save_images]
 
 Metrics follow the paper protocol (pixels inside the rendered face only, per image, then mean and std) with the
 estimate binarised at --threshold (--soft: the original's soft counts); pixel-pooled metrics are reported too.
@@ -9,7 +9,8 @@ GT masks are ``X_visible_skin_mask.png`` beside ``X``; images without one are pr
 Writes RESULTS_DIR/per_image.csv, summary.json, summary.md (and with --save_images RESULTS_DIR/images/
 X_org.png, X_result.png, X_estmask.png). --stage picks the model: step2 = Step-1 encoder with the inlier mask,
 step3 = Step-1 encoder + Step-3 UNet, step4 = the final Step-4 model (default). --checkpoint overrides the
-stage's checkpoint (step2: Step 1's, step3: Step 3's UNet, step4: Step 4's).
+stage's checkpoint (step2: Step 1's, step3: Step 3's UNet, step4: Step 4's). fit_oracle (synthetic benchmark only,
+no checkpoint) applies Step 2's rule to the render of the true coefficients with the generator's --bfm.
 """
 from __future__ import annotations
 
@@ -25,10 +26,13 @@ from utils.data.datasets import FaceDataset  # noqa: E402
 from utils.data.image_root import ImageRoot  # noqa: E402
 from utils.errors import DataError  # noqa: E402
 from utils.evaluation.evaluate import (  # noqa: E402
+    FIT_ORACLE,
     STAGES,
     EvalOptions,
+    evaluate_fit_oracle,
     evaluate_split,
     format_markdown,
+    load_fit_oracle,
     load_stage,
     read_ground_truth,
     summarise_rows,
@@ -47,7 +51,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--bfm", default=cli.RepoDefault(cli.DEFAULT_BFM),
                    help=f"face model the steps used (default: <repo>/{cli.DEFAULT_BFM})")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:<index> (default: auto)")
-    p.add_argument("--stage", choices=STAGES, default="step4", help="which model makes the masks")
+    p.add_argument("--stage", choices=(*STAGES, FIT_ORACLE), default="step4", help="which model makes the masks")
     p.add_argument("--checkpoint", default=None, help="checkpoint overriding the stage's default final.pt")
     p.add_argument("--threshold", type=float, default=0.5, help="binarisation threshold of masks (default 0.5)")
     p.add_argument("--soft", action="store_true", help="soft counts as the original (no binarisation)")
@@ -69,13 +73,17 @@ def evaluate(argv: list[str] | None = None) -> dict:
     """Run the evaluation for command-line ``argv``; write the result files and return the summary dict."""
     args = parse_args(argv)
     device = cli.resolve_device(args.device)
-    mofa, unet, spec = load_stage(args.stage, args.save_root, args.bfm, device, args.checkpoint)
+    if args.stage == FIT_ORACLE:
+        renderer, _, spec = load_fit_oracle(ImageRoot(args.img_path).root, args.bfm, device)
+    else:
+        mofa, unet, spec = load_stage(args.stage, args.save_root, args.bfm, device, args.checkpoint)
     dataset = FaceDataset(args.img_path, args.split, spec["image_size"], test_mode=True)
     truth = read_ground_truth(ImageRoot(args.img_path).root)
     options = EvalOptions(threshold=args.threshold, soft=args.soft, sigma=args.sigma, batch_size=args.batch_size,
                           workers=args.workers, oracle=args.oracle,
                           image_dir=args.out / "images" if args.save_images else None)
-    rows = evaluate_split(args.stage, mofa, unet, dataset, device, options, truth)
+    rows = (evaluate_fit_oracle(renderer, dataset, truth, device, options) if args.stage == FIT_ORACLE
+            else evaluate_split(args.stage, mofa, unet, dataset, device, options, truth))
     settings = {"threshold": None if args.soft else args.threshold, "soft": args.soft, "oracle": args.oracle,
                 "image_size": spec["image_size"], "encoder": spec["encoder"], "checkpoint": args.checkpoint,
                 "save_root": str(args.save_root), "img_path": str(args.img_path)}
