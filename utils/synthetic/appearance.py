@@ -8,7 +8,7 @@ and lipstick. Items (the names of ground_truth.csv's ``appearance`` column, join
 * ``stubble`` (fine dark dots over the beard area), ``beard`` (full, goatee or chin strap; strands, several
   densities and colours, onto the neck), ``moustache`` (pencil to horseshoe);
 * ``eyeshadow``, ``lipstick``, ``blush``;
-* ``moles`` (1-5 dark spots), ``freckles`` (dozens to hundreds of small spots on the nose and cheeks);
+* ``moles`` (1-8 dark spots), ``freckles`` (dozens to hundreds of small spots on the nose and cheeks);
 * ``wrinkles``: forehead lines, crow's feet, nasolabial folds, under-eye lines, with pore-scale albedo noise;
 * ``specular``: a Blinn-Phong term of a key light on an oily T-zone and cheeks (non-Lambertian);
 * ``cast_shadow``: the head's own shadow of the key light (the nose, the jaw on the neck: shadow mapping in
@@ -321,7 +321,7 @@ def add_eyeshadow(canvas: SkinCanvas, rng: np.random.Generator) -> None:
         span = (gx > lid[0, 0] - 0.04) & (gx < lid[-1, 0] + 0.04)
         zone = np.maximum(zone, (span & (gy > top) & (gy < lid_y + 0.02)).astype(np.float32))
         zone = zone * (1.0 - fill_polygon(canvas.size, canvas.landmarks[eye_ids]))
-    canvas.paint(colour, canvas.blur(zone, 0.04) * rng.uniform(0.35, 0.75))
+    canvas.paint(colour, canvas.blur(zone, 0.04) * rng.uniform(0.4, 0.85))
 
 
 def add_lipstick(canvas: SkinCanvas, rng: np.random.Generator) -> None:
@@ -333,30 +333,35 @@ def add_lipstick(canvas: SkinCanvas, rng: np.random.Generator) -> None:
 def add_blush(canvas: SkinCanvas, rng: np.random.Generator) -> None:
     gx, gy = canvas.grid[..., 0], canvas.grid[..., 1]
     x0, y0 = rng.uniform(0.45, 0.65), rng.uniform(0.45, 0.7)
-    sx, sy = rng.uniform(0.15, 0.25), rng.uniform(0.12, 0.2)
+    sx, sy = rng.uniform(0.15, 0.3), rng.uniform(0.12, 0.22)
     blob = np.exp(-0.5 * (((np.abs(gx) - x0) / sx) ** 2 + ((gy - y0) / sy) ** 2))
     colour = BLUSH_COLOURS[int(rng.integers(len(BLUSH_COLOURS)))]
-    canvas.paint(colour, blob * rng.uniform(0.3, 0.6))
+    canvas.paint(colour, blob * rng.uniform(0.35, 0.7))
 
 
 def _spots(canvas: SkinCanvas, centres: np.ndarray, radii: np.ndarray, strengths: np.ndarray) -> np.ndarray:
-    """``(S, S)`` max-coverage of anti-aliased discs (pixel centres ``(K, 2)``, radii ``(K,)``, strengths)."""
-    alpha = np.zeros((canvas.size, canvas.size), np.float32)
-    for centre, radius, strength in zip(centres, radii, strengths):
-        disc = np.zeros_like(alpha)
-        cv2.circle(disc, tuple(int(v) for v in np.round(centre * 16)), int(round(radius * 16)), float(strength), -1,
-                   cv2.LINE_AA, 4)
-        alpha = np.maximum(alpha, disc)
-    return alpha
+    """``(S, S)`` max-coverage of soft discs (pixel centres ``(K, 2)``, radii ``(K,)`` px, strengths ``(K,)``)."""
+    size = canvas.size
+    alpha = np.zeros((size, size), np.float32)
+    for (x, y), radius, strength in zip(centres, radii, strengths):
+        reach = int(np.ceil(radius + 1.0))
+        c0, c1 = max(0, int(x) - reach), min(size, int(x) + reach + 2)
+        r0, r1 = max(0, int(y) - reach), min(size, int(y) + reach + 2)
+        if c0 >= c1 or r0 >= r1:
+            continue
+        ys, xs = np.mgrid[r0:r1, c0:c1]
+        disc = np.clip(radius + 0.5 - np.hypot(xs - x, ys - y), 0.0, 1.0) * strength  # ~ area coverage
+        alpha[r0:r1, c0:c1] = np.maximum(alpha[r0:r1, c0:c1], disc)
+    return cv2.GaussianBlur(alpha, (0, 0), 0.45)  # the optics' blur: round spots also at 1-2 px
 
 
 def add_moles(canvas: SkinCanvas, rng: np.random.Generator) -> None:
-    count = int(rng.integers(1, 6))
+    count = int(rng.integers(1, 9))
     candidates = np.argwhere(canvas.face)
     if not len(candidates):
         return
     picks = candidates[rng.integers(len(candidates), size=count)][:, ::-1].astype(np.float64)
-    radii = np.maximum(0.7, rng.uniform(0.012, 0.035, count) * canvas.iod)
+    radii = np.maximum(0.9, rng.uniform(0.015, 0.045, count) * canvas.iod)
     alpha = _spots(canvas, picks, radii, rng.uniform(0.8, 1.0, count))
     colour = np.array([rng.uniform(0.18, 0.32), rng.uniform(0.1, 0.18), rng.uniform(0.06, 0.12)])
     canvas.paint(colour, alpha)
