@@ -1,4 +1,4 @@
-"""The head and the out-of-model appearance items of the synthetic benchmark (utils/synthetic/head.py, appearance.py)."""
+"""The head and the out-of-model appearance items of the synthetic benchmark (utils/synthetic/head.py, appearance)."""
 from __future__ import annotations
 
 import csv
@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from models.camera import CameraConfig
-from models.layout import N_SH_BASIS, SH_INIT, CoeffLayout
+from models.layout import N_SH_BASIS, CoeffLayout
 from utils.data.image_io import read_mask
 from utils.landmarks_csv import read_landmarks_csv
 from utils.synthetic import appearance as app
@@ -167,7 +167,8 @@ def test_appearance_changes_images_but_no_ground_truth(demo_bfm_h5: Path, textur
         mask_m = read_mask(mixed / "Dataset" / row["filename"].replace(".png", "_visible_skin_mask.png"))
         mask_b = read_mask(bare / "Dataset" / row["filename"].replace(".png", "_visible_skin_mask.png"))
         np.testing.assert_array_equal(mask_m, mask_b)
-        differ += (mixed / "Dataset" / row["filename"]).read_bytes() != (bare / "Dataset" / row["filename"]).read_bytes()
+        image = row["filename"]
+        differ += (mixed / "Dataset" / image).read_bytes() != (bare / "Dataset" / image).read_bytes()
     assert differ == len(rows_m)
     only = tmp_path / "appearance_only"
     generate_dataset(demo_bfm_h5, only, 4, seed=5, occlusion="none", size=SIZE, textures=textures,

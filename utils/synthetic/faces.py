@@ -322,7 +322,7 @@ def render_batch(renderer: FaceRenderer, coeffs: np.ndarray, device: torch.devic
 def generate_batch(ids: range, seed: int, occlusion: str, renderer: FaceRenderer, textures: TextureBank,
                    ranges: SceneRanges, dataset_dir: Path, device: torch.device,
                    head_renderer: HeadRenderer | None = None,
-                   appearance_config: AppearanceConfig = AppearanceConfig()) -> list[SampleRecord]:
+                   appearance_config: AppearanceConfig | None = None) -> list[SampleRecord]:
     """Sample, render, composite and write the images `ids`; return their ground-truth records.
 
     With a `head_renderer` ('mixed' appearance) every face gets a head and its appearance items.
@@ -336,7 +336,8 @@ def generate_batch(ids: range, seed: int, occlusion: str, renderer: FaceRenderer
     if head_renderer is not None:
         light = coeffs[:, renderer.layout.slice("light")]
         arngs = [appearance_rng(seed, i) for i in ids]
-        plans = [plan_appearance(arng, light[k], appearance_config) for k, arng in enumerate(arngs)]
+        config = AppearanceConfig() if appearance_config is None else appearance_config
+        plans = [plan_appearance(arng, light[k], config) for k, arng in enumerate(arngs)]
         keys = np.stack([plan.key_light if plan.needs_shadow else np.full(3, np.nan) for plan in plans])
         heads = head_renderer.render(coeffs, keys)
         camera = renderer.camera_cfg
