@@ -1,7 +1,7 @@
 """Evaluate occlusion masks (and, on the synthetic benchmark, reconstructions) on one split of an image root.
 
     python tests/evaluate_segmentation.py --img_path IMAGE_ROOT --split test --save_root DIR --out RESULTS_DIR
-        [--stage step2|step3|step4] [--checkpoint PATH] [--threshold 0.5] [--soft] [--save_images]
+        [--stage step2|step3|step4|fit_oracle] [--checkpoint PATH] [--threshold 0.5] [--soft] [--save_images]
 
 The user-facing script of the original project, kept thin: flags and logic are in `utils.evaluation.evaluate`
 (`parse_args`, `run_evaluation`); ``--help`` lists everything.

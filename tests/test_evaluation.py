@@ -311,3 +311,66 @@ def test_missing_checkpoint_is_one_line_error(setup, tmp_path, capsys):
     assert exc.value.code == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error:") and "MoFA_UNet" in err and len(err.splitlines()) == 1
+
+
+# ----- appearance breakdown and the fit oracle ------------------------------------------------------------------
+
+def test_summarise_rows_counts_an_image_in_every_appearance_item():
+    base = {"category": "none", "has_gt_mask": True, "tp": 1.0, "fp": 0.0, "tn": 0.0, "fn": 0.0}
+    rows = [{**base, "filename": "a.png", "appearance": "beard+specular", "tp": 3.0, "fn": 1.0},
+            {**base, "filename": "b.png", "appearance": "specular"},
+            {**base, "filename": "c.png", "appearance": "none"}]
+    for r in rows:
+        r.update({k: v.item() for k, v in mask_metrics(*(torch.tensor([r[c]]) for c in COUNT_NAMES)).items()})
+    s = summarise_rows(rows, "fit_oracle", "test")
+    assert list(s["per_appearance"]) == ["beard", "specular", "none"]
+    assert s["per_appearance"]["specular"]["n_images"] == 2 and s["per_appearance"]["beard"]["n_images"] == 1
+    assert_close(s["per_appearance"]["specular"]["paper_protocol"]["iou"]["mean"], (0.75 + 1.0) / 2)
+    assert summarise_rows([{k: v for k, v in rows[0].items() if k != "appearance"}], "x", "y")["per_appearance"] == {}
+
+
+@pytest.fixture(scope="module")
+def synthetic_roots(tmp_path_factory, demo_bfm_h5) -> dict:
+    """Three bare faces (no occluder, no appearance) and three with stubble and a cast shadow, 64 px."""
+    from utils.synthetic.appearance import AppearanceConfig
+    from utils.synthetic.faces import generate_dataset
+    from utils.synthetic.occluders import TextureBank
+
+    base = tmp_path_factory.mktemp("fit_oracle")
+    textures = TextureBank.from_skimage(("coffee",))
+    generate_dataset(demo_bfm_h5, base / "bare", 3, seed=1, occlusion="none", size=SIZE, textures=textures,
+                     appearance="none")
+    config = AppearanceConfig(plain_share=0.0, facial_hair=1.0, cast_shadow=1.0)
+    generate_dataset(demo_bfm_h5, base / "items", 3, seed=1, occlusion="none", size=SIZE, textures=textures,
+                     appearance_config=config)
+    return {"bare": base / "bare", "items": base / "items", "bfm": demo_bfm_h5}
+
+
+def run_fit_oracle(root: Path, bfm: Path, out: Path) -> dict:
+    return run_evaluation(["--img_path", str(root), "--split", "all", "--bfm", str(bfm), "--device", "cpu",
+                     "--stage", "fit_oracle", "--out", str(out), "--save_root", str(out / "no_checkpoints")])
+
+
+def test_fit_oracle_is_perfect_on_bare_faces_and_not_on_appearance(synthetic_roots, tmp_path):
+    bare = run_fit_oracle(synthetic_roots["bare"], synthetic_roots["bfm"], tmp_path / "bare")
+    rows = read_rows(tmp_path / "bare")
+    assert len(rows) == 3 and all(float(r["iou"]) == 1.0 for r in rows.values())
+    assert bare["per_appearance"]["none"]["n_images"] == 3 and bare["settings"]["encoder"].startswith("none")
+    items = run_fit_oracle(synthetic_roots["items"], synthetic_roots["bfm"], tmp_path / "items")
+    rows = read_rows(tmp_path / "items")
+    assert all("cast_shadow" in r["appearance"] for r in rows.values())
+    assert all(float(r["iou"]) < 0.99 for r in rows.values()), "stubble and shadows left no outlier"
+    assert all(float(r["precision"]) > 0.95 for r in rows.values()), "outliers outside the face?"
+    assert "cast_shadow" in items["per_appearance"]
+    assert "| appearance |" in (tmp_path / "items" / "summary.md").read_text()
+
+
+def test_fit_oracle_needs_the_generators_face_model_and_ground_truth(synthetic_roots, setup, tmp_path, capsys):
+    for root, bfm, message in ((synthetic_roots["bare"], setup["bfm"], "--bfm"),
+                               (setup["img_path"], synthetic_roots["bfm"], "synthetic_config.json")):
+        argv = ["--img_path", str(root), "--bfm", str(bfm), "--device", "cpu", "--stage", "fit_oracle",
+                "--split", "all" if root == synthetic_roots["bare"] else "test", "--out", str(tmp_path / "o")]
+        with pytest.raises(SystemExit) as exc:
+            cli.cli_main(main, argv)
+        err = capsys.readouterr().err.strip()
+        assert exc.value.code == 2 and message in err and len(err.splitlines()) == 1, err

@@ -86,9 +86,9 @@ def test_same_seed_gives_identical_files(mixed_root: Path, demo_bfm_h5: Path, te
 def test_ground_truth_columns_follow_the_layout(mixed_root: Path) -> None:
     layout = CoeffLayout()
     header, rows = read_ground_truth(mixed_root)
-    assert header[:4] == ["filename", "split", "category", "occluded_fraction"]
+    assert header[:5] == ["filename", "split", "category", "appearance", "occluded_fraction"]
     assert header[-1] == "visible_landmarks"
-    coeff_columns = header[4:-1]
+    coeff_columns = header[5:-1]
     assert len(coeff_columns) == layout.total
     for name in FIELDS:
         block = coeff_columns[layout.slice(name)]

@@ -5,8 +5,10 @@
 1. writes the procedural demo face model (basel_3DMM/demo_face_model.h5) if it is missing;
 2. renders the synthetic occluded-face dataset into --data;
 3. runs Step 1 to Step 4 as a user would (the same scripts, in subprocesses) with demo-sized settings;
-4. evaluates the masks of every stage on the test split (Step 2's preliminary masks, Step 3's UNet, Step 4's final
-   masks), prints a table, and writes <out>/results.json and <out>/figure.png.
+4. evaluates the masks of every stage on the test split (the fit oracle, i.e. Step 2's rule on the render of the
+   true coefficients; Step 2's preliminary masks, Step 3's UNet, Step 4's final masks), prints the tables overall,
+   per appearance item and per occluder category, and writes <out>/results.json and <out>/figure.png (test faces
+   with their GT and each stage's mask).
 
 The demo settings trade the paper's scale for a run of minutes on a CPU: ResNet-18 from random initialisation, 96 px
 images, a UNet of width 16, Adam instead of Adadelta (which needs hundreds of thousands of steps), a few hundred
@@ -42,7 +44,8 @@ QUICK = {**DEMO, "num_images": 60, "image_size": 32,
          "step3": ["--max_iters", "2", "--batch_size", "8", "--optimizer", "adam", "--learning_rate", "1e-3"],
          "step4": ["--max_iters", "3", "--batch_size", "8", "--em_cycle", "3", "--unet_iters", "1",
                    "--optimizer", "adam"]}
-STAGES = {"step2_prelim": "step2", "step3_unet": "step3", "step4_final": "step4"}
+STAGES = {"fit_oracle": "fit_oracle", "step2_prelim": "step2", "step3_unet": "step3", "step4_final": "step4"}
+FIGURE_ROWS = 8
 
 
 def run(cmd: list[str]) -> None:
@@ -79,40 +82,91 @@ def main(argv=None) -> int:
         t = time.time()
         run([script, *common, *extra])
         timings[name] = round(time.time() - t, 1)
-    results = {}
+    results = {"per_appearance": {}, "per_category": {}}
     for key, stage in STAGES.items():
         summary = run_evaluation(["--img_path", str(data), "--split", "test", "--save_root", str(save_root),
                             "--bfm", args.bfm, "--device", args.device, "--stage", stage,
-                            "--out", str(out / key), *(["--save_images"] if stage == "step4" else [])])
+                            "--out", str(out / key), "--save_images"])
         results[key] = {m: v["mean"] for m, v in summary["paper_protocol"].items()}
+        for group in ("per_appearance", "per_category"):
+            results[group][key] = {name: {"n": s["n_with_gt"], "iou": s["paper_protocol"]["iou"]["mean"]}
+                                   for name, s in summary.get(group, {}).items()}
     results["wall_seconds"] = round(time.time() - t0, 1)
     results["step_seconds"] = timings
     results["settings"] = cfg
     (out / "results.json").write_text(json.dumps(results, indent=2))
     print_table(results)
-    write_figure(out / "figure.png", out / "step4_final")
+    write_figure(out / "figure.png", data, out)
     return 0
 
 
 def print_table(results: dict) -> None:
+    """The overall table, then IoU per appearance item and per occluder category for every stage (Markdown)."""
     metrics = ["iou", "accuracy", "precision", "recall", "f1"]
     print("\n| stage | " + " | ".join(metrics) + " |\n|---|" + "---|" * len(metrics))
     for key in STAGES:
         print(f"| {key} | " + " | ".join(f"{results[key][m]:.3f}" for m in metrics) + " |")
+    for group, title, note in (("per_appearance", "appearance item", " (an image counts in every item it has)"),
+                               ("per_category", "occluder category", "")):
+        names = list(results.get(group, {}).get("step2_prelim", {}))
+        if not names:
+            continue
+        print(f"\nIoU per {title}{note}:\n")
+        print(f"| {title} | test images | " + " | ".join(STAGES) + " |\n|---|---|" + "---|" * len(STAGES))
+        for name in names:
+            n = results[group]["step2_prelim"][name]["n"]
+            values = [results[group].get(key, {}).get(name, {}).get("iou") for key in STAGES]
+            print(f"| {name} | {n} | " + " | ".join("n/a" if v is None else f"{v:.3f}" for v in values) + " |")
     print(f"\nwall time: {results['wall_seconds']:.0f} s")
 
 
-def write_figure(path: Path, images_dir: Path, rows: int = 8) -> None:
-    """Inputs, reconstructions and final masks of the first test images side by side, as one PNG."""
+def figure_picks(data: Path, rows: int = FIGURE_ROWS) -> list[dict]:
+    """Test images for the figure: each new one adds an appearance item or occluder category not shown yet
+    (then the rest in order), so the figure shows the variety of the benchmark."""
+    import csv
+
+    with (data / "ground_truth.csv").open(newline="") as handle:
+        test = [row for row in csv.DictReader(handle) if row["split"] == "test"]
+    shown: set[str] = set()
+    picks: list[dict] = []
+    for row in test:
+        labels = {f"occ:{row['category']}", *(f"app:{a}" for a in row.get("appearance", "none").split("+"))}
+        if labels - shown and len(picks) < rows:
+            picks.append(row)
+            shown |= labels
+    return picks + [row for row in test if row not in picks][:rows - len(picks)]
+
+
+def write_figure(path: Path, data: Path, out: Path, rows: int = FIGURE_ROWS) -> None:
+    """A grid of test faces: input, GT mask, then each stage's estimated mask, one face per row, with captions."""
     import cv2
     import numpy as np
-    tiles = []
-    for org in sorted(images_dir.rglob("*_org.png"))[:rows]:
-        parts = [cv2.imread(str(org).replace("_org.png", s)) for s in ("_org.png", "_result.png", "_estmask.png")]
-        if all(p is not None for p in parts):
-            tiles.append(np.concatenate(parts, axis=1))
-    if tiles:
-        cv2.imwrite(str(path), np.concatenate(tiles, axis=0))
+
+    from utils.data.unet_trainset import stem_for
+
+    columns = ["input", "GT", "oracle", "step2", "step3", "step4"]  # the masks of STAGES, in order
+    lines = []
+    for row in figure_picks(data, rows):
+        name = row["filename"]
+        image = cv2.imread(str(data / "Dataset" / name))
+        gt = cv2.imread(str(data / "Dataset" / name.replace(".png", "_visible_skin_mask.png")))
+        masks = [cv2.imread(str(out / key / "images" / f"{stem_for(name)}_estmask.png")) for key in STAGES]
+        if image is None or gt is None or any(m is None for m in masks):
+            continue
+        tiles = [image, gt, *[cv2.resize(m, image.shape[1::-1], interpolation=cv2.INTER_NEAREST) for m in masks]]
+        strip = np.concatenate(tiles, axis=1)
+        caption = np.zeros((14, strip.shape[1], 3), np.uint8)
+        text = f"{row['category']} | {row.get('appearance', 'none')}"
+        cv2.putText(caption, text, (2, 10), cv2.FONT_HERSHEY_PLAIN, 0.8, (255, 255, 255), 1, cv2.LINE_AA)
+        lines.append(np.concatenate([strip, caption], axis=0))
+    if not lines:
+        return
+    width = lines[0].shape[1] // len(columns)
+    header = np.zeros((14, lines[0].shape[1], 3), np.uint8)
+    for k, title in enumerate(columns):
+        cv2.putText(header, title, (k * width + 2, 10), cv2.FONT_HERSHEY_PLAIN, min(0.8, width / 60), (255, 255, 255),
+                    1, cv2.LINE_AA)
+    cv2.imwrite(str(path), np.concatenate([header, *lines], axis=0))
 
 
 if __name__ == "__main__":

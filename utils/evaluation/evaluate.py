@@ -4,6 +4,9 @@ Stages (what produces the estimated mask E; the region F is always the rendered 
     step2  the robust loss's inlier mask of the Step-1 encoder (Step 2's preliminary masks, no UNet);
     step3  the Step-1 encoder with the Step-3 UNet:  E = F * sigmoid(UNet([render, image]));
     step4  the Step-4 encoder and UNet (final model), same formula.
+    fit_oracle  (synthetic benchmark only, no checkpoint) Step 2's rule on the render of the TRUE coefficients of
+           ``ground_truth.csv`` with the generator's face model (--bfm) and camera: what a perfect fit leaves for
+           the UNet to fix (the out-of-model appearance items, blur and noise, occluder edges).
 Mask metrics (utils.evaluation.metrics) follow the paper protocol: pixels inside F only, E and GT binarised at ``threshold``
 (or the original's soft counts with ``soft``), computed per image and averaged; pixel-pooled counts over the split
 are reported as well. Images without a GT mask are processed but left out of the mask metrics.
@@ -12,7 +15,9 @@ On the synthetic benchmark (``IMAGE_ROOT/ground_truth.csv`` with columns filenam
 visible_landmarks, shape_0 .. light_26), reconstruction is scored too: the 2-D landmark error in pixels of the
 network image against the render of the true coefficients (noise-free; the split CSV's landmarks when those are
 missing), for all / visible / occluded points (``visible_landmarks``), and the per-vertex error in mm of the NEUTRAL
-shape (shape coefficients only, expression 0) against the true one, after a rigid alignment.
+shape (shape coefficients only, expression 0) against the true one, after a rigid alignment. Its ``appearance``
+column (out-of-model items joined by '+', or 'none') gives a breakdown per item beside the one per category; an
+image counts in every item it has.
 """
 from __future__ import annotations
 
@@ -33,6 +38,7 @@ from models.face_model import FaceModel
 from models.landmarks68 import N_LANDMARKS
 from models.layout import CoeffLayout
 from models.mofa import MoFA
+from models.renderer import FaceRenderer, RenderOutput
 from models.unet import UNet
 from utils import cli, losses
 from utils.data.datasets import FaceDataset, collate_faces
@@ -51,6 +57,8 @@ from utils.evaluation.metrics import (
 )
 from utils.evaluation.visuals import composite
 from utils.prepare.ar_gt import ar_category
+from utils.synthetic.appearance import APPEARANCE_ITEMS
+from utils.synthetic.faces import RENDER_DTYPE
 from utils.training.builders import load_mofa, load_unet, previous_checkpoint
 from utils.training.checkpoint import CheckpointError, load_checkpoint
 from utils.training.objectives import unet_mask
@@ -58,6 +66,8 @@ from utils.training.objectives import unet_mask
 log = logging.getLogger(__name__)
 
 STAGES = ("step2", "step3", "step4")
+FIT_ORACLE = "fit_oracle"
+"""The diagnostic stage without a network: Step 2's rule on the render of the true coefficients."""
 SIGMA = 0.043
 COUNT_NAMES = ("tp", "fp", "tn", "fn")
 RECON_NAMES = ("landmark_px", "landmark_px_visible", "landmark_px_occluded", "vertex_mm")
@@ -149,6 +159,11 @@ class GroundTruthTable:
     def category(self, filename: str) -> str | None:
         row = self.row(filename)
         return row.get("category") or None if row else None
+
+    def appearance(self, filename: str) -> str | None:
+        """The ``appearance`` value (items joined by '+', or 'none'), None when the table or row lacks it."""
+        row = self.row(filename)
+        return row.get("appearance") or None if row else None
 
     def visible(self, filename: str) -> torch.Tensor | None:
         """(68,) bool from the ``visible_landmarks`` 0/1 string (separators ignored), or None."""
@@ -294,9 +309,18 @@ def _evaluate_batch(stage: str, mofa: MoFA, unet: UNet | None, batch: dict, devi
     errors = reconstruction_errors(mofa, out, batch["landmarks"].to(device), names, truth) if recon else {}
     if options.image_dir is not None:
         save_visuals(options.image_dir, names, images, out, est, None if options.soft else options.threshold)
+    return _batch_rows(names, has_gt, scores, errors, truth)
+
+
+def _batch_rows(names: list[str], has_gt: torch.Tensor, scores: dict[str, torch.Tensor],
+                errors: dict[str, torch.Tensor], truth: GroundTruthTable | None) -> list[dict]:
+    """One row per image: filename, category, (appearance,) has_gt_mask, its scores and errors."""
     rows = []
     for i, name in enumerate(names):
         row = {"filename": name, "category": category_of(name, truth), "has_gt_mask": bool(has_gt[i])}
+        appearance = truth.appearance(name) if truth is not None else None
+        if appearance is not None:
+            row["appearance"] = appearance
         if row["has_gt_mask"]:
             row.update({k: float(v[i]) for k, v in scores.items()})
         row.update({k: float(v[i]) for k, v in errors.items()})
@@ -323,6 +347,77 @@ def evaluate_split(stage: str, mofa: MoFA, unet: UNet | None, dataset: FaceDatas
     rows: list[dict] = []
     for batch in tqdm(loader, desc=f"evaluate {stage}", mininterval=2.0, leave=False):
         rows += _evaluate_batch(stage, mofa, unet, batch, device, options, truth, recon)
+    return rows
+
+
+# ----- the fit oracle ---------------------------------------------------------------------------------------------
+
+def load_fit_oracle(image_root: str | Path, bfm: str | Path | FaceModel, device: torch.device
+                    ) -> tuple[FaceRenderer, GroundTruthTable, dict]:
+    """The renderer of the synthetic benchmark at ``image_root`` (its face model, camera and image size) and its
+    ground truth, for the fit_oracle stage. Returns (renderer in the generator's float64, table, spec with
+    image_size and encoder). Raises DataError when the folder is not a synthetic benchmark or ``bfm`` is not the
+    face model it was generated with.
+    """
+    truth = read_ground_truth(image_root)
+    config_path = Path(image_root) / SYNTHETIC_CONFIG_NAME
+    if truth is None or not config_path.is_file():
+        raise DataError(f"--stage {FIT_ORACLE} needs the synthetic benchmark's {GROUND_TRUTH_NAME} and "
+                        f"{SYNTHETIC_CONFIG_NAME} in {image_root}: write them with python -m utils.synthetic.faces")
+    config = json.loads(config_path.read_text())
+    face_model = bfm if isinstance(bfm, FaceModel) else FaceModel.from_h5(bfm, CoeffLayout())
+    if truth.face_model is not None and truth.face_model != face_model.config():
+        raise DataError(f"--bfm {getattr(face_model, 'source', '') or bfm} is not the face model {image_root} was "
+                        f"generated with ({SYNTHETIC_CONFIG_NAME}: {truth.face_model}); pass the generator's --bfm")
+    size = int(config["size"])
+    camera = CameraConfig.preset(config.get("camera", "g2")).resized(size)
+    renderer = FaceRenderer(face_model, camera, face_model.layout).to(device, RENDER_DTYPE)
+    return renderer, truth, {"image_size": size, "encoder": "none (true coefficients)"}
+
+
+@torch.no_grad()
+def fit_oracle_masks(renderer: FaceRenderer, coeffs: torch.Tensor, images: torch.Tensor, sigma: float = SIGMA
+                     ) -> tuple[torch.Tensor, torch.Tensor, RenderOutput]:
+    """Step 2's rule on the render R of the true ``coeffs (B, total)``: E = F * [||I - R|| < 3 sigma].
+
+    images: ``(B, 3, S, S)`` in [0, 1] at the renderer's size. Returns (E, F, RenderOutput) as `predict_masks`,
+    E and F float32. R is clamped to [0, 1] as the generator clamped it: a saturated light is part of what the
+    image shows, not something the fit leaves unexplained.
+    """
+    out = renderer(coeffs.to(images.device, renderer.face_model.mean_shape.dtype))
+    render = out.image.clamp(0.0, 1.0)
+    est = losses.inlier_mask(images.to(render.dtype), render, out.mask, sigma=sigma)
+    return est.float(), out.mask.float(), out
+
+
+def evaluate_fit_oracle(renderer: FaceRenderer, dataset: FaceDataset, truth: GroundTruthTable,
+                        device: torch.device, options: EvalOptions = EvalOptions()) -> list[dict]:
+    """The fit_oracle stage on every image of a test-mode ``dataset`` (rows as `evaluate_split`, without the
+    reconstruction errors, which are zero by construction). Every image needs its coefficients in ``truth``."""
+    if not dataset.test_mode:
+        raise ValueError("evaluate_fit_oracle: the dataset must be built with test_mode=True")
+    if dataset.image_size != renderer.image_size:
+        raise DataError(f"fit_oracle renders at the benchmark's {renderer.image_size} px, the dataset is at "
+                        f"{dataset.image_size} px")
+    loader = DataLoader(dataset, batch_size=options.batch_size, shuffle=False, num_workers=options.workers,
+                        collate_fn=collate_faces)
+    rows: list[dict] = []
+    for batch in tqdm(loader, desc=f"evaluate {FIT_ORACLE}", mininterval=2.0, leave=False):
+        names = list(batch["filename"])
+        coeffs = [truth.coefficients(name, renderer.layout) for name in names]
+        missing = [name for name, c in zip(names, coeffs) if c is None]
+        if missing:
+            raise DataError(f"{truth.path} has no coefficients for {missing[0]} ({len(missing)} image(s) of the "
+                            f"split): --stage {FIT_ORACLE} needs every image's true coefficients")
+        images = batch["image"].to(device)
+        est, region, out = fit_oracle_masks(renderer, torch.stack(coeffs), images, options.sigma)
+        gt, has_gt = batch["gt_mask"].to(device), batch["has_gt_mask"].to(device)
+        if options.oracle:
+            est = torch.where(has_gt[:, None, None, None], gt, est)
+        scores = image_scores(gt, est, region, options.threshold, options.soft)
+        if options.image_dir is not None:
+            save_visuals(options.image_dir, names, images, out, est, None if options.soft else options.threshold)
+        rows += _batch_rows(names, has_gt, scores, {}, truth)
     return rows
 
 
@@ -355,14 +450,24 @@ def _group_summary(rows: list[dict]) -> dict:
     return summary
 
 
+def appearance_items(rows: list[dict]) -> list[str]:
+    """The appearance items of the rows (`APPEARANCE_ITEMS` order, then unknown ones, then 'none')."""
+    found = {item for r in rows if "appearance" in r for item in r["appearance"].split("+")}
+    known = [item for item in APPEARANCE_ITEMS if item in found]
+    return known + sorted(found - set(known) - {"none"}) + (["none"] if "none" in found else [])
+
+
 def summarise_rows(rows: list[dict], stage: str, split: str, settings: dict | None = None) -> dict:
     """The summary of a split: {stage, split, n_images, n_with_gt, paper_protocol, pooled, per_category,
-    reconstruction (when available), settings}. per_category is empty when every image is "other"."""
+    per_appearance, reconstruction (when available), settings}. per_category is empty when every image is
+    "other"; per_appearance (an image counts in every item it has) is empty without an appearance column."""
     categories = sorted({r["category"] for r in rows})
     per_category = {} if categories in ([], ["other"]) else {
         c: _group_summary([r for r in rows if r["category"] == c]) for c in categories}
+    per_appearance = {item: _group_summary([r for r in rows if item in r.get("appearance", "").split("+")])
+                      for item in appearance_items(rows)}
     return {"stage": stage, "split": split, **_group_summary(rows), "per_category": per_category,
-            "settings": dict(settings or {})}
+            "per_appearance": per_appearance, "settings": dict(settings or {})}
 
 
 def _fmt(x: float) -> str:
@@ -376,12 +481,14 @@ def format_markdown(summary: dict) -> str:
     for m in METRIC_NAMES:
         s = summary["paper_protocol"][m]
         lines.append(f"| {m} | {_fmt(s['mean'])} | {_fmt(s['std'])} | {_fmt(summary['pooled'][m])} |")
-    if summary["per_category"]:
-        lines += ["", "| category | images | with GT | " + " | ".join(METRIC_NAMES) + " |",
+    for key, title in (("per_category", "category"), ("per_appearance", "appearance")):
+        if not summary.get(key):
+            continue
+        lines += ["", f"| {title} | images | with GT | " + " | ".join(METRIC_NAMES) + " |",
                   "|---|---|---|" + "---|" * len(METRIC_NAMES)]
-        for cat, s in summary["per_category"].items():
+        for name, s in summary[key].items():
             values = " | ".join(_fmt(s["paper_protocol"][m]["mean"]) for m in METRIC_NAMES)
-            lines.append(f"| {cat} | {s['n_images']} | {s['n_with_gt']} | {values} |")
+            lines.append(f"| {name} | {s['n_images']} | {s['n_with_gt']} | {values} |")
     if "reconstruction" in summary:
         rec = summary["reconstruction"]
         lines += ["", f"| reconstruction ({rec['n_images']} images) | mean | std |", "|---|---|---|"]
@@ -402,7 +509,8 @@ def write_results(out_dir: str | Path, rows: list[dict], summary: dict) -> Path:
     """Write ``per_image.csv``, ``summary.json`` and ``summary.md`` into ``out_dir``; returns out_dir."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    columns = ["filename", "category", "has_gt_mask", *COUNT_NAMES, *METRIC_NAMES]
+    columns = ["filename", "category", *(["appearance"] if any("appearance" in r for r in rows) else []),
+               "has_gt_mask", *COUNT_NAMES, *METRIC_NAMES]
     columns += [k for k in RECON_NAMES if any(k in r for r in rows)]
     with (out_dir / "per_image.csv").open("w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=columns, extrasaction="ignore", lineterminator="\n")
@@ -419,15 +527,17 @@ def write_results(out_dir: str | Path, rows: list[dict], summary: dict) -> Path:
 COMMAND_HELP = """Evaluate occlusion masks (and, on the synthetic benchmark, reconstructions) on a split of IMAGE_ROOT.
 
     python tests/evaluate_segmentation.py --img_path IMAGE_ROOT --split test --save_root DIR --out RESULTS_DIR
-        [--stage step2|step3|step4] [--checkpoint PATH] [--threshold 0.5] [--soft] [--save_images]
+        [--stage step2|step3|step4|fit_oracle] [--checkpoint PATH] [--threshold 0.5] [--soft] [--save_images]
 
 Metrics follow the paper protocol (pixels inside the rendered face only, per image, then mean and std) with the
 estimate binarised at --threshold (--soft: the original's soft counts); pixel-pooled metrics are reported too.
 GT masks are ``X_visible_skin_mask.png`` beside ``X``; images without one are processed but not scored.
 Writes RESULTS_DIR/per_image.csv, summary.json, summary.md (and with --save_images RESULTS_DIR/images/
-X_org.png, X_result.png, X_estmask.png, X = the image's path under Dataset/ with its extension). --stage picks the model: step2 = Step-1 encoder with the inlier mask,
-step3 = Step-1 encoder + Step-3 UNet, step4 = the final Step-4 model (default). --checkpoint overrides the
-stage's checkpoint (step2: Step 1's, step3: Step 3's UNet, step4: Step 4's).
+X_org.png, X_result.png, X_estmask.png, X = the image's path under Dataset/ with its extension). --stage picks the
+model: step2 = Step-1 encoder with the inlier mask, step3 = Step-1 encoder + Step-3 UNet, step4 = the final Step-4
+model (default). --checkpoint overrides the stage's checkpoint (step2: Step 1's, step3: Step 3's UNet, step4: Step
+4's). fit_oracle (synthetic benchmark only, no checkpoint) applies Step 2's rule to the render of the true
+coefficients with the generator's --bfm.
 """
 
 
@@ -442,7 +552,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--bfm", default=cli.RepoDefault(cli.DEFAULT_BFM),
                    help=f"face model the steps used (default: <repo>/{cli.DEFAULT_BFM})")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:<index> (default: auto)")
-    p.add_argument("--stage", choices=STAGES, default="step4", help="which model makes the masks")
+    p.add_argument("--stage", choices=(*STAGES, FIT_ORACLE), default="step4", help="which model makes the masks")
     p.add_argument("--checkpoint", default=None, help="checkpoint overriding the stage's default final.pt")
     p.add_argument("--threshold", type=float, default=0.5, help="binarisation threshold of masks (default 0.5)")
     p.add_argument("--soft", action="store_true", help="soft counts as the original (no binarisation)")
@@ -465,13 +575,17 @@ def run_evaluation(argv: list[str] | None = None) -> dict:
     summary dict (`summarise_rows`)."""
     args = parse_args(argv)
     device = cli.resolve_device(args.device)
-    mofa, unet, spec = load_stage(args.stage, args.save_root, args.bfm, device, args.checkpoint)
+    if args.stage == FIT_ORACLE:
+        renderer, _, spec = load_fit_oracle(ImageRoot(args.img_path).root, args.bfm, device)
+    else:
+        mofa, unet, spec = load_stage(args.stage, args.save_root, args.bfm, device, args.checkpoint)
     dataset = FaceDataset(args.img_path, args.split, spec["image_size"], test_mode=True)
     truth = read_ground_truth(ImageRoot(args.img_path).root)
     options = EvalOptions(threshold=args.threshold, soft=args.soft, sigma=args.sigma, batch_size=args.batch_size,
                           workers=args.workers, oracle=args.oracle,
                           image_dir=args.out / "images" if args.save_images else None)
-    rows = evaluate_split(args.stage, mofa, unet, dataset, device, options, truth)
+    rows = (evaluate_fit_oracle(renderer, dataset, truth, device, options) if args.stage == FIT_ORACLE
+            else evaluate_split(args.stage, mofa, unet, dataset, device, options, truth))
     settings = {"threshold": None if args.soft else args.threshold, "soft": args.soft, "oracle": args.oracle,
                 "image_size": spec["image_size"], "encoder": spec["encoder"], "checkpoint": args.checkpoint,
                 "save_root": str(args.save_root), "img_path": str(args.img_path)}

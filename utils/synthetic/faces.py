@@ -11,14 +11,22 @@ and textured polygons / ellipses. Because every pixel's origin is known, the gro
   224 px, scaled with the image size); landmarks under an occluder are still written;
 * the true coefficients, the occlusion category and the occluded fraction of the face.
 
+With ``--appearance mixed`` (the default) every face also gets a head around it (skin beyond the crop, neck, ears,
+hair, clothes: `utils/synthetic/head.py`) and zero or more out-of-model appearance items (facial hair, make-up,
+moles, freckles, wrinkles, specular highlights, cast shadows: `utils/synthetic/appearance.py`). They change no
+ground truth: the items are visible face, the head lies outside the face region. Their randomness comes from a
+stream of their own, ``numpy.random.default_rng([seed, 3, i])``, so ``--appearance none`` renders the same scenes
+(coefficients, backgrounds, occluders) without them, byte for byte the images of the generator before it had them.
+
 Output (the original README's image-root layout, see `utils/data/image_root.py`)::
 
     IMAGE_ROOT/Dataset/{id:05d}.png                       the image (RGB, size x size)
     IMAGE_ROOT/Dataset/{id:05d}_visible_skin_mask.png     white = visible face
     IMAGE_ROOT/{train,val,test,all}_landmarks_3D.csv      no header: filename, x0, y0, ..., x67, y67
-    IMAGE_ROOT/ground_truth.csv                           header: filename, split, category, occluded_fraction,
-                                                          shape_0 .. light_26 (from the CoeffLayout),
-                                                          visible_landmarks (68 chars of 0/1)
+    IMAGE_ROOT/ground_truth.csv                           header: filename, split, category, appearance,
+                                                          occluded_fraction, shape_0 .. light_26 (from the
+                                                          CoeffLayout), visible_landmarks (68 chars of 0/1);
+                                                          appearance: items joined by '+', or 'none'
     IMAGE_ROOT/synthetic_config.json                      the settings and counts of the run
 
 The split is a seeded permutation (80/10/10, val and test get at least one image each from 3 images on).
@@ -33,8 +41,8 @@ coffee (Rachel Michetti, CC0), chelsea (Stefan van der Walt, CC0), rocket (Space
 CC0), camera (Lav Varshney, CC0), hubble_deep_field (NASA, public domain), text (public domain).
 
 CLI: ``python -m utils.synthetic.faces --out IMAGE_ROOT --num N [--bfm H5] [--seed S]
-[--occlusion mixed|none|ar|celeba] [--size 224] [--batch 16]``. Without --bfm the demo face model
-``basel_3DMM/demo_face_model.h5`` is used (and written first if it does not exist).
+[--occlusion mixed|none|ar|celeba] [--appearance mixed|none] [--size 224] [--batch 16]``. Without --bfm the demo
+face model ``basel_3DMM/demo_face_model.h5`` is used (and written first if it does not exist).
 """
 from __future__ import annotations
 
@@ -45,6 +53,7 @@ import re
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from typing import Callable
 
 import cv2
 import numpy as np
@@ -61,6 +70,15 @@ from utils.data.image_io import write_image_rgb, write_mask
 from utils.data.image_root import GT_MASK_SUFFIX, SPLITS, ImageRoot, gt_mask_path, split_indices
 from utils.errors import DataError
 from utils.landmarks_csv import write_landmarks_csv
+from utils.synthetic.appearance import (
+    APPEARANCE_ITEMS,
+    APPEARANCE_MODES,
+    AppearanceConfig,
+    appearance_label,
+    dress,
+    plan_appearance,
+)
+from utils.synthetic.head import HeadRenderer
 from utils.synthetic.occluders import AR_OCCLUDERS, CELEBA_OCCLUDERS, TextureBank, draw_occluder, value_noise
 
 DEFAULT_DEMO_BFM = "basel_3DMM/demo_face_model.h5"
@@ -205,6 +223,7 @@ class SampleRecord:
     category: str
     occluded_fraction: float
     visible_landmarks: str  # 68 chars of 0/1
+    appearance: str = "none"  # items joined by '+'
 
 
 def degrade(image: np.ndarray, rng: np.random.Generator, ranges: SceneRanges) -> np.ndarray:
@@ -218,17 +237,19 @@ def degrade(image: np.ndarray, rng: np.random.Generator, ranges: SceneRanges) ->
 
 
 def place_occluder(category: str, landmarks: np.ndarray, face: np.ndarray, rng: np.random.Generator,
-                   textures: TextureBank, ranges: SceneRanges) -> tuple[np.ndarray, np.ndarray]:
+                   textures: TextureBank, ranges: SceneRanges, hair_colour: np.ndarray | None = None
+                   ) -> tuple[np.ndarray, np.ndarray]:
     """Draw occluder `category` on the face; redraw (at most 4 tries) while it hides < `ranges.min_occluded`.
 
     Args:
-        landmarks: ``(68, 2)`` true landmark pixels; face: ``(S, S)`` bool rendered coverage.
+        landmarks: ``(68, 2)`` true landmark pixels; face: ``(S, S)`` bool rendered coverage;
+        hair_colour: the head's hair colour ``(3,)`` for the 'hair' occluder (None: its own random colour).
     Returns:
         rgb ``(S, S, 3)`` and alpha ``(S, S)`` float32 in [0, 1].
     """
     face_pixels = max(int(face.sum()), 1)
     for _ in range(4):
-        layer = draw_occluder(category, landmarks, face.shape[0], rng, textures)
+        layer = draw_occluder(category, landmarks, face.shape[0], rng, textures, hair_colour)
         if ((layer.alpha > 0.5) & face).sum() >= ranges.min_occluded * face_pixels:
             break
     return layer.rgb, layer.alpha
@@ -243,24 +264,34 @@ def visible_landmark_string(landmarks: np.ndarray, occluded: np.ndarray) -> str:
     return "".join("1" if ok else "0" for ok in inside & ~hidden)
 
 
+Dresser = Callable[[np.ndarray, np.ndarray, np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]
+"""``(background, render_rgb, face, landmarks) -> (image, hair colour)``: puts the face in its head and paints the
+appearance items (`utils.synthetic.appearance.dress` with the image's head render and plan bound)."""
+
+
 def compose_sample(render_rgb: np.ndarray, coverage: np.ndarray, landmarks: np.ndarray, category: str,
-                   rng: np.random.Generator, textures: TextureBank, ranges: SceneRanges
-                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray, float, str]:
-    """Background + rendered face + occluder + degradation for one image.
+                   rng: np.random.Generator, textures: TextureBank, ranges: SceneRanges,
+                   dresser: Dresser | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray, float, str]:
+    """Background + rendered face (+ head and appearance) + occluder + degradation for one image.
 
     Args:
         render_rgb: ``(S, S, 3)`` float32 render in [0, 1]; coverage: ``(S, S)`` rendered-face mask;
-        landmarks: ``(68, 2)`` projected landmark pixels.
+        landmarks: ``(68, 2)`` projected landmark pixels; dresser: head and appearance (None: the bare face).
     Returns:
         image ``(S, S, 3)`` uint8 RGB, visible-face mask ``(S, S)`` float32 in {0, 1}, noisy landmarks
         ``(68, 2)`` float32, occluded fraction of the rendered face, visible-landmark string.
     """
     size = coverage.shape[0]
     face = coverage > 0.5
-    image = np.where(face[..., None], render_rgb, make_background(rng, size, textures))
+    background = make_background(rng, size, textures)
+    hair_colour = None
+    if dresser is None:
+        image = np.where(face[..., None], render_rgb, background)
+    else:
+        image, hair_colour = dresser(background, render_rgb, face, landmarks)
     occluded = np.zeros_like(face)
     if category != "none":
-        rgb, alpha = place_occluder(category, landmarks, face, rng, textures, ranges)
+        rgb, alpha = place_occluder(category, landmarks, face, rng, textures, ranges, hair_colour)
         image = alpha[..., None] * rgb + (1.0 - alpha[..., None]) * image
         occluded = alpha > 0.5
     visible = face & ~occluded
@@ -274,8 +305,13 @@ def compose_sample(render_rgb: np.ndarray, coverage: np.ndarray, landmarks: np.n
 # ----- batches and files ----------------------------------------------------------------------------------------
 
 def image_rng(seed: int, index: int) -> np.random.Generator:
-    """The random stream of image `index` (all of its randomness comes from here)."""
+    """The random stream of image `index` (all of its randomness but the head's and appearance's comes from here)."""
     return np.random.default_rng([seed, 1, index])
+
+
+def appearance_rng(seed: int, index: int) -> np.random.Generator:
+    """The random stream of image `index`'s head and appearance items."""
+    return np.random.default_rng([seed, 3, index])
 
 
 @torch.no_grad()
@@ -289,20 +325,39 @@ def render_batch(renderer: FaceRenderer, coeffs: np.ndarray, device: torch.devic
 
 
 def generate_batch(ids: range, seed: int, occlusion: str, renderer: FaceRenderer, textures: TextureBank,
-                   ranges: SceneRanges, dataset_dir: Path, device: torch.device) -> list[SampleRecord]:
-    """Sample, render, composite and write the images `ids`; return their ground-truth records."""
+                   ranges: SceneRanges, dataset_dir: Path, device: torch.device,
+                   head_renderer: HeadRenderer | None = None,
+                   appearance_config: AppearanceConfig | None = None) -> list[SampleRecord]:
+    """Sample, render, composite and write the images `ids`; return their ground-truth records.
+
+    With a `head_renderer` ('mixed' appearance) every face gets a head and its appearance items.
+    """
     rngs = [image_rng(seed, i) for i in ids]
     coeffs = np.stack([sample_coefficients(renderer.layout, rng, ranges) for rng in rngs])
     categories = [choose_category(rng, occlusion, ranges) for rng in rngs]
     rgb, coverage, landmarks = render_batch(renderer, coeffs, device)
+    dressers: list[Dresser | None] = [None] * len(ids)
+    labels = ["none"] * len(ids)
+    if head_renderer is not None:
+        light = coeffs[:, renderer.layout.slice("light")]
+        arngs = [appearance_rng(seed, i) for i in ids]
+        config = AppearanceConfig() if appearance_config is None else appearance_config
+        plans = [plan_appearance(arng, light[k], config) for k, arng in enumerate(arngs)]
+        keys = np.stack([plan.key_light if plan.needs_shadow else np.full(3, np.nan) for plan in plans])
+        heads = head_renderer.render(coeffs, keys)
+        camera = renderer.camera_cfg
+        for k in range(len(ids)):
+            dressers[k] = (lambda bg, face_rgb, face, lms, k=k: dress(
+                bg, face_rgb, face, lms, heads[k], plans[k], light[k], camera, arngs[k], textures))
+            labels[k] = appearance_label(plans[k].items)
     records = []
     for k, index in enumerate(ids):
         image, visible, noisy, fraction, visible_lms = compose_sample(
-            rgb[k], coverage[k], landmarks[k], categories[k], rngs[k], textures, ranges)
+            rgb[k], coverage[k], landmarks[k], categories[k], rngs[k], textures, ranges, dressers[k])
         filename = f"{index:05d}.png"
         write_image_rgb(dataset_dir / filename, image)
         write_mask(gt_mask_path(dataset_dir / filename), visible)
-        records.append(SampleRecord(filename, coeffs[k], noisy, categories[k], fraction, visible_lms))
+        records.append(SampleRecord(filename, coeffs[k], noisy, categories[k], fraction, visible_lms, labels[k]))
     return records
 
 
@@ -329,22 +384,24 @@ def write_tables(root: Path, records: list[SampleRecord], splits: dict[str, list
         write_landmarks_csv(root / f"{split}_landmarks_3D.csv",
                             [(records[i].filename, records[i].landmarks) for i in ids])
     split_of = {i: split for split in ("train", "val", "test") for i in splits[split]}
-    header = ["filename", "split", "category", "occluded_fraction", *coefficient_columns(layout),
+    header = ["filename", "split", "category", "appearance", "occluded_fraction", *coefficient_columns(layout),
               "visible_landmarks"]
     with (root / "ground_truth.csv").open("w", newline="", encoding="utf-8") as handle:
         writer = csv.writer(handle, lineterminator="\n")
         writer.writerow(header)
         for index, record in enumerate(records):
-            writer.writerow([record.filename, split_of.get(index, "train"), record.category,
+            writer.writerow([record.filename, split_of.get(index, "train"), record.category, record.appearance,
                              f"{record.occluded_fraction:.6f}", *map(_number, record.coeffs),
                              record.visible_landmarks])
 
 
-def _check_arguments(num: int, occlusion: str, size: int, batch: int) -> None:
+def _check_arguments(num: int, occlusion: str, size: int, batch: int, appearance: str = "none") -> None:
     if int(num) != num or num < 1:
         raise DataError(f"--num must be a positive integer, got {num!r}")
     if occlusion not in OCCLUSION_MODES:
         raise DataError(f"--occlusion {occlusion!r}: expected one of {', '.join(OCCLUSION_MODES)}")
+    if appearance not in APPEARANCE_MODES:
+        raise DataError(f"--appearance {appearance!r}: expected one of {', '.join(APPEARANCE_MODES)}")
     if int(size) != size or size < 32:
         raise DataError(f"--size must be an integer >= 32 pixels, got {size!r}")
     if int(batch) != batch or batch < 1:
@@ -390,10 +447,18 @@ def _count(values: list[str]) -> dict[str, int]:
     return {name: values.count(name) for name in sorted(set(values))}
 
 
+def _count_items(labels: list[str]) -> dict[str, int]:
+    """Images per appearance item (an image counts in every item it has) and 'none', in `APPEARANCE_ITEMS` order."""
+    items = [label.split("+") for label in labels]
+    counts = {name: sum(name in found for found in items) for name in (*APPEARANCE_ITEMS, "none")}
+    return {name: count for name, count in counts.items() if count}
+
+
 def generate_dataset(bfm_path: str | Path, out: str | Path, num: int, seed: int = 0, occlusion: str = "mixed",
                      size: int = 224, batch: int = 16, ranges: SceneRanges | None = None,
                      device: torch.device | str = "cpu", overwrite: bool = False, progress: bool = False,
-                     textures: TextureBank | None = None) -> dict:
+                     textures: TextureBank | None = None, appearance: str = "mixed",
+                     appearance_config: AppearanceConfig | None = None) -> dict:
     """Render `num` synthetic occluded faces into the image root `out` (layout in the module doc).
 
     Args:
@@ -403,34 +468,41 @@ def generate_dataset(bfm_path: str | Path, out: str | Path, num: int, seed: int 
         size: image side in pixels (camera `CameraConfig.preset("g2").resized(size)`). batch: render batch size.
         ranges: sampling ranges (`SceneRanges().frontal()` fixes the pose). textures: texture sources
         (default: `TextureBank.from_skimage()`). progress: show a tqdm bar.
+        appearance: 'mixed' (a head and zero or more appearance items per face, as `appearance_config` says) or
+        'none' (the bare face on its background).
     Returns:
-        summary dict: root, num, size, occlusion, seed, splits (counts), categories (counts),
-        mean_occluded_fraction, texture_sources, seconds.
+        summary dict: root, num, size, occlusion, appearance, seed, splits (counts), categories (counts),
+        appearance_items (images per item, and 'none'), mean_occluded_fraction, texture_sources, seconds.
     """
-    _check_arguments(num, occlusion, size, batch)
+    _check_arguments(num, occlusion, size, batch, appearance)
+    appearance_config = AppearanceConfig() if appearance_config is None else appearance_config
     start = time.perf_counter()
     ranges = SceneRanges() if ranges is None else ranges
     device = torch.device(device)
     layout = CoeffLayout()
-    renderer = FaceRenderer(FaceModel.from_h5(bfm_path, layout), CameraConfig.preset("g2").resized(size),
-                            layout).to(device, RENDER_DTYPE)
+    camera = CameraConfig.preset("g2").resized(size)
+    renderer = FaceRenderer(FaceModel.from_h5(bfm_path, layout), camera, layout).to(device, RENDER_DTYPE)
+    head_renderer = None if appearance == "none" else HeadRenderer(bfm_path, layout, camera, device, RENDER_DTYPE)
     textures = TextureBank.from_skimage() if textures is None else textures
     root = prepare_output(out, overwrite)
     records: list[SampleRecord] = []
     with tqdm(total=num, desc="synthetic faces", unit="img", disable=not progress) as bar:
         for first in range(0, num, batch):
             ids = range(first, min(num, first + batch))
-            records += generate_batch(ids, seed, occlusion, renderer, textures, ranges, root.dataset_dir, device)
+            records += generate_batch(ids, seed, occlusion, renderer, textures, ranges, root.dataset_dir, device,
+                                      head_renderer, appearance_config)
             bar.update(len(ids))
     splits = split_ids(num, seed)
     write_tables(root.root, records, splits, layout)
-    summary = {"root": str(root.root), "num": num, "size": size, "occlusion": occlusion, "seed": seed,
-               "splits": {name: len(ids) for name, ids in splits.items()},
+    summary = {"root": str(root.root), "num": num, "size": size, "occlusion": occlusion, "appearance": appearance,
+               "seed": seed, "splits": {name: len(ids) for name, ids in splits.items()},
                "categories": _count([record.category for record in records]),
+               "appearance_items": _count_items([record.appearance for record in records]),
                "mean_occluded_fraction": float(np.mean([record.occluded_fraction for record in records])),
                "texture_sources": list(textures.names)}
     config = {**{key: value for key, value in summary.items() if key != "root"}, "bfm": Path(bfm_path).name,
-              "face_model": renderer.face_model.config(), "ranges": asdict(ranges),
+              "face_model": renderer.face_model.config(), "camera": "g2", "ranges": asdict(ranges),
+              "appearance_config": asdict(appearance_config),
               "generator": "utils.synthetic.faces"}
     (root.root / "synthetic_config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
     return {**summary, "seconds": time.perf_counter() - start}
@@ -446,6 +518,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     parser.add_argument("--occlusion", choices=OCCLUSION_MODES, default="mixed",
                         help="occluder families: mixed (default), none, ar (sunglasses/scarf) or celeba")
+    parser.add_argument("--appearance", choices=APPEARANCE_MODES, default="mixed",
+                        help="mixed (default): a head and out-of-model appearance (beards, make-up, moles, "
+                             "wrinkles, highlights, cast shadows) on the faces; none: the bare rendered faces")
     parser.add_argument("--size", type=int, default=REFERENCE_SIZE, help="image size in pixels (default: 224)")
     parser.add_argument("--batch", type=int, default=16, help="render batch size (default: 16)")
     parser.add_argument("--device", default="cpu", help="cpu (default), auto, cuda or cuda:<index>")
@@ -463,11 +538,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{bfm} did not exist: wrote the procedural demo face model there (a stand-in, not BFM2017)")
     summary = generate_dataset(bfm, args.out, args.num, seed=args.seed, occlusion=args.occlusion, size=args.size,
                                batch=args.batch, device=resolve_device(args.device), overwrite=args.overwrite,
-                               progress=True)
+                               progress=True, appearance=args.appearance)
     splits = "/".join(str(summary["splits"][name]) for name in ("train", "val", "test"))
     categories = ", ".join(f"{name} {count}" for name, count in summary["categories"].items())
-    print(f"wrote {summary['num']} images ({args.size}x{args.size}, occlusion {args.occlusion}, seed {args.seed}) "
-          f"to {summary['root']}: train/val/test {splits}; {categories}; mean occluded fraction "
+    items = ", ".join(f"{name} {count}" for name, count in summary["appearance_items"].items())
+    print(f"wrote {summary['num']} images ({args.size}x{args.size}, occlusion {args.occlusion}, appearance "
+          f"{args.appearance}, seed {args.seed}) to {summary['root']}: train/val/test {splits}; {categories}; "
+          f"appearance: {items}; mean occluded fraction "
           f"{summary['mean_occluded_fraction']:.3f}; {summary['seconds']:.1f} s")
     return 0
 

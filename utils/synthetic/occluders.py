@@ -450,9 +450,15 @@ def draw_hat(frame: FaceFrame, size: int, rng: np.random.Generator, textures: Te
     return _layer(rgb * (1.0 - 0.08 * np.abs(grid[..., 0]))[..., None], alpha)
 
 
-def draw_hair(frame: FaceFrame, size: int, rng: np.random.Generator, textures: TextureBank) -> OccluderLayer:
-    """Locks of thin curved dark/brown strands falling from above the forehead over the forehead and an eye."""
-    colour = HAIR_COLOURS[int(rng.integers(len(HAIR_COLOURS)))] * rng.uniform(0.8, 1.2)
+def draw_hair(frame: FaceFrame, size: int, rng: np.random.Generator, textures: TextureBank,
+              colour: np.ndarray | None = None) -> OccluderLayer:
+    """Locks of thin curved dark/brown strands falling from above the forehead over the forehead and an eye.
+
+    ``colour`` (RGB ``(3,)``, e.g. the hair of a drawn head) replaces the random colour; the random stream is the
+    same either way, so the strands are too.
+    """
+    drawn = HAIR_COLOURS[int(rng.integers(len(HAIR_COLOURS)))] * rng.uniform(0.8, 1.2)
+    colour = drawn if colour is None else np.asarray(colour, dtype=np.float32)
     alpha = np.zeros((size, size), np.float32)
     for _ in range(int(rng.integers(1, 4))):
         x0, drift, width = rng.uniform(-0.9, 0.9), rng.uniform(-0.7, 0.7), rng.uniform(0.15, 0.5)
@@ -493,11 +499,14 @@ OCCLUDERS: dict[str, Callable[..., OccluderLayer]] = {**AR_OCCLUDERS, **CELEBA_O
 
 
 def draw_occluder(category: str, landmarks: np.ndarray, size: int, rng: np.random.Generator,
-                  textures: TextureBank) -> OccluderLayer:
+                  textures: TextureBank, hair_colour: np.ndarray | None = None) -> OccluderLayer:
     """Draw occluder `category` (a key of `OCCLUDERS`) for a face with landmarks ``(68, 2)`` in a ``size`` image.
 
+    ``hair_colour`` (RGB ``(3,)``) gives the 'hair' occluder the colour of the head's hair.
     Returns an `OccluderLayer` with ``(size, size, 3)`` RGB and ``(size, size)`` alpha, both float32 in [0, 1].
     """
     if category not in OCCLUDERS:
         raise DataError(f"unknown occluder {category!r}; expected one of {', '.join(OCCLUDERS)}")
+    if category == "hair" and hair_colour is not None:
+        return draw_hair(FaceFrame(landmarks), int(size), rng, textures, colour=hair_colour)
     return OCCLUDERS[category](FaceFrame(landmarks), int(size), rng, textures)
