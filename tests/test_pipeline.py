@@ -168,3 +168,15 @@ def test_ctrl_c_writes_a_checkpoint_and_exits_cleanly(tmp_path, image_root, demo
     assert proc.returncode == 130, err[-2000:]
     payload = load_checkpoint(tmp_path / "pretrain_mofa" / "latest.pt")
     assert payload["step"] >= 2 and "Traceback" not in err
+
+
+def test_steps_3_and_4_log_the_unet_mask_in_train_and_eval_mode(chain):
+    """Issue 13: at every log step the train CSV holds mask_in_face on a validation batch in train and eval mode;
+    validation adds the train-mode value over the split."""
+    import csv
+    for sub in ("Pretrain_UNet", "MoFA_UNet"):
+        rows = list(csv.DictReader((chain / sub / "loss_train.csv").open()))
+        assert rows and all(0.0 <= float(r[f"val_mask_in_face_{mode}_mode"]) <= 1.0
+                            for r in rows for mode in ("train", "eval"))
+        val = list(csv.DictReader((chain / sub / "loss_val.csv").open()))
+        assert val and all(0.0 <= float(r["mask_in_face_train_mode"]) <= 1.0 for r in val)
