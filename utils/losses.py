@@ -196,7 +196,7 @@ def feature_cosine_loss(fa: torch.Tensor, fb: torch.Tensor, width_normalise: boo
     reference section 8.3): each map is first L2-normalised along its LAST axis (the width: every (b, c, row) is
     divided by its norm over w, ``F.normalize(dim=-1)``), as G2 does. This is not a no-op: the cosine over channels
     is invariant to one scale per pixel, but this rescales every channel by a different, per-row factor, so it
-    changes which channels dominate the cosine (about a factor of 2 on the loss value, see the README's
+    changes which channels dominate the cosine (measured: preserve x1.05-1.1, dist x1.2-1.6, see the README's
     Faithfulness section). False gives the plain channel cosine.
     """
     if fa.ndim != 4 or fa.shape != fb.shape:
