@@ -7,11 +7,14 @@ Starts from Step 1's encoder and Step 3's UNet. Step counter ct: if ct % em_cycl
 (reference 10). Both schedulers step every iteration (StepLR(--lr_step, --lr_gamma_mofa / --lr_gamma_unet)); the
 learning rates continue Step 1's decay, read from its checkpoint. Losses and weights: reference 8.3
 (utils/training/objectives.py; --loss_preset, utils/losses.PRESETS).
+After every UNet phase the UNet's BatchNorm statistics are re-estimated with dropout off (--bn_recalibration;
+0 = the original), so the MoFA phase and the final model see the masks the UNet was trained to give.
 Writes <save_root>/MoFA_UNet/ like Step 1; checkpoints hold both networks.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import warnings
 
@@ -24,18 +27,21 @@ from utils.data.datasets import FaceDataset, collate_faces
 from utils.evaluation.visuals import composite, residual
 from utils.identity import add_identity_args, load_identity, resolve_identity_flag
 from utils.training import flags
+from utils.training.batchnorm import (add_recalibration_arg, recalibrate_batchnorm, recalibration_loader,
+                                      train_mode_probe)
 from utils.training.builders import STEP_DIRS, announce_spec, load_mofa, load_unet, previous_checkpoint
 from utils.training.checkpoint import CheckpointError, load_checkpoint
 from utils.training.data_order import make_eval_loader, make_train_loader, total_steps
 from utils.training.guards import CollapseAlarm
 from utils.training.loop import LoopHooks, train_loop, validate
 from utils.training.monitor import RunMonitor
-from utils.training.objectives import LossSetup, step4_mofa_terms, step4_unet_terms, unet_mask
+from utils.training.objectives import (LossSetup, mask_in_face, step4_mofa_terms, step4_unet_terms, unet_input,
+                                       unet_mask)
 from utils.training.run import make_optimizer, start_run
 
 log = logging.getLogger("step4")
 COLUMNS = ["total", "rec", "identity", "reg", "landmark", "area", "binary", "preserve", "dist", "neighbour",
-           "mask_in_face"]
+           "mask_in_face", "mask_in_face_train_mode", "val_mask_in_face_train_mode", "val_mask_in_face_eval_mode"]
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -57,6 +63,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--lr_step", type=int, default=5000, help="StepLR period of both learning rates in steps")
     p.add_argument("--lr_gamma_mofa", type=float, default=0.99, help="StepLR decay of the MoFA learning rate")
     p.add_argument("--lr_gamma_unet", type=float, default=0.95, help="StepLR decay of the UNet learning rate")
+    add_recalibration_arg(p, "after every UNet phase")
     return resolve_identity_flag(cli.resolve_paths(p.parse_args(argv)))
 
 
@@ -78,6 +85,18 @@ def learning_rates(args, preset: losses.LossPreset, step1: dict, step1_path) -> 
     base = args.learning_rate * step1_decay(step1, step1_path) * preset.step4_lr_scale
     lr_mofa = args.lr_mofa if args.lr_mofa is not None else base
     return lr_mofa, args.lr_unet if args.lr_unet is not None else 0.06 * base
+
+
+def em_phase(step: int, em_cycle: int, unet_iters: int) -> str:
+    """'unet' for the first unet_iters + 1 steps of every cycle of em_cycle steps, else 'mofa' (reference 10)."""
+    return "mofa" if step % em_cycle > unet_iters else "unet"
+
+
+def unet_phase_ended(step: int, end: int, em_cycle: int, unet_iters: int) -> bool:
+    """True when the optimizer step just taken (``step - 1``; ``step`` is the new count) was the last of a UNet
+    phase: the next one is a MoFA step, or the run ends here."""
+    return em_phase(step - 1, em_cycle, unet_iters) == "unet" and (
+        step == end or em_phase(step, em_cycle, unet_iters) == "mofa")
 
 
 def build(args, run):
@@ -110,8 +129,9 @@ def train(args) -> int:
     setup = LossSetup.from_preset(preset, CoeffLayout(**spec["layout"]), spec["image_size"])
 
     size = spec["image_size"]
-    loader, sampler = make_train_loader(FaceDataset(args.img_path, "train", size), args.batch_size, args.seed,
-                                        args.workers, run.dist.rank, run.dist.world_size, collate_faces)
+    train_set = FaceDataset(args.img_path, "train", size)
+    loader, sampler = make_train_loader(train_set, args.batch_size, args.seed, args.workers, run.dist.rank,
+                                        run.dist.world_size, collate_faces)
     val_loader = make_eval_loader(FaceDataset(args.img_path, "val", size), args.batch_size, args.workers,
                                   collate_faces)
     vis_batch = next(iter(val_loader))
@@ -142,11 +162,11 @@ def train(args) -> int:
         else:
             terms = step4_mofa_terms(U, out, images, lms, setup, identity)
             total = losses.weighted_sum(terms, w_mofa)
-        terms["mask_in_face"] = (U * out.mask).sum().detach() / out.mask.sum().clamp(min=1)
+        terms["mask_in_face"] = mask_in_face(U, out.mask)
         return total, terms, (images, out, U)
 
     def forward(step, batch):
-        phase = "mofa" if step % args.em_cycle > args.unet_iters else "unet"
+        phase = em_phase(step, args.em_cycle, args.unet_iters)
         mofa.encoder.train(phase == "mofa")
         unet.train(phase == "unet")
         if phase == "unet":  # gradients of the encoder are not needed: it runs without them
@@ -167,14 +187,48 @@ def train(args) -> int:
         t_mofa, terms_mofa, _ = objective(batch, "mofa", mofa.encoder, unet)
         return t_unet + t_mofa, {**terms_unet, **terms_mofa, "total_unet": t_unet, "total_mofa": t_mofa}
 
+    def in_face(batch, train_mode: bool) -> torch.Tensor:
+        """mask_in_face of the UNet in train mode (dropout, batch statistics; no side effects) or eval mode."""
+        mofa.encoder.eval()
+        unet.eval()
+        images = batch["image"].to(device)
+        with run.autocast():
+            coeffs = mofa.encoder(images).float()
+        out = mofa.renderer(coeffs)
+        with train_mode_probe(unet) if train_mode else contextlib.nullcontext(), run.autocast():
+            return mask_in_face(unet_mask(unet, out, images).float(), out.mask)
+
     def evaluate():
         mofa.encoder.eval()
         unet.eval()
         val = validate(both_phases, val_loader, args.val_batches)
+        train_mode = validate(lambda b: (in_face(b, True), {}), val_loader, args.val_batches)
+        val["mask_in_face_train_mode"] = train_mode["total"]
         alarm.update(val["mask_in_face"], sched_unet.last_epoch)
         return val
 
-    return train_loop(run, loader, sampler, start, end, LoopHooks(forward, visualise, evaluate), state, spec, monitor)
+    def probe():  # the train/eval gap on the first validation batch, at every log step
+        return {"val_mask_in_face_train_mode": in_face(vis_batch, True),
+                "val_mask_in_face_eval_mode": in_face(vis_batch, False)}
+
+    def recalibration_inputs():
+        mofa.encoder.eval()
+        for batch in recalibration_loader(train_set, args.bn_recalibration, args.batch_size, args.workers,
+                                          args.seed, collate_faces):
+            images = batch["image"].to(device)
+            with run.autocast():
+                coeffs = mofa.encoder(images).float()
+            yield unet_input(mofa.renderer(coeffs), images)
+
+    def after_step(step):
+        """At the end of every UNet phase (and of the run, if it ends in one): re-estimate the BatchNorm statistics
+        for the current encoder's renders."""
+        if args.bn_recalibration > 0 and unet_phase_ended(step, end, args.em_cycle, args.unet_iters):
+            n = recalibrate_batchnorm(unet, recalibration_inputs(), args.bn_recalibration)
+            log.info("step %d: UNet BatchNorm statistics re-estimated with dropout off on %d training images", step, n)
+
+    hooks = LoopHooks(forward, visualise, evaluate, after_step=after_step, probe=probe)
+    return train_loop(run, loader, sampler, start, end, hooks, state, spec, monitor)
 
 
 def main(argv=None) -> int:

@@ -1,8 +1,13 @@
 """UNet occlusion segmenter (section 7 of the reference design), returning logits.
 
 Input `cat([render, image], 1)`: `(B, 6, H, W)` in [0, 1]; output logits `(B, 1, H, W)`; the face/occlusion mask
-is `sigmoid(logits)` (1 = fit this pixel, 0 = occluder). H and W divisible by 16 reproduce the original exactly;
-other sizes work too (each upsampled map is resized to its skip connection before concatenation).
+is `mask_from_logits(logits)` (1 = fit this pixel, 0 = occluder). H and W divisible by 16 reproduce the original
+exactly; other sizes work too (each upsampled map is resized to its skip connection before concatenation).
+
+The head is G2's: the mask is sigmoid(5 * conv1x1(x)) (G1 had sigmoid(conv1x1(x))). The factor HEAD_SCALE is applied
+inside ``forward``, so the logits it returns are the argument of the one sigmoid: Step 3's BCE on them is G2's BCE on
+5 * conv1x1(x) (minus G2's second sigmoid), and every mask (Steps 3 and 4, evaluation, reconstruct.py) is
+``mask_from_logits`` of them.
 """
 from __future__ import annotations
 
@@ -12,6 +17,12 @@ from torch import nn
 
 DEPTH = 5
 DROPOUT = 0.5
+HEAD_SCALE = 5.0  # G2's head: sigmoid(5 * x)
+
+
+def mask_from_logits(logits: torch.Tensor) -> torch.Tensor:
+    """The occlusion mask of UNet logits: (B, 1, H, W) -> (B, 1, H, W) in (0, 1), 1 = visible face."""
+    return torch.sigmoid(logits)
 
 
 def conv_block(in_ch: int, out_ch: int, dropout: float = 0.0) -> nn.Sequential:
@@ -42,7 +53,8 @@ class UpConv(nn.Module):
 
 class UNet(nn.Module):
     """Five encoder blocks with base * (1, 2, 4, 8, 16) channels (dropout 0.5 on the deepest two), four decoder
-    stages (up_conv, concat [encoder, decoder], conv_block) and a 1x1 head producing logits."""
+    stages (up_conv, concat [encoder, decoder], conv_block) and a 1x1 head whose output times HEAD_SCALE are the
+    logits."""
 
     def __init__(self, in_ch: int = 6, out_ch: int = 1, base: int = 64) -> None:
         super().__init__()
@@ -56,7 +68,7 @@ class UNet(nn.Module):
         self.head = nn.Conv2d(widths[0], out_ch, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """`(B, in_ch, H, W)` -> logits `(B, out_ch, H, W)`."""
+        """`(B, in_ch, H, W)` -> logits `(B, out_ch, H, W)` = HEAD_SCALE * head(features)."""
         if x.ndim != 4 or x.shape[1] != self.in_ch:
             raise ValueError(f"UNet input must be (B, {self.in_ch}, H, W), got {tuple(x.shape)}")
         skips = []
@@ -65,4 +77,4 @@ class UNet(nn.Module):
             skips.append(x)
         for up, merge, skip in zip(self.up, self.merge, reversed(skips[:-1])):
             x = merge(torch.cat([skip, up(x, skip.shape[-2:])], dim=1))
-        return self.head(x)
+        return HEAD_SCALE * self.head(x)

@@ -180,7 +180,19 @@ def test_default_identity_is_dlib_and_every_step4_term_is_computed(chain):
         assert load_checkpoint(chain / sub / "final.pt")["config"]["identity"] == "dlib"
     with open(chain / "MoFA_UNet" / "loss_train.csv", newline="") as fh:
         rows = list(csv.DictReader(fh))
-    for term in step4.COLUMNS:
+    validation_only = {"mask_in_face_train_mode"}  # loss_val.csv: the train-mode mask over the whole split
+    for term in set(step4.COLUMNS) - validation_only:
         assert any(row[term] for row in rows), f"{term} never computed"
     with open(chain / "pretrain_mofa" / "loss_train.csv", newline="") as fh:
         assert any(row["identity"] for row in csv.DictReader(fh))
+
+
+def test_steps_3_and_4_log_the_unet_mask_in_train_and_eval_mode(chain):
+    """Issue 13: at every log step the train CSV holds mask_in_face on a validation batch in train and eval mode;
+    validation adds the train-mode value over the split."""
+    for sub in ("Pretrain_UNet", "MoFA_UNet"):
+        rows = list(csv.DictReader((chain / sub / "loss_train.csv").open()))
+        assert rows and all(0.0 <= float(r[f"val_mask_in_face_{mode}_mode"]) <= 1.0
+                            for r in rows for mode in ("train", "eval"))
+        val = list(csv.DictReader((chain / sub / "loss_val.csv").open()))
+        assert val and all(0.0 <= float(r["mask_in_face_train_mode"]) <= 1.0 for r in val)

@@ -2,7 +2,7 @@
 
 Stages (what produces the estimated mask E; the region F is always the rendered face of the stage's encoder):
     step2  the robust loss's inlier mask of the Step-1 encoder (Step 2's preliminary masks, no UNet);
-    step3  the Step-1 encoder with the Step-3 UNet:  E = F * sigmoid(UNet([render, image]));
+    step3  the Step-1 encoder with the Step-3 UNet:  E = F * U, U = objectives.unet_mask (G2's sigmoid(5 x) head);
     step4  the Step-4 encoder and UNet (final model), same formula.
     fit_oracle  (synthetic benchmark only, no checkpoint) Step 2's rule on the render of the TRUE coefficients of
            ``ground_truth.csv`` with the generator's face model (--bfm) and camera: what a perfect fit leaves for
@@ -115,7 +115,7 @@ def predict_masks(stage: str, mofa: MoFA, unet: UNet | None, images: torch.Tenso
 
     Returns (E (B,1,S,S) in [0,1], 1 = visible face and 0 outside F; F (B,1,S,S) 0/1; RenderOutput).
     step2 (or any stage with ``unet`` None): E = inlier mask of the robust loss (||I - R|| < 3 sigma inside F).
-    step3 / step4: E = F * sigmoid(UNet(cat[render, image])).
+    step3 / step4: E = F * unet_mask(UNet, render, image) (the one mask function of training, G2's head).
     """
     if stage not in STAGES:
         raise ValueError(f"predict_masks: unknown stage {stage!r}, expected one of {STAGES}")

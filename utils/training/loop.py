@@ -27,12 +27,16 @@ class LoopHooks:
 
     forward(step, batch) -> (loss, terms, names): sets train/eval modes, returns the loss, its named terms and the
     names (keys of the optimizer dict) of the optimizers to step. visualise() -> name -> (B,C,H,W) images in [0,1].
-    validate() -> name -> float, the means over the validation split.
+    validate() -> name -> float, the means over the validation split. Optional: after_step(step) runs after every
+    optimizer step with the new step count (e.g. BatchNorm recalibration); probe() -> name -> float runs on the main
+    process at every log step and its values are written with the training scalars.
     """
 
     forward: Callable
     visualise: Callable
     validate: Callable
+    after_step: Callable | None = None
+    probe: Callable | None = None
 
 def train_loop(run: Run, loader, sampler, start: int, end: int, hooks: LoopHooks, state: tuple, spec: dict,
                monitor) -> int:
@@ -59,11 +63,17 @@ def train_loop(run: Run, loader, sampler, start: int, end: int, hooks: LoopHooks
             for sched in schedulers.values():
                 sched.step()
             step += 1
+            if hooks.after_step is not None:
+                hooks.after_step(step)
             running.add({"total": loss, **terms})
             monitor.advance(float(loss.detach()))
             if due(step, args.log_every, end):
                 lrs = {f"lr_{name}": sched.get_last_lr()[0] for name, sched in schedulers.items()}
-                monitor.scalars(step, {**running.mean(), **lrs})
+                probed = {}
+                if hooks.probe is not None and run.is_main:
+                    with torch.no_grad():
+                        probed = hooks.probe()
+                monitor.scalars(step, {**running.mean(), **lrs, **probed})
                 running.reset()
             if run.is_main and due(step, args.vis_every, end):
                 with torch.no_grad():

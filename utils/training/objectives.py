@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import torch
 
 from models.layout import CoeffLayout
+from models.unet import mask_from_logits
 from utils import losses
 
 
@@ -58,9 +59,22 @@ def step1_terms(out, images: torch.Tensor, landmarks_gt: torch.Tensor, setup: Lo
     return terms, inliers
 
 
+def unet_input(out, images: torch.Tensor) -> torch.Tensor:
+    """The UNet's input ``cat([render, image])`` (B,6,H,W); the render is not detached (section 7)."""
+    return torch.cat([out.image, images], dim=1)
+
+
 def unet_mask(unet, out, images: torch.Tensor) -> torch.Tensor:
-    """UNet mask U (B,1,H,W) in (0,1) from ``cat([render, image])``; the render is not detached (section 7)."""
-    return torch.sigmoid(unet(torch.cat([out.image, images], dim=1)))
+    """UNet mask U (B,1,H,W) in (0,1): ``mask_from_logits`` (G2's sigmoid(5 x) head, models/unet.py) of the UNet
+    applied to ``unet_input``. Steps 3 and 4, the evaluation and reconstruct.py all get their masks from here or
+    from ``mask_from_logits``."""
+    return mask_from_logits(unet(unet_input(out, images)))
+
+
+def mask_in_face(U: torch.Tensor, region: torch.Tensor) -> torch.Tensor:
+    """Mean UNet mask inside the rendered face, pooled over the batch: sum(U F) / max(sum F, 1), detached.
+    U, region F: (B,1,H,W). Near 0 or 1 the mask has collapsed (``guards.CollapseAlarm``)."""
+    return ((U * region).sum() / region.sum().clamp(min=1)).detach()
 
 
 def step4_unet_terms(U: torch.Tensor, out, images: torch.Tensor, landmarks_gt: torch.Tensor, setup: LossSetup,
