@@ -170,9 +170,10 @@ def _signed_area(u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     return (u[1] - u[0]) * (v[2] - v[0]) - (v[1] - v[0]) * (u[2] - u[0])
 
 
-def _gather_planes(planes: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """``planes[:, idx]`` for ``(C, R)`` planes and a 1-D index, as ``(C, len(idx))`` (1-D gathers are fastest)."""
-    out = planes.new_empty(planes.shape[0], idx.shape[0])
+def gather_rows(planes: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """``planes[:, idx]`` for ``(C, R, ...)`` planes and a 1-D index: ``(C, len(idx), ...)``, one ``index_select``
+    per plane (gathers from contiguous planes are the fastest; a single fancy index is many times slower)."""
+    out = planes.new_empty(planes.shape[0], idx.shape[0], *planes.shape[2:])
     for c in range(planes.shape[0]):
         torch.index_select(planes[c], 0, idx, out=out[c])
     return out
@@ -252,7 +253,7 @@ def _bucket_keys(
     both miss a pixel next to it (no cracks), and a pixel exactly on it is covered by both.
     """
     height, width = hw
-    corner_rows = _gather_planes(rows, ids)  # (3, M)
+    corner_rows = gather_rows(rows, ids)  # (3, M)
     cu, cv, cz = (_take(plane, corner_rows) for plane in planes)
     area = _signed_area(cu, cv)
     px, py, inside = _candidate_pixels(cu, cv, cap, hw)
@@ -306,7 +307,7 @@ def _coverage(pix_to_face: torch.Tensor, faces: torch.Tensor, n_verts: int) -> C
     flat = pix_to_face.view(-1)
     pixels = torch.nonzero(flat >= 0).view(-1)  # host synchronisation: the number of covered pixels
     face = flat.index_select(0, pixels)
-    vertex = _gather_planes(faces.t().contiguous(), face)  # (3, K) long (index_add_ is fastest with long ids)
+    vertex = gather_rows(faces.t().contiguous(), face)  # (3, K) long (index_add_ is fastest with long ids)
     return Coverage(pixels, vertex + (pixels // (height * width)) * n_verts, n_verts)
 
 
@@ -336,7 +337,7 @@ class _Barycentric(torch.autograd.Function):
                 hw: tuple[int, int]) -> torch.Tensor:
         batch, n_verts, _ = screen_verts.shape
         planes = screen_verts[..., :2].permute(2, 0, 1).reshape(2, batch * n_verts)
-        u, v = _gather_planes(planes, corner_rows.view(-1)).view(2, 3, -1)  # each (3, K)
+        u, v = gather_rows(planes, corner_rows.view(-1)).view(2, 3, -1)  # each (3, K)
         x, y = _pixel_centres(pixels, hw, u.dtype)
         du = torch.stack([u[2] - u[1], u[0] - u[2], u[1] - u[0]])  # edge k runs corner k+1 -> k+2
         dv = torch.stack([v[2] - v[1], v[0] - v[2], v[1] - v[0]])
@@ -372,7 +373,7 @@ class _Interpolate(torch.autograd.Function):
         height, width = hw
         planes = attrs.permute(2, 0, 1).reshape(channels, batch * n_verts)
         weights = weights.to(attrs.dtype)
-        corners = _gather_planes(planes, corner_rows.view(-1)).view(channels, 3, -1)  # (C, 3, K)
+        corners = gather_rows(planes, corner_rows.view(-1)).view(channels, 3, -1)  # (C, 3, K)
         values = (corners * weights).sum(dim=1)  # (C, K)
         image = pixels // (height * width)
         dest = (pixels + image * ((channels - 1) * height * width)).unsqueeze(0) \

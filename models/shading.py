@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from models.layout import N_LIGHT, N_SH_BASIS
+from models.rasterizer import gather_rows
 
 NORMAL_EPS = 1e-12
 """Added to the squared norm before renormalising, so isolated vertices get a zero normal instead of NaN."""
@@ -110,14 +111,6 @@ def mesh_topology(faces: torch.Tensor, n_verts: int) -> MeshTopology:
                         edge_sum=edge_sum, faces=faces, faces_version=faces._version, n_verts=n_verts)
 
 
-def _rows(planes: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """`(C, len(idx), B)`: rows `idx` of every `(R, B)` plane of `planes (C, R, B)`."""
-    out = planes.new_empty(planes.shape[0], idx.shape[0], planes.shape[2])
-    for c in range(planes.shape[0]):
-        torch.index_select(planes[c], 0, idx, out=out[c])
-    return out
-
-
 def _sum_rows(parts: SparseParts, planes: torch.Tensor) -> torch.Tensor:
     """`(C, M, B)`: the sparse `(M, R)` matrix times every `(R, B)` plane of `planes (C, R, B)`."""
     matrix = parts.matrix(planes.dtype)
@@ -156,7 +149,7 @@ class _VertexNormals(torch.autograd.Function):
     def forward(ctx, vert_planes: torch.Tensor, topology: MeshTopology) -> torch.Tensor:
         verts = vert_planes.transpose(1, 2).contiguous()  # (3, N, B)
         c0, c1, c2 = topology.corners
-        v0 = _rows(verts, c0)  # (3, F, B) coordinates of corner 0
+        v0 = gather_rows(verts, c0)  # (3, F, B) coordinates of corner 0
         edges = verts.new_empty(3, 2, c0.shape[0], verts.shape[2])  # (coordinate, e1 | e2, F, B)
         e1, e2 = edges[:, 0], edges[:, 1]
         for c in range(3):

@@ -36,7 +36,9 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import torch
 
+from models import shading
 from utils.errors import MofaError
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -259,11 +261,11 @@ def grid_faces(n_rows: int, n_cols: int) -> np.ndarray:
 
 
 def vertex_normals(points: np.ndarray, faces: np.ndarray) -> np.ndarray:
-    """Area-weighted unit normals `(N, 3)` of a mesh `points (N, 3)`, `faces (F, 3)` (outward for CCW faces)."""
-    v0, v1, v2 = (points[faces[:, k]] for k in range(3))
-    per_corner = np.repeat(np.cross(v1 - v0, v2 - v0), 3, axis=0)  # (3F, 3), length = 2 * face area
-    summed = np.stack([np.bincount(faces.ravel(), per_corner[:, c], minlength=len(points)) for c in range(3)], 1)
-    return summed / np.maximum(np.linalg.norm(summed, axis=1, keepdims=True), 1e-12)
+    """Area-weighted unit normals `(N, 3)` float64 of a mesh `points (N, 3)`, `faces (F, 3)` (outward for CCW
+    faces): the renderer's `models.shading.vertex_normals`, in float64."""
+    normals = shading.vertex_normals(torch.from_numpy(np.asarray(points, dtype=np.float64))[None],
+                                     torch.from_numpy(np.asarray(faces, dtype=np.int64)))
+    return normals[0].numpy()
 
 
 def g1_crop_keep(points: np.ndarray, scale: float = 1.0, c4_min: float = 20.0) -> np.ndarray:
