@@ -113,11 +113,18 @@ def mesh_topology(faces: torch.Tensor, n_verts: int) -> MeshTopology:
 
 def _sum_rows(parts: SparseParts, planes: torch.Tensor) -> torch.Tensor:
     """`(C, M, B)`: the sparse `(M, R)` matrix times every `(R, B)` plane of `planes (C, R, B)`."""
-    matrix = parts.matrix(planes.dtype)
-    out = planes.new_empty(planes.shape[0], matrix.shape[0], planes.shape[2])
-    for c in range(planes.shape[0]):
-        torch.mm(matrix, planes[c], out=out[c])
-    return out
+    if planes.device.type == "cpu":  # sparse CSR x dense into the output planes (MKL), no copies
+        matrix = parts.matrix(planes.dtype)
+        out = planes.new_empty(planes.shape[0], matrix.shape[0], planes.shape[2])
+        for c in range(planes.shape[0]):
+            torch.mm(matrix, planes[c], out=out[c])
+        return out
+    if planes.device.type == "cuda":
+        matrix = parts.matrix(planes.dtype)
+        return torch.stack([torch.mm(matrix, plane) for plane in planes])
+    rows = torch.repeat_interleave(torch.arange(parts.size[0], device=planes.device), parts.crow.diff())
+    terms = planes.index_select(1, parts.col) * parts.values.to(planes.dtype)[:, None]
+    return planes.new_zeros(planes.shape[0], parts.size[0], planes.shape[2]).index_add_(1, rows, terms)
 
 
 def _cross(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:

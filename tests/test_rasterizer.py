@@ -9,7 +9,7 @@ import torch
 import models.rasterizer as rasterizer_module
 from models.rasterizer import Fragments, interpolate, rasterize
 
-requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+requires_cuda = pytest.mark.cuda  # skipped without a CUDA device (tests/conftest.py)
 requires_nvdiffrast = pytest.mark.skipif(
     not torch.cuda.is_available() or importlib.util.find_spec("nvdiffrast") is None,
     reason="needs CUDA and the optional nvdiffrast package")
@@ -387,6 +387,7 @@ def test_cuda_matches_cpu() -> None:
         assert_close(cuda, cpu, atol=1e-5, rtol=1e-5, name=name)
 
 
+@pytest.mark.cuda
 @requires_nvdiffrast
 def test_nvdiffrast_backend_agrees() -> None:
     verts, faces = random_scene(6, batch=2, n_verts=200, n_faces=150, height=64, width=80)

@@ -36,6 +36,7 @@ def train_loop(run: Run, loader, sampler, start: int, end: int, hooks: LoopHooks
     """The loop every training step shares: optimise, log, show, validate, checkpoint, stop cleanly on Ctrl-C."""
     args, (_, optimizers, schedulers) = run.args, state
     guard, running = NonFiniteGuard(), RunningMean()
+    pending: list[dict] = []  # this log period's loss terms, still on the device: read (one sync) when logged
     step = start
     with StopFlag() as stop:
         for step, batch in iterate_steps(loader, sampler, start, end):
@@ -49,12 +50,18 @@ def train_loop(run: Run, loader, sampler, start: int, end: int, hooks: LoopHooks
             for sched in schedulers.values():
                 sched.step()
             step += 1
-            running.add({"total": loss, **terms})
-            monitor.advance(float(loss.detach()))
+            pending.append({k: v.detach() if torch.is_tensor(v) else v for k, v in {"total": loss, **terms}.items()})
+            shown = None
             if due(step, args.log_every, end):
+                for values in pending:
+                    running.add(values)
+                pending.clear()
                 lrs = {f"lr_{name}": sched.get_last_lr()[0] for name, sched in schedulers.items()}
-                monitor.scalars(step, {**running.mean(), **lrs})
+                means = running.mean()
+                monitor.scalars(step, {**means, **lrs})
+                shown = means.get("total")
                 running.reset()
+            monitor.advance(shown)
             if run.is_main and due(step, args.vis_every, end):
                 with torch.no_grad():
                     monitor.images(step, hooks.visualise())
