@@ -13,7 +13,9 @@ Algorithm of the default ``"torch"`` backend (one batched code path for CPU and 
    into a per-pixel buffer with ``scatter_reduce(amin)``. Smallest depth wins, ties go to the lower face id.
 2. Barycentrics, differentiable: the covered pixels are listed once (``Fragments.coverage``) and the
    screen-space barycentrics of their winning triangles are recomputed from ``screen_verts`` with an analytic
-   backward; ``interpolate`` blends per-vertex attributes over the same list. Background pixels cost nothing.
+   backward, as a compact ``(3, K)`` tensor (``Fragments.weights``); ``interpolate`` blends per-vertex attributes
+   over the same list. Background pixels cost nothing; the dense ``(B, H, W, 3)`` barycentrics are only built
+   when ``Fragments.bary`` is read.
 
 Host synchronisation: two per ``rasterize`` call, none in ``interpolate``: the bucket sizes
 (``bincount(...).tolist()``) and the number of covered pixels (``nonzero``). Buckets are contiguous slices

@@ -8,7 +8,9 @@ with t = acos(n_z), p = atan2(n_y, n_x). In Cartesian form (n unit) the m = +-1 
 Speed: per-vertex tensors are processed as coordinate planes `(3, B, N)` (one contiguous `(B*N,)` plane per
 coordinate / colour channel), where gathers, scatter-adds and element-wise products are fastest. The functions
 take and return the documented `(B, N, 3)` shapes; their outputs are `(B, N, 3)` views of plane-major memory
-(`out.permute(2, 0, 1)` is contiguous), and inputs given in that form are used without a copy.
+(`out.permute(2, 0, 1)` is contiguous), and inputs given in that form are used without a copy. The normals work
+inside on vertex-major `(3, N, B)` planes (batch innermost), where one index or one row of a precomputed sparse
+sum (`MeshTopology`) serves the whole batch.
 """
 from __future__ import annotations
 
