@@ -19,11 +19,12 @@ Algorithm of the default ``"torch"`` backend (one batched code path for CPU and 
 
 Host synchronisation: two per ``rasterize`` call, none in ``interpolate``: the bucket sizes
 (``bincount(...).tolist()``) and the number of covered pixels (``nonzero``). Buckets are contiguous slices
-of one stable sort by bucket id, so no further synchronisation happens. A bucket whose
-candidate tensor would exceed ``_MAX_CANDIDATES`` elements is processed in chunks (sizes known on the host).
-Edge functions are evaluated from the lower-indexed vertex of each edge, so a pixel on an edge shared by
-two triangles is classified consistently (exactly one of them, or both when it lies exactly on the edge):
-no cracks between adjacent triangles.
+of one stable sort by bucket id, so no further synchronisation happens; sparse neighbouring buckets are
+processed together at the larger capacity (``_bucket_groups``). A bucket whose candidate tensor would exceed
+``_MAX_CANDIDATES`` elements is processed in chunks (sizes known on the host). Edge functions are exactly
+antisymmetric in the edge's endpoints (``_bucket_keys``), so a pixel on an edge shared by two triangles is
+classified consistently (exactly one of them, or both when it lies exactly on the edge): no cracks between
+adjacent triangles.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ import torch
 _NO_HIT = torch.iinfo(torch.int64).max
 _MISS = 0x7F800000 << 32  # keys >= this (depth +inf, or no candidate at all) are background
 _MAX_CANDIDATES = 1 << 21  # (M, cap) temporaries stay below glibc's largest reusable block (32 MB)
+_MERGE_SLACK = 1 << 14  # padding candidates a bucket may add to save a pass (see _bucket_groups)
 _BACKENDS = ("torch", "nvdiffrast")
 
 
@@ -289,11 +291,8 @@ def _visible_faces(
         n_buckets = (height * width - 1).bit_length() + 2
         counts = torch.bincount(bucket, minlength=n_buckets).tolist()  # the first host synchronisation
         order = torch.sort(bucket.to(torch.int16), stable=True).indices  # bucket k is one contiguous slice
-        start = counts[0]
-        for k in range(1, n_buckets):
-            members, start = order[start:start + counts[k]], start + counts[k]
-            cap = 1 << (k - 1)
-            for ids in members.split(max(1, _MAX_CANDIDATES // cap)):
+        for start, stop, cap in _bucket_groups(counts):
+            for ids in order[start:stop].split(max(1, _MAX_CANDIDATES // cap)):
                 pix, key = _bucket_keys(planes, rows, ids, faces.shape[0], cap, (height, width), cull_backfaces)
                 best.scatter_reduce_(0, pix, key, reduce="amin")
     hit = best < _MISS
@@ -301,6 +300,30 @@ def _visible_faces(
     depth = (best >> 32).to(torch.int32).view(torch.float32).to(screen_verts.dtype)
     zbuf = torch.where(hit, depth, float("inf")).view(batch, height, width)
     return pix_to_face, zbuf
+
+
+def _bucket_groups(counts: list[int]) -> list[tuple[int, int, int]]:
+    """``(start, stop, cap)``: runs of consecutive buckets of the sorted order processed as one, at the largest
+    capacity of the run. A run grows while the padding it adds (its smaller boxes' extra candidate slots, which are
+    masked out) stays within ``_MERGE_SLACK`` candidates: sparse buckets cost no separate pass (fewer operations,
+    fewer kernel launches on CUDA). Bucket 0 (culled) is skipped."""
+    groups: list[tuple[int, int, int]] = []
+    start = counts[0]
+    run = None  # [start, members, candidates without padding, cap]
+    for k in range(1, len(counts)):
+        members, cap = counts[k], 1 << (k - 1)
+        if members == 0:
+            continue
+        if run is not None and (run[1] + members) * cap - (run[2] + members * cap) <= _MERGE_SLACK:
+            run[1], run[2], run[3] = run[1] + members, run[2] + members * cap, cap
+        else:
+            if run is not None:
+                groups.append((run[0], run[0] + run[1], run[3]))
+            run = [start, members, members * cap, cap]
+        start += members
+    if run is not None:
+        groups.append((run[0], run[0] + run[1], run[3]))
+    return groups
 
 
 def _coverage(pix_to_face: torch.Tensor, faces: torch.Tensor, n_verts: int) -> Coverage:
