@@ -113,7 +113,7 @@ def main(argv=None) -> int:
     dataset = FaceDataset(root, "train", args.image_size)
     loader, sampler = make_train_loader(dataset, args.batch_size, 0, args.workers, collate_fn=collate_faces)
     optimizer = make_optimizer(args.optimizer, mofa.encoder.parameters(), args.learning_rate)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=args.amp and device.type == "cuda")
+    use_amp = args.amp and device.type == "cuda"
     print(f"device {device}, threads {torch.get_num_threads()}, {args.encoder}, {args.image_size} px, batch "
           f"{args.batch_size}, {args.optimizer}, mesh {face_model.n_vertices} vertices / {face_model.n_faces} "
           f"triangles, workers {args.workers}", flush=True)
@@ -136,7 +136,7 @@ def main(argv=None) -> int:
         marks.append(clock())
         images, landmarks = batch["image"].to(device), batch["landmarks"].to(device)
         marks.append(clock())
-        with autocast:
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_amp):
             coeffs = mofa.encoder(images)
         coeffs = coeffs.float()
         marks.append(clock())
