@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: test demo venv bench clean-demo
+.PHONY: test demo venv bench gpu-check profile clean-demo
 
 venv: $(STAMP)
 
@@ -27,6 +27,14 @@ demo: $(STAMP)
 bench: $(STAMP)
 	$(PY) benchmarks/rasterizer.py
 	$(PY) benchmarks/dlib_face.py
+
+# Step 1 iteration profile at the demo's settings (PRESET=paper: 224 px, ResNet-50, batch 12).
+profile: $(STAMP)
+	$(PY) benchmarks/step1_profile.py --preset $(or $(PRESET),demo)
+
+# The GPU check (CUDA tests, benchmark, Step 1 at batch 32) into runs/gpu_check/results.txt; reduced on a CPU.
+gpu-check: $(STAMP)
+	PYTHON=$(PY) bash benchmarks/gpu_check.sh
 
 clean-demo:
 	rm -rf demo_output demo_data

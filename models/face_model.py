@@ -192,10 +192,11 @@ def _read_mesh(h5, path: Path) -> tuple[int, np.ndarray]:
 class FaceModel(nn.Module):
     """Linear face model: `vertices = mean_shape + shape_basis @ shape + exp_basis @ exp`, likewise albedo.
 
-    Buffers (float32 unless noted): `mean_shape (N, 3)` model frame mm (recentred), `shape_basis (3N, n_shape)`,
-    `exp_basis (3N, n_exp)`, `mean_albedo (N, 3)` RGB ~[0, 1], `tex_basis (3N, n_tex)`, `faces (F, 3)` long
-    (counter-clockwise seen from outside), `landmark_idx (68,)` long into this mesh, `kept_vertices (N,)` long:
-    the original (full-mesh) vertex id of every vertex, for exporting meshes.
+    Buffers (float32 unless noted): `mean_shape (N, 3)` model frame mm (recentred), `geometry_basis
+    (3N, n_shape + n_exp)` = `[shape_basis | exp_basis]` (one product gives the vertices; `shape_basis` and
+    `exp_basis` are its column views), `mean_albedo (N, 3)` RGB ~[0, 1], `tex_basis (3N, n_tex)`, `faces (F, 3)`
+    long (counter-clockwise seen from outside), `landmark_idx (68,)` long into this mesh, `kept_vertices (N,)`
+    long: the original (full-mesh) vertex id of every vertex, for exporting meshes.
     """
 
     def __init__(self, mean_shape: torch.Tensor, shape_basis: torch.Tensor, exp_basis: torch.Tensor,
@@ -211,7 +212,9 @@ class FaceModel(nn.Module):
         _check(landmark_idx, (N_LANDMARKS,), "landmark_idx")
         kept = torch.arange(n) if kept_vertices is None else kept_vertices
         _check(kept, (n,), "kept_vertices")
-        for name, value in (("mean_shape", mean_shape), ("shape_basis", shape_basis), ("exp_basis", exp_basis),
+        self.n_shape = shape_basis.shape[1]
+        geometry = torch.cat([shape_basis.to(torch.float32), exp_basis.to(torch.float32)], dim=1)
+        for name, value in (("mean_shape", mean_shape), ("geometry_basis", geometry),
                             ("mean_albedo", mean_albedo), ("tex_basis", tex_basis)):
             self.register_buffer(name, value.to(torch.float32).contiguous(), persistent=False)
         for name, value in (("faces", faces), ("landmark_idx", landmark_idx), ("kept_vertices", kept)):
@@ -251,6 +254,16 @@ class FaceModel(nn.Module):
         return self.faces.shape[0]
 
     @property
+    def shape_basis(self) -> torch.Tensor:
+        """`(3N, n_shape)` identity basis (a view of `geometry_basis`)."""
+        return self.geometry_basis[:, :self.n_shape]
+
+    @property
+    def exp_basis(self) -> torch.Tensor:
+        """`(3N, n_exp)` expression basis (a view of `geometry_basis`)."""
+        return self.geometry_basis[:, self.n_shape:]
+
+    @property
     def layout(self) -> CoeffLayout:
         """The coefficient layout matching this model's basis sizes."""
         return CoeffLayout(self.shape_basis.shape[1], self.exp_basis.shape[1], self.tex_basis.shape[1])
@@ -261,8 +274,9 @@ class FaceModel(nn.Module):
         _check_coeffs(exp, self.exp_basis, "exp")
         if shape.shape[0] != exp.shape[0]:
             raise ValueError(f"shape and exp batch sizes differ: {shape.shape[0]} vs {exp.shape[0]}")
-        flat = torch.addmm(self.mean_shape.view(1, -1), shape, self.shape_basis.t())  # (B, 3N), mean added in
-        return torch.addmm(flat, exp, self.exp_basis.t()).view(shape.shape[0], self.n_vertices, 3)
+        coeffs = torch.cat([shape, exp], dim=1)  # one product with [shape_basis | exp_basis], the mean added in
+        flat = torch.addmm(self.mean_shape.view(1, -1), coeffs, self.geometry_basis.t())  # (B, 3N)
+        return flat.view(shape.shape[0], self.n_vertices, 3)
 
     def albedo(self, tex: torch.Tensor) -> torch.Tensor:
         """Per-vertex albedo `(B, N, 3)` RGB (roughly [0, 1], not clamped) from texture coeffs `(B, n_tex)`."""

@@ -13,15 +13,18 @@ Algorithm of the default ``"torch"`` backend (one batched code path for CPU and 
    into a per-pixel buffer with ``scatter_reduce(amin)``. Smallest depth wins, ties go to the lower face id.
 2. Barycentrics, differentiable: the covered pixels are listed once (``Fragments.coverage``) and the
    screen-space barycentrics of their winning triangles are recomputed from ``screen_verts`` with an analytic
-   backward; ``interpolate`` blends per-vertex attributes over the same list. Background pixels cost nothing.
+   backward, as a compact ``(3, K)`` tensor (``Fragments.weights``); ``interpolate`` blends per-vertex attributes
+   over the same list. Background pixels cost nothing; the dense ``(B, H, W, 3)`` barycentrics are only built
+   when ``Fragments.bary`` is read.
 
 Host synchronisation: two per ``rasterize`` call, none in ``interpolate``: the bucket sizes
 (``bincount(...).tolist()``) and the number of covered pixels (``nonzero``). Buckets are contiguous slices
-of one stable sort by bucket id, so no further synchronisation happens. A bucket whose
-candidate tensor would exceed ``_MAX_CANDIDATES`` elements is processed in chunks (sizes known on the host).
-Edge functions are evaluated from the lower-indexed vertex of each edge, so a pixel on an edge shared by
-two triangles is classified consistently (exactly one of them, or both when it lies exactly on the edge):
-no cracks between adjacent triangles.
+of one stable sort by bucket id, so no further synchronisation happens; sparse neighbouring buckets are
+processed together at the larger capacity (``_bucket_groups``). A bucket whose candidate tensor would exceed
+``_MAX_CANDIDATES`` elements is processed in chunks (sizes known on the host). Edge functions are exactly
+antisymmetric in the edge's endpoints (``_bucket_keys``), so a pixel on an edge shared by two triangles is
+classified consistently (exactly one of them, or both when it lies exactly on the edge): no cracks between
+adjacent triangles.
 """
 
 from __future__ import annotations
@@ -32,7 +35,9 @@ from dataclasses import dataclass, field
 import torch
 
 _NO_HIT = torch.iinfo(torch.int64).max
-_MAX_CANDIDATES = 1 << 23
+_MISS = 0x7F800000 << 32  # keys >= this (depth +inf, or no candidate at all) are background
+_MAX_CANDIDATES = 1 << 21  # (M, cap) temporaries stay below glibc's largest reusable block (32 MB)
+_MERGE_SLACK = 1 << 14  # padding candidates a bucket may add to save a pass (see _bucket_groups)
 _BACKENDS = ("torch", "nvdiffrast")
 
 
@@ -57,24 +62,31 @@ class Fragments:
 
     pix_to_face: ``(B, H, W)`` long, ``pix_to_face[b, i, j] = f`` means face ``faces[f]`` is visible at
         pixel (row i, col j) of batch element b; -1 on background.
-    bary: ``(B, H, W, 3)`` screen-space (affine) barycentrics of the visible face w.r.t. its vertices
-        ``faces[f, 0..2]``; zero on background; differentiable w.r.t. ``screen_verts``.
     zbuf: ``(B, H, W)`` interpolated camera depth of the visible face (float32 precision); inf on background.
     mask: ``(B, 1, H, W)`` float, 1 where a face is visible, detached.
-    coverage: optional cache of the covered pixels used by ``interpolate`` (rebuilt from ``pix_to_face``,
-        with one host synchronisation, when None).
+    coverage: the covered pixels (``Coverage``), which ``interpolate`` reads.
+    weights: ``(3, K)`` screen-space (affine) barycentrics of the covered pixels, in ``coverage.pixels`` order,
+        w.r.t. the visible face's vertices ``faces[f, 0..2]``; differentiable w.r.t. ``screen_verts``.
+    The dense ``bary (B, H, W, 3)`` (zero on background, differentiable) is built from ``weights`` on first use.
     """
 
     pix_to_face: torch.Tensor
-    bary: torch.Tensor
     zbuf: torch.Tensor
     mask: torch.Tensor
-    coverage: Coverage | None = field(default=None, repr=False, compare=False)
+    coverage: Coverage = field(repr=False, compare=False)
+    weights: torch.Tensor = field(repr=False, compare=False)
+
+    @functools.cached_property
+    def bary(self) -> torch.Tensor:
+        """``(B, H, W, 3)`` barycentrics of the visible face at every pixel, zero on background."""
+        dense = self.weights.new_zeros(self.pix_to_face.numel() * 3)
+        dense = dense.index_copy(0, _bary_slots(self.coverage.pixels).view(-1), self.weights.reshape(-1))
+        return dense.view(*self.pix_to_face.shape, 3)
 
     def detach(self) -> "Fragments":
         """Return a copy whose tensors carry no autograd history."""
-        return Fragments(self.pix_to_face, self.bary.detach(), self.zbuf.detach(), self.mask.detach(),
-                         self.coverage)
+        return Fragments(self.pix_to_face, self.zbuf.detach(), self.mask.detach(), self.coverage,
+                         self.weights.detach())
 
 
 def rasterize(
@@ -105,13 +117,14 @@ def rasterize(
         else:
             pix_to_face, zbuf = _visible_faces(screen_verts, faces, height, width, near, cull_backfaces)
         coverage = _coverage(pix_to_face, faces, screen_verts.shape[1])
-    bary = _Barycentric.apply(screen_verts, coverage.corner_rows, coverage.pixels, (height, width))
+    weights = _Barycentric.apply(screen_verts, coverage.corner_rows, coverage.pixels, (height, width))
     if zbuf is None:
         with torch.no_grad():
-            depth = _Interpolate.apply(screen_verts[..., 2:], coverage.corner_rows, coverage.pixels, bary)[:, 0]
+            depth = _Interpolate.apply(screen_verts[..., 2:], coverage.corner_rows, coverage.pixels, weights,
+                                       (height, width))[:, 0]
             zbuf = torch.where(pix_to_face >= 0, depth, float("inf"))
     mask = (pix_to_face >= 0).unsqueeze(1).to(screen_verts.dtype)
-    return Fragments(pix_to_face=pix_to_face, bary=bary, zbuf=zbuf, mask=mask, coverage=coverage)
+    return Fragments(pix_to_face=pix_to_face, zbuf=zbuf, mask=mask, coverage=coverage, weights=weights)
 
 
 def interpolate(attrs: torch.Tensor, fragments: Fragments, faces: torch.Tensor) -> torch.Tensor:
@@ -128,13 +141,10 @@ def interpolate(attrs: torch.Tensor, fragments: Fragments, faces: torch.Tensor) 
     if attrs.shape[0] != batch:
         raise ValueError(f"interpolate: attrs batch {attrs.shape[0]} != fragments batch {batch}")
     coverage = fragments.coverage
-    if coverage is None or coverage.n_verts != attrs.shape[1]:
-        if coverage is not None:
-            raise ValueError(f"interpolate: attrs has {attrs.shape[1]} vertices, the rasterized mesh "
-                             f"{coverage.n_verts}")
-        with torch.no_grad():
-            coverage = _coverage(fragments.pix_to_face, faces, attrs.shape[1])
-    return _Interpolate.apply(attrs, coverage.corner_rows, coverage.pixels, fragments.bary)
+    if coverage.n_verts != attrs.shape[1]:
+        raise ValueError(f"interpolate: attrs has {attrs.shape[1]} vertices, the rasterized mesh {coverage.n_verts}")
+    return _Interpolate.apply(attrs, coverage.corner_rows, coverage.pixels, fragments.weights,
+                              tuple(fragments.pix_to_face.shape[1:]))
 
 
 def _check_inputs(
@@ -164,9 +174,10 @@ def _signed_area(u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     return (u[1] - u[0]) * (v[2] - v[0]) - (v[1] - v[0]) * (u[2] - u[0])
 
 
-def _gather_planes(planes: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """``planes[:, idx]`` for ``(C, R)`` planes and a 1-D index, as ``(C, len(idx))`` (1-D gathers are fastest)."""
-    out = planes.new_empty(planes.shape[0], idx.shape[0])
+def gather_rows(planes: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """``planes[:, idx]`` for ``(C, R, ...)`` planes and a 1-D index: ``(C, len(idx), ...)``, one ``index_select``
+    per plane (gathers from contiguous planes are the fastest; a single fancy index is many times slower)."""
+    out = planes.new_empty(planes.shape[0], idx.shape[0], *planes.shape[2:])
     for c in range(planes.shape[0]):
         torch.index_select(planes[c], 0, idx, out=out[c])
     return out
@@ -218,12 +229,13 @@ def _bucket_index(
 
 
 def _candidate_pixels(cu: torch.Tensor, cv: torch.Tensor, cap: int, hw: tuple[int, int]) -> tuple[torch.Tensor, ...]:
-    """Pixel coordinates ``px, py`` ``(M, cap)`` (float) of the boxes of ``(3, M)`` corners, and a validity mask."""
+    """Pixel coordinates ``px, py`` ``(M, cap)`` (float) of the boxes of ``(3, M)`` corners, and a validity mask
+    (None when every slot is valid, ``cap == 1``)."""
     height, width = hw
     x0 = torch.minimum(torch.minimum(cu[0], cu[1]), cu[2]).ceil_().clamp_(min=0).unsqueeze(1)  # (M, 1)
     y0 = torch.minimum(torch.minimum(cv[0], cv[1]), cv[2]).ceil_().clamp_(min=0).unsqueeze(1)
     if cap == 1:
-        return x0, y0, torch.ones_like(x0, dtype=torch.bool)
+        return x0, y0, None
     x1 = torch.maximum(torch.maximum(cu[0], cu[1]), cu[2]).floor_().clamp_(max=width - 1).unsqueeze(1)
     y1 = torch.maximum(torch.maximum(cv[0], cv[1]), cv[2]).floor_().clamp_(max=height - 1).unsqueeze(1)
     box_w = x1 - x0 + 1
@@ -240,12 +252,12 @@ def _bucket_keys(
     """Candidate pixel ids and packed depth/face keys, both ``(M*cap,)``, of the (batch, face) columns ``ids``.
 
     ``planes``: vertex u, v, z; ``rows``: ``(3, B*F)`` corner rows. Candidates outside the triangle (or beyond
-    its box) get the key ``_NO_HIT``. The edge function of edge a -> b at pixel p is evaluated as
+    its box) get the depth +inf, whose key is above every hit's (``_MISS``). The edge function of edge a -> b at pixel p is evaluated as
     ``cross(P_a - p, P_b - p)``, which is exactly antisymmetric in (a, b): two triangles sharing an edge never
     both miss a pixel next to it (no cracks), and a pixel exactly on it is covered by both.
     """
     height, width = hw
-    corner_rows = _gather_planes(rows, ids)  # (3, M)
+    corner_rows = gather_rows(rows, ids)  # (3, M)
     cu, cv, cz = (_take(plane, corner_rows) for plane in planes)
     area = _signed_area(cu, cv)
     px, py, inside = _candidate_pixels(cu, cv, cap, hw)
@@ -254,14 +266,15 @@ def _bucket_keys(
     if not cull_backfaces:
         flip = torch.where(area < 0, 1.0, -1.0).to(cu.dtype).unsqueeze(1)
         du = [d * flip for d in du]
-    edge = [du[(k + 1) % 3] * dv[(k + 2) % 3] - dv[(k + 1) % 3] * du[(k + 2) % 3] for k in range(3)]
-    inside &= (edge[0] >= 0) & (edge[1] >= 0) & (edge[2] >= 0)
+    edge = [torch.mul(du[(k + 1) % 3], dv[(k + 2) % 3]).sub_(dv[(k + 1) % 3] * du[(k + 2) % 3]) for k in range(3)]
+    lowest = torch.minimum(torch.minimum(edge[0], edge[1]), edge[2])  # NaN (unusable corner) propagates: not inside
+    inside = lowest >= 0 if inside is None else inside.logical_and_(lowest >= 0)
     z_scaled = (cz / area.abs_()).unsqueeze(-1)  # (3, M, 1)
-    depth = edge[0] * z_scaled[0] + edge[1] * z_scaled[1] + edge[2] * z_scaled[2]
-    bits = depth.abs_().to(torch.float32).view(torch.int32).to(torch.int64)
+    depth = (edge[0] * z_scaled[0]).add_(edge[1] * z_scaled[1]).add_(edge[2] * z_scaled[2]).abs_()  # no FMA
+    depth = torch.where(inside, depth, float("inf")).to(torch.float32)  # a miss: above every hit's key
     image = ids // n_faces
-    key = torch.where(inside, (bits << 32) | (ids - image * n_faces).unsqueeze(1), _NO_HIT)
-    pix = (py * width + px).clamp_(max=height * width - 1).to(torch.int64) + image.unsqueeze(1) * (height * width)
+    key = (depth.view(torch.int32).to(torch.int64) << 32).bitwise_or_((ids - image * n_faces).unsqueeze(1))
+    pix = (py * width + px).clamp_(max=height * width - 1).to(torch.int64).add_(image.unsqueeze(1) * (height * width))
     return pix.view(-1), key.view(-1)
 
 
@@ -278,18 +291,39 @@ def _visible_faces(
         n_buckets = (height * width - 1).bit_length() + 2
         counts = torch.bincount(bucket, minlength=n_buckets).tolist()  # the first host synchronisation
         order = torch.sort(bucket.to(torch.int16), stable=True).indices  # bucket k is one contiguous slice
-        start = counts[0]
-        for k in range(1, n_buckets):
-            members, start = order[start:start + counts[k]], start + counts[k]
-            cap = 1 << (k - 1)
-            for ids in members.split(max(1, _MAX_CANDIDATES // cap)):
+        for start, stop, cap in _bucket_groups(counts):
+            for ids in order[start:stop].split(max(1, _MAX_CANDIDATES // cap)):
                 pix, key = _bucket_keys(planes, rows, ids, faces.shape[0], cap, (height, width), cull_backfaces)
                 best.scatter_reduce_(0, pix, key, reduce="amin")
-    hit = best != _NO_HIT
+    hit = best < _MISS
     pix_to_face = torch.where(hit, best & 0xFFFFFFFF, -1).view(batch, height, width)
     depth = (best >> 32).to(torch.int32).view(torch.float32).to(screen_verts.dtype)
     zbuf = torch.where(hit, depth, float("inf")).view(batch, height, width)
     return pix_to_face, zbuf
+
+
+def _bucket_groups(counts: list[int]) -> list[tuple[int, int, int]]:
+    """``(start, stop, cap)``: runs of consecutive buckets of the sorted order processed as one, at the largest
+    capacity of the run. A run grows while the padding it adds (its smaller boxes' extra candidate slots, which are
+    masked out) stays within ``_MERGE_SLACK`` candidates: sparse buckets cost no separate pass (fewer operations,
+    fewer kernel launches on CUDA). Bucket 0 (culled) is skipped."""
+    groups: list[tuple[int, int, int]] = []
+    start = counts[0]
+    run = None  # [start, members, candidates without padding, cap]
+    for k in range(1, len(counts)):
+        members, cap = counts[k], 1 << (k - 1)
+        if members == 0:
+            continue
+        if run is not None and (run[1] + members) * cap - (run[2] + members * cap) <= _MERGE_SLACK:
+            run[1], run[2], run[3] = run[1] + members, run[2] + members * cap, cap
+        else:
+            if run is not None:
+                groups.append((run[0], run[0] + run[1], run[3]))
+            run = [start, members, members * cap, cap]
+        start += members
+    if run is not None:
+        groups.append((run[0], run[0] + run[1], run[3]))
+    return groups
 
 
 def _coverage(pix_to_face: torch.Tensor, faces: torch.Tensor, n_verts: int) -> Coverage:
@@ -298,7 +332,7 @@ def _coverage(pix_to_face: torch.Tensor, faces: torch.Tensor, n_verts: int) -> C
     flat = pix_to_face.view(-1)
     pixels = torch.nonzero(flat >= 0).view(-1)  # host synchronisation: the number of covered pixels
     face = flat.index_select(0, pixels)
-    vertex = _gather_planes(faces.t().contiguous(), face)  # (3, K)
+    vertex = gather_rows(faces.t().contiguous(), face)  # (3, K) long (index_add_ is fastest with long ids)
     return Coverage(pixels, vertex + (pixels // (height * width)) * n_verts, n_verts)
 
 
@@ -316,7 +350,7 @@ def _bary_slots(pixels: torch.Tensor) -> torch.Tensor:
 
 
 class _Barycentric(torch.autograd.Function):
-    """Screen-space barycentrics ``(B, H, W, 3)`` of the listed pixels' faces (zero elsewhere), analytic backward.
+    """Screen-space barycentrics ``(3, K)`` of the listed pixels' faces, with an analytic backward.
 
     ``b_k = e_k / S`` with ``e_k`` the edge function of the edge opposite corner k and ``S`` the signed area.
     Moving corner j changes them as ``d b_k / d P_j = -b_j * grad_p(b_k)``, and ``grad_p(b_k)`` is the constant
@@ -328,74 +362,69 @@ class _Barycentric(torch.autograd.Function):
                 hw: tuple[int, int]) -> torch.Tensor:
         batch, n_verts, _ = screen_verts.shape
         planes = screen_verts[..., :2].permute(2, 0, 1).reshape(2, batch * n_verts)
-        u, v = _gather_planes(planes, corner_rows.view(-1)).view(2, 3, -1)  # each (3, K)
+        u, v = gather_rows(planes, corner_rows.view(-1)).view(2, 3, -1)  # each (3, K)
         x, y = _pixel_centres(pixels, hw, u.dtype)
         du = torch.stack([u[2] - u[1], u[0] - u[2], u[1] - u[0]])  # edge k runs corner k+1 -> k+2
         dv = torch.stack([v[2] - v[1], v[0] - v[2], v[1] - v[0]])
         edge = du * (y - v.roll(-1, dims=0)) - dv * (x - u.roll(-1, dims=0))
         area = _signed_area(u, v)
         area = torch.where(area != 0, area, torch.ones_like(area))  # listed faces are never degenerate
-        bary = edge / area
-        out = u.new_zeros(batch, *hw, 3)
-        slots = _bary_slots(pixels)
-        out.view(-1).index_copy_(0, slots.view(-1), bary.view(-1))
-        ctx.save_for_backward(corner_rows, slots, du, dv, area, bary)
+        bary = edge.div_(area)
+        ctx.save_for_backward(corner_rows, du, dv, area, bary)
         ctx.vert_shape = screen_verts.shape
-        return out
+        return bary
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_bary: torch.Tensor) -> tuple[torch.Tensor, None, None, None]:
-        corner_rows, slots, du, dv, area, bary = ctx.saved_tensors
-        grad = _take(grad_bary.reshape(-1), slots)  # (3, K)
-        grad_x = (grad * dv).sum(dim=0) / area  # minus d loss / d pixel x
-        grad_y = (grad * du).sum(dim=0) / area
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None, None]:
+        corner_rows, du, dv, area, bary = ctx.saved_tensors
+        grad_x = (grad * dv).sum(dim=0).div_(area)  # minus d loss / d pixel x
+        grad_y = (grad * du).sum(dim=0).div_(area).neg_()
         n_rows = ctx.vert_shape[0] * ctx.vert_shape[1]
         grad_verts = bary.new_zeros(3, n_rows)
-        grad_verts[0].index_add_(0, corner_rows.view(-1), (bary * grad_x).view(-1))
-        grad_verts[1].index_add_(0, corner_rows.view(-1), (bary * -grad_y).view(-1))
+        rows = corner_rows.view(-1)
+        grad_verts[0].index_add_(0, rows, (bary * grad_x).view(-1))
+        grad_verts[1].index_add_(0, rows, (bary * grad_y).view(-1))
         return grad_verts.t().reshape(ctx.vert_shape), None, None, None
 
 
 class _Interpolate(torch.autograd.Function):
-    """``out[b, c] = sum_k bary[..., k] * attrs[b, vertex k, c]`` on the listed pixels, zero elsewhere."""
+    """``out[b, c] = sum_k weights[k] * attrs[b, vertex k, c]`` on the listed pixels, zero elsewhere."""
 
     @staticmethod
     def forward(ctx, attrs: torch.Tensor, corner_rows: torch.Tensor, pixels: torch.Tensor,
-                bary: torch.Tensor) -> torch.Tensor:
+                weights: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
         batch, n_verts, channels = attrs.shape
-        height, width = bary.shape[1:3]
+        height, width = hw
         planes = attrs.permute(2, 0, 1).reshape(channels, batch * n_verts)
-        slots = _bary_slots(pixels)
-        weights = _take(bary.reshape(-1), slots).to(attrs.dtype)  # (3, K)
-        corners = _gather_planes(planes, corner_rows.view(-1)).view(channels, 3, -1)  # (C, 3, K)
+        weights = weights.to(attrs.dtype)
+        corners = gather_rows(planes, corner_rows.view(-1)).view(channels, 3, -1)  # (C, 3, K)
         values = (corners * weights).sum(dim=1)  # (C, K)
         image = pixels // (height * width)
         dest = (pixels + image * ((channels - 1) * height * width)).unsqueeze(0) \
             + torch.arange(channels, device=pixels.device).view(-1, 1) * (height * width)  # (C, K) in (B, C, H, W)
         out = attrs.new_zeros(batch, channels, height, width)
         out.view(-1).index_copy_(0, dest.view(-1), values.view(-1))
-        ctx.save_for_backward(corner_rows, slots, dest, weights, corners if ctx.needs_input_grad[3] else None)
-        ctx.attrs_shape, ctx.bary_shape, ctx.bary_dtype = attrs.shape, bary.shape, bary.dtype
+        ctx.save_for_backward(corner_rows, dest, weights, corners if ctx.needs_input_grad[3] else None)
+        ctx.attrs_shape = attrs.shape
         return out
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, None, None, torch.Tensor | None]:
-        corner_rows, slots, dest, weights, corners = ctx.saved_tensors
+    def backward(ctx, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, None, None, torch.Tensor | None, None]:
+        corner_rows, dest, weights, corners = ctx.saved_tensors
         batch, n_verts, channels = ctx.attrs_shape
         grad = _take(grad_out.reshape(-1), dest)  # (C, K)
-        grad_attrs = grad_bary = None
+        grad_attrs = grad_weights = None
         if ctx.needs_input_grad[0]:
             grad_attrs = grad.new_zeros(channels, batch * n_verts)
+            rows = corner_rows.view(-1)
             for c in range(channels):
-                grad_attrs[c].index_add_(0, corner_rows.view(-1), (weights * grad[c]).view(-1))
+                grad_attrs[c].index_add_(0, rows, (weights * grad[c]).view(-1))
             grad_attrs = grad_attrs.t().reshape(ctx.attrs_shape)
         if ctx.needs_input_grad[3]:
-            grad_bary = grad.new_zeros(ctx.bary_shape, dtype=ctx.bary_dtype)
-            values = (corners * grad.unsqueeze(1)).sum(dim=0)  # (3, K)
-            grad_bary.view(-1).index_copy_(0, slots.view(-1), values.view(-1).to(ctx.bary_dtype))
-        return grad_attrs, None, None, grad_bary
+            grad_weights = (corners * grad.unsqueeze(1)).sum(dim=0)  # (3, K)
+        return grad_attrs, None, None, grad_weights, None
 
 
 def _visible_faces_nvdiffrast(

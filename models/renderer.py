@@ -10,7 +10,7 @@ from models.camera import CameraConfig, euler_rotation, project, to_camera
 from models.face_model import FaceModel
 from models.layout import CoeffLayout, light_with_offset
 from models.rasterizer import Fragments, interpolate, rasterize
-from models.shading import shade, vertex_normals
+from models.shading import MeshTopology, mesh_topology, shade, vertex_normals
 
 
 @dataclass(frozen=True)
@@ -53,6 +53,7 @@ class FaceRenderer(nn.Module):
         if self.layout != face_model.layout:
             raise ValueError(f"layout {self.layout} does not match the face model's bases {face_model.layout}")
         self.register_buffer("trans0", torch.tensor(camera_cfg.trans0, dtype=torch.float32), persistent=False)
+        self._topology: MeshTopology | None = None
 
     @property
     def image_size(self) -> int:
@@ -65,13 +66,22 @@ class FaceRenderer(nn.Module):
         rotation = euler_rotation(parts.angles)  # (B, 3, 3)
         vertices = to_camera(model.vertices(parts.shape, parts.exp), rotation, self.trans0 + parts.trans)
         albedo = model.albedo(parts.tex)  # (B, N, 3)
-        colors = shade(albedo, vertex_normals(vertices, model.faces), light_with_offset(parts.light))
+        normals = vertex_normals(vertices, model.faces, self.topology())
+        colors = shade(albedo, normals, light_with_offset(parts.light))
         screen = project(vertices, self.camera_cfg)  # (B, N, 3)
         fragments = rasterize(screen, model.faces, (self.image_size, self.image_size))
         image = interpolate(colors, fragments, model.faces)  # (B, 3, S, S), 0 on background
         return RenderOutput(coeffs=coeffs, vertices=vertices, screen=screen, colors=colors, albedo=albedo,
                             image=image, mask=fragments.mask, landmarks=_landmarks(screen, model.landmark_idx),
                             fragments=fragments)
+
+
+    def topology(self) -> MeshTopology:
+        """The face model's triangle list prepared for the normals; rebuilt when the mesh or its device changes."""
+        faces = self.face_model.faces
+        if self._topology is None or not self._topology.matches(faces, self.face_model.n_vertices):
+            self._topology = mesh_topology(faces, self.face_model.n_vertices)
+        return self._topology
 
 
 def _landmarks(screen: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:

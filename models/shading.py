@@ -8,15 +8,20 @@ with t = acos(n_z), p = atan2(n_y, n_x). In Cartesian form (n unit) the m = +-1 
 Speed: per-vertex tensors are processed as coordinate planes `(3, B, N)` (one contiguous `(B*N,)` plane per
 coordinate / colour channel), where gathers, scatter-adds and element-wise products are fastest. The functions
 take and return the documented `(B, N, 3)` shapes; their outputs are `(B, N, 3)` views of plane-major memory
-(`out.permute(2, 0, 1)` is contiguous), and inputs given in that form are used without a copy.
+(`out.permute(2, 0, 1)` is contiguous), and inputs given in that form are used without a copy. The normals work
+inside on vertex-major `(3, N, B)` planes (batch innermost), where one index or one row of a precomputed sparse
+sum (`MeshTopology`) serves the whole batch.
 """
 from __future__ import annotations
 
 import math
+import warnings
+from dataclasses import dataclass
 
 import torch
 
 from models.layout import N_LIGHT, N_SH_BASIS
+from models.rasterizer import gather_rows
 
 NORMAL_EPS = 1e-12
 """Added to the squared norm before renormalising, so isolated vertices get a zero normal instead of NaN."""
@@ -35,81 +40,160 @@ def planes(values: torch.Tensor) -> torch.Tensor:
     return values.permute(2, 0, 1).contiguous()
 
 
-def corner_rows(faces: torch.Tensor, batch: int, n_verts: int) -> torch.Tensor:
-    """`(3, B*F)` rows `b * N + faces[f, k]` (at column `b * F + f`) into flattened `(B*N,)` vertex planes."""
-    dtype = torch.int32 if batch * n_verts < 2 ** 31 else torch.int64
-    offset = torch.arange(batch, device=faces.device, dtype=dtype).mul_(n_verts).view(1, batch, 1)
-    return (faces.to(dtype).t().contiguous().unsqueeze(1) + offset).view(3, -1)
+@dataclass(frozen=True)
+class SparseParts:
+    """A sparse matrix as plain CSR tensors (so it can be deep-copied like any tensor): `(R, C)` with `crow (R+1,)`,
+    `col (nnz,)`, `values (nnz,)`."""
+
+    crow: torch.Tensor
+    col: torch.Tensor
+    values: torch.Tensor
+    size: tuple[int, int]
+
+    @classmethod
+    def from_entries(cls, rows: torch.Tensor, cols: torch.Tensor, values: torch.Tensor,
+                     size: tuple[int, int]) -> SparseParts:
+        """The matrix with `values[i]` added at `(rows[i], cols[i])` (duplicates summed)."""
+        with warnings.catch_warnings():  # torch warns once that sparse support is in beta
+            warnings.simplefilter("ignore", UserWarning)
+            coo = torch.sparse_coo_tensor(torch.stack([rows, cols]), values, size, check_invariants=False)
+            csr = coo.coalesce().to_sparse_csr()
+        return cls(csr.crow_indices(), csr.col_indices(), csr.values(), size)
+
+    def matrix(self, dtype: torch.dtype) -> torch.Tensor:
+        """The sparse CSR tensor with values of `dtype` (no copy for float32)."""
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            return torch.sparse_csr_tensor(self.crow, self.col, self.values.to(dtype), self.size,
+                                           check_invariants=False)
 
 
-def _gather(plane_rows: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-    """`(C, M)`: every `(C, R)` plane gathered at the 1-D `rows (M,)` (1-D gathers are the fastest).
+@dataclass(frozen=True, eq=False)
+class MeshTopology:
+    """What the vertex normals need from a triangle list, built once per mesh and device by `mesh_topology`.
 
-    Callers gather one corner at a time: a single `(3, 3, B*F)` buffer would exceed the allocator's mmap
-    threshold at BFM size and be page-faulted in anew on every call.
+    corners: `(3, F)` int32, `corners[k] = faces[:, k]` (row indices for `index_select`).
+    face_sum: `(N, F)`, a 1 at `(faces[f, k], f)`: `face_sum @ x` adds every face's row of `x` to its three vertices;
+    face_gather: `(F, N)`, its transpose: sums the rows of a face's three vertices;
+    edge_sum: `(N, 2F)`, +1 at `(faces[f, 1], f)` and `(faces[f, 2], F + f)`, -1 at `(faces[f, 0], f)` and
+        `(faces[f, 0], F + f)`: the adjoint of the edge vectors `v1 - v0`, `v2 - v0`.
+    faces, faces_version: the `(F, 3)` long list it was built from and its autograd version counter then;
+    n_verts: N.
     """
-    out = plane_rows.new_empty(plane_rows.shape[0], rows.shape[0])
-    for c in range(plane_rows.shape[0]):
-        torch.index_select(plane_rows[c], 0, rows, out=out[c])
-    return out
+
+    corners: torch.Tensor
+    face_sum: SparseParts
+    face_gather: SparseParts
+    edge_sum: SparseParts
+    faces: torch.Tensor
+    faces_version: int
+    n_verts: int
+
+    def matches(self, faces: torch.Tensor, n_verts: int) -> bool:
+        """True when built from this very `faces` tensor (not modified since) for `n_verts` vertices."""
+        return self.faces is faces and self.faces_version == faces._version and self.n_verts == n_verts
 
 
-def _cross(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Cross product of `(3, M)` plane stacks along dim 0 (row by row: no strided or fancy-indexed copies)."""
-    out = torch.empty_like(a)
+def mesh_topology(faces: torch.Tensor, n_verts: int) -> MeshTopology:
+    """Precompute the index and summation matrices of `faces (F, 3)` long for meshes of `n_verts` vertices."""
+    if faces.ndim != 2 or faces.shape[-1] != 3:
+        raise ValueError(f"faces must be (F, 3), got {tuple(faces.shape)}")
+    n_faces, device = faces.shape[0], faces.device
+    vertex = faces.t().reshape(-1).long()  # corner k of face f at k F + f
+    face = torch.arange(n_faces, device=device).repeat(3)
+    ones = torch.ones(3 * n_faces, device=device)
+    c0, c1, c2 = faces.long().unbind(1)
+    edge_col = torch.arange(2 * n_faces, device=device)
+    edge_sum = SparseParts.from_entries(torch.cat([c1, c2, c0, c0]), edge_col.repeat(2),
+                                        torch.cat([ones[:2 * n_faces], -ones[:2 * n_faces]]),
+                                        (n_verts, 2 * n_faces))
+    return MeshTopology(corners=faces.t().to(torch.int32).contiguous(),
+                        face_sum=SparseParts.from_entries(vertex, face, ones, (n_verts, n_faces)),
+                        face_gather=SparseParts.from_entries(face, vertex, ones, (n_faces, n_verts)),
+                        edge_sum=edge_sum, faces=faces, faces_version=faces._version, n_verts=n_verts)
+
+
+def _sum_rows(parts: SparseParts, planes: torch.Tensor) -> torch.Tensor:
+    """`(C, M, B)`: the sparse `(M, R)` matrix times every `(R, B)` plane of `planes (C, R, B)`."""
+    if planes.device.type == "cpu":  # sparse CSR x dense into the output planes (MKL), no copies
+        matrix = parts.matrix(planes.dtype)
+        out = planes.new_empty(planes.shape[0], matrix.shape[0], planes.shape[2])
+        for c in range(planes.shape[0]):
+            torch.mm(matrix, planes[c], out=out[c])
+        return out
+    if planes.device.type == "cuda":
+        matrix = parts.matrix(planes.dtype)
+        return torch.stack([torch.mm(matrix, plane) for plane in planes])
+    rows = torch.repeat_interleave(torch.arange(parts.size[0], device=planes.device), parts.crow.diff())
+    terms = planes.index_select(1, parts.col) * parts.values.to(planes.dtype)[:, None]
+    return planes.new_zeros(planes.shape[0], parts.size[0], planes.shape[2]).index_add_(1, rows, terms)
+
+
+def _cross(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Cross product of `(3, ...)` plane stacks along dim 0 (plane by plane: no strided or fancy-indexed copies)."""
+    out = torch.empty_like(a) if out is None else out
     for i in range(3):
         j, k = (i + 1) % 3, (i + 2) % 3
         torch.mul(a[j], b[k], out=out[i]).addcmul_(a[k], b[j], value=-1.0)
     return out
 
 
+def _squared_norm(planes: torch.Tensor) -> torch.Tensor:
+    """`sum_c planes[c]^2` of `(3, ...)` planes, without a `(3, ...)` temporary."""
+    out = planes[0] * planes[0]
+    return out.addcmul_(planes[1], planes[1]).addcmul_(planes[2], planes[2])
+
+
 class _VertexNormals(torch.autograd.Function):
     """Unit area-weighted normals of `(3, B, N)` vertex planes with an analytic backward.
 
-    Face normal `m = (v1 - v0) x (v2 - v0)`; vertex sum `S = sum of m over incident faces`; `n = S r` with
-    `r = (|S|^2 + eps)^(-1/2)`. Backward: `dL/dS = r (G - n (n . G))`; summed over a face's corners as `g`, it
-    gives `dL/dv0 = g x (v2 - v1)`, `dL/dv1 = g x (v0 - v2)`, `dL/dv2 = g x (v1 - v0)`, scatter-added per corner.
+    Face normal `m = e1 x e2` with `e1 = v1 - v0`, `e2 = v2 - v0`; vertex sum `S = sum of m over incident faces`;
+    `n = S r` with `r = (|S|^2 + eps)^(-1/2)`. Backward: `dL/dS = r (G - n (n . G))`; summed over a face's corners
+    as `g`, it gives `dL/de1 = e2 x g`, `dL/de2 = g x e1`, which `edge_sum` carries back to the three corners.
+    Inside, every coordinate is a `(N, B)` plane (vertex-major, batch inner), so one row gather or one row of the
+    sparse sums serves the whole batch.
     """
 
     @staticmethod
-    def forward(ctx, vert_planes: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-        flat = vert_planes.view(3, -1)  # (3, B*N)
-        v0 = _gather(flat, rows[0])  # (3, B*F) coordinates of corner 0
-        e1, e2 = _gather(flat, rows[1]).sub_(v0), _gather(flat, rows[2]).sub_(v0)
-        face_normal = _cross(e1, e2)  # (3, B*F), length = 2 * area
-        summed = torch.zeros_like(flat)
-        for k in range(3):
-            for c in range(3):
-                summed[c].index_add_(0, rows[k], face_normal[c])
-        inv_norm = torch.rsqrt((summed * summed).sum(0) + NORMAL_EPS)
+    def forward(ctx, vert_planes: torch.Tensor, topology: MeshTopology) -> torch.Tensor:
+        verts = vert_planes.transpose(1, 2).contiguous()  # (3, N, B)
+        c0, c1, c2 = topology.corners
+        v0 = gather_rows(verts, c0)  # (3, F, B) coordinates of corner 0
+        edges = verts.new_empty(3, 2, c0.shape[0], verts.shape[2])  # (coordinate, e1 | e2, F, B)
+        e1, e2 = edges[:, 0], edges[:, 1]
+        for c in range(3):
+            torch.index_select(verts[c], 0, c1, out=e1[c]).sub_(v0[c])
+            torch.index_select(verts[c], 0, c2, out=e2[c]).sub_(v0[c])
+        summed = _sum_rows(topology.face_sum, _cross(e1, e2, out=v0))  # face normals (length 2 area) per vertex
+        inv_norm = _squared_norm(summed).add_(NORMAL_EPS).rsqrt_()
         normals = summed.mul_(inv_norm)
-        ctx.save_for_backward(rows, e1, e2, normals, inv_norm)
-        ctx.planes_shape = vert_planes.shape
-        return normals.view(vert_planes.shape)
+        ctx.save_for_backward(edges, normals, inv_norm)
+        ctx.topology = topology
+        return normals.transpose(1, 2).contiguous()  # (3, B, N)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
-        rows, e1, e2, normals, inv_norm = ctx.saved_tensors
-        grad = grad.reshape(normals.shape)
-        grad_sum = (grad - normals * (normals * grad).sum(0)).mul_(inv_norm)
-        grad_face = _gather(grad_sum, rows[0])  # (3, B*F): summed over the face's corners
-        grad_face.add_(_gather(grad_sum, rows[1])).add_(_gather(grad_sum, rows[2]))
-        grad_v1, grad_v2 = _cross(e2, grad_face), _cross(grad_face, e1)
-        grad_v0 = (grad_v1 + grad_v2).neg_()
-        out = torch.zeros_like(normals)
-        for k, grad_k in enumerate((grad_v0, grad_v1, grad_v2)):
-            for c in range(3):
-                out[c].index_add_(0, rows[k], grad_k[c])
-        return out.view(ctx.planes_shape), None
+        edges, normals, inv_norm = ctx.saved_tensors
+        grad = grad.transpose(1, 2).clone(memory_format=torch.contiguous_format)  # (3, N, B), ours to modify
+        radial = (normals[0] * grad[0]).addcmul_(normals[1], grad[1]).addcmul_(normals[2], grad[2]).neg_()
+        grad_sum = grad.addcmul_(normals, radial).mul_(inv_norm)  # r (G - n (n . G))
+        grad_face = _sum_rows(ctx.topology.face_gather, grad_sum)  # (3, F, B): summed over the face's corners
+        grad_edges = torch.empty_like(edges)
+        _cross(edges[:, 1], grad_face, out=grad_edges[:, 0])  # d loss / d e1
+        _cross(grad_face, edges[:, 0], out=grad_edges[:, 1])  # d loss / d e2
+        out = _sum_rows(ctx.topology.edge_sum, grad_edges.view(3, -1, grad_edges.shape[-1]))  # (3, N, B)
+        return out.transpose(1, 2).contiguous(), None
 
 
-def vertex_normals(vertices: torch.Tensor, faces: torch.Tensor) -> torch.Tensor:
+def vertex_normals(vertices: torch.Tensor, faces: torch.Tensor, topology: MeshTopology | None = None) -> torch.Tensor:
     """Area-weighted unit vertex normals.
 
     Args:
         vertices: `(B, N, 3)` in any right-handed frame (the normals are in the same frame).
         faces: `(F, 3)` long, counter-clockwise seen from outside, so normals point outward.
+        topology: `mesh_topology(faces, N)`, to reuse across calls (built here when None or built for another
+            mesh).
     Returns:
         `(B, N, 3)` unit normals (a view of `(3, B, N)` planes); vertices used by no face get (0, 0, 0).
     """
@@ -117,8 +201,9 @@ def vertex_normals(vertices: torch.Tensor, faces: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"vertices must be (B, N, 3), got {tuple(vertices.shape)}")
     if faces.ndim != 2 or faces.shape[-1] != 3:
         raise ValueError(f"faces must be (F, 3), got {tuple(faces.shape)}")
-    rows = corner_rows(faces, vertices.shape[0], vertices.shape[1])
-    return _VertexNormals.apply(planes(vertices), rows).permute(1, 2, 0)
+    if topology is None or not topology.matches(faces, vertices.shape[1]):
+        topology = mesh_topology(faces, vertices.shape[1])
+    return _VertexNormals.apply(planes(vertices), topology).permute(1, 2, 0)
 
 
 def sh_basis(normals: torch.Tensor) -> torch.Tensor:

@@ -11,7 +11,7 @@ from scipy.special import sph_harm_y
 
 from models.camera import CameraConfig, euler_rotation, project, to_camera
 from models.shading import sh_basis, shade, vertex_normals
-from tests.helpers import assert_close, sphere_grid
+from tests.helpers import assert_close, requires_cuda, sphere_grid
 
 SH_LM = [(0, 0), (1, -1), (1, 0), (1, 1), (2, -2), (2, -1), (2, 0), (2, 1), (2, 2)]
 
@@ -173,6 +173,20 @@ def test_normals_and_their_gradients_match_the_straightforward_formula():
     assert bool(ours_in.grad[:, :20].abs().sum(-1).gt(0).all()), "every mesh vertex receives a gradient"
     assert torch.count_nonzero(ours_in.grad[:, 20]) == 0, "the isolated vertex receives none"
     assert torch.autograd.gradcheck(lambda v: vertex_normals(v, faces), (verts.clone().requires_grad_(),))
+
+
+@requires_cuda
+def test_normals_and_gradients_on_cuda_match_cpu():
+    verts, faces = _bumpy_sphere()
+    upstream = torch.randn(verts.shape, dtype=torch.float64)
+    results = []
+    for device in ("cpu", "cuda"):
+        v = verts.to(device).requires_grad_()
+        normals = vertex_normals(v, faces.to(device))
+        (normals * upstream.to(device)).sum().backward()
+        results.append((normals.detach().cpu(), v.grad.cpu()))
+    assert_close(results[1][0], results[0][0], atol=1e-12, msg="normals on CUDA")
+    assert_close(results[1][1], results[0][1], atol=1e-10, msg="d loss / d vertices on CUDA")
 
 
 def test_normals_accept_any_memory_layout():

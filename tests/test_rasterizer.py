@@ -9,7 +9,7 @@ import torch
 import models.rasterizer as rasterizer_module
 from models.rasterizer import Fragments, interpolate, rasterize
 
-requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+requires_cuda = pytest.mark.cuda  # skipped without a CUDA device (tests/conftest.py)
 requires_nvdiffrast = pytest.mark.skipif(
     not torch.cuda.is_available() or importlib.util.find_spec("nvdiffrast") is None,
     reason="needs CUDA and the optional nvdiffrast package")
@@ -303,6 +303,21 @@ def test_large_triangles_and_chunked_buckets(monkeypatch: pytest.MonkeyPatch) ->
     assert_equal(expected.pix_to_face, torch.from_numpy(ref_face), "pix_to_face vs reference")
 
 
+def test_merged_sparse_buckets_give_the_same_fragments(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Processing neighbouring buckets together (at the larger capacity) must not change any pixel."""
+    verts, faces = random_scene(12, batch=2, n_verts=60, n_faces=120, height=24, width=30)
+    expected = rasterize(verts, faces, (24, 30), cull_backfaces=False)
+    assert len(rasterizer_module._bucket_groups([0, 5, 0, 3, 2, 1])) < 4, "sparse buckets are merged"
+    monkeypatch.setattr(rasterizer_module, "_MERGE_SLACK", 0)
+    separate = rasterize(verts, faces, (24, 30), cull_backfaces=False)
+    monkeypatch.setattr(rasterizer_module, "_MERGE_SLACK", 10 ** 9)  # one pass at the largest capacity
+    merged = rasterize(verts, faces, (24, 30), cull_backfaces=False)
+    for frags in (separate, merged):
+        assert_equal(frags.pix_to_face, expected.pix_to_face, "pix_to_face")
+        assert_equal(frags.zbuf, expected.zbuf, "zbuf")
+    assert len(rasterizer_module._bucket_groups([0, 5, 0, 3, 2, 1])) == 1
+
+
 @pytest.mark.parametrize("seed", [0, 1])
 def test_gradients_match_reference(seed: int) -> None:
     verts, faces = random_scene(seed, batch=2, height=9, width=10)
@@ -387,6 +402,7 @@ def test_cuda_matches_cpu() -> None:
         assert_close(cuda, cpu, atol=1e-5, rtol=1e-5, name=name)
 
 
+@pytest.mark.cuda
 @requires_nvdiffrast
 def test_nvdiffrast_backend_agrees() -> None:
     verts, faces = random_scene(6, batch=2, n_verts=200, n_faces=150, height=64, width=80)

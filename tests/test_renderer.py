@@ -158,3 +158,16 @@ def test_cuda_render_matches_cpu(renderer):
     assert float(mismatch) < 1e-3, f"{float(mismatch):.2%} of mask pixels differ between CUDA and CPU"
     same = (gpu.mask.cpu() == cpu.mask).expand_as(cpu.image)
     assert_close(gpu.image.cpu()[same], cpu.image[same], atol=1e-3, msg="image on CUDA")
+
+
+@requires_cuda
+def test_cuda_render_gradients_match_cpu(renderer):
+    """Forward and backward to the coefficients (normals' sparse sums, barycentrics, interpolation) on CUDA."""
+    coeffs = 0.2 * torch.randn(2, renderer.layout.total, generator=torch.Generator().manual_seed(3))
+    grads = []
+    for device, model in (("cpu", renderer), ("cuda", copy.deepcopy(renderer).to("cuda"))):
+        c = coeffs.to(device).requires_grad_(True)
+        out = model(c)
+        (out.image.square().mean() + out.landmarks.mean()).backward()
+        grads.append(c.grad.cpu())
+    assert_close(grads[1], grads[0], atol=1e-3, rtol=1e-2, msg="d loss / d coefficients on CUDA")

@@ -14,6 +14,7 @@ from typing import Callable, Sequence
 import torch
 
 from models.errors import MofaError, message_of
+from utils.host_memory import retain_freed_memory
 
 DEFAULT_BFM = "basel_3DMM/model2017-1_bfm_nomouth.h5"
 DEFAULT_SAVE_ROOT = "MoFA_UNet_Save"
@@ -86,8 +87,9 @@ def cli_main(fn: Callable[[list[str] | None], int | None], argv: list[str] | Non
     Sets up INFO logging to stderr (message only) unless logging is already configured. A project error
     (MofaError, ModelInputError) prints ``error: <message>`` as ONE line to stderr and exits 2; Ctrl-C that
     ``fn`` did not handle prints ``error: interrupted`` and exits 130. Otherwise exits with fn's return
-    value (None = 0).
+    value (None = 0). Freed host memory is kept for reuse (``utils.host_memory``: no page faults every step).
     """
+    retain_freed_memory()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         code = fn(argv)

@@ -35,8 +35,10 @@ import argparse
 from pathlib import Path
 
 import numpy as np
+import torch
 from scipy.interpolate import CubicSpline
 
+from models import shading
 from models.face_model import analytic_crop_mask
 from utils.cli import cli_main, repo_path
 from utils.errors import MofaError
@@ -248,11 +250,11 @@ def grid_faces(n_rows: int, n_cols: int) -> np.ndarray:
 
 
 def vertex_normals(points: np.ndarray, faces: np.ndarray) -> np.ndarray:
-    """Area-weighted unit normals `(N, 3)` of a mesh `points (N, 3)`, `faces (F, 3)` (outward for CCW faces)."""
-    v0, v1, v2 = (points[faces[:, k]] for k in range(3))
-    per_corner = np.repeat(np.cross(v1 - v0, v2 - v0), 3, axis=0)  # (3F, 3), length = 2 * face area
-    summed = np.stack([np.bincount(faces.ravel(), per_corner[:, c], minlength=len(points)) for c in range(3)], 1)
-    return summed / np.maximum(np.linalg.norm(summed, axis=1, keepdims=True), 1e-12)
+    """Area-weighted unit normals `(N, 3)` float64 of a mesh `points (N, 3)`, `faces (F, 3)` (outward for CCW
+    faces): the renderer's `models.shading.vertex_normals`, in float64."""
+    normals = shading.vertex_normals(torch.from_numpy(np.asarray(points, dtype=np.float64))[None],
+                                     torch.from_numpy(np.asarray(faces, dtype=np.int64)))
+    return normals[0].numpy()
 
 
 # iBUG-68 mirror partner of every landmark (subject's right <-> left; midline points map to themselves).

@@ -50,6 +50,7 @@ def train_loop(run: Run, loader, sampler, start: int, end: int, hooks: LoopHooks
         log.warning("nothing to train: the run is at step %d and --max_iters / --epochs end at step %d; final.pt "
                     "gets the step-%d state", start, end, start)
     guard, running = NonFiniteGuard(), RunningMean()
+    pending: list[dict] = []  # this log period's loss terms, still on the device: read (one sync) when logged
     step = start
     with StopFlag() as stop, saving_on_error(run, lambda: step, state, spec, monitor):
         for step, batch in iterate_steps(loader, sampler, start, end):
@@ -65,16 +66,22 @@ def train_loop(run: Run, loader, sampler, start: int, end: int, hooks: LoopHooks
             step += 1
             if hooks.after_step is not None:
                 hooks.after_step(step)
-            running.add({"total": loss, **terms})
-            monitor.advance(float(loss.detach()))
+            pending.append({k: v.detach() if torch.is_tensor(v) else v for k, v in {"total": loss, **terms}.items()})
+            shown = None
             if due(step, args.log_every, end):
+                for values in pending:
+                    running.add(values)
+                pending.clear()
                 lrs = {f"lr_{name}": sched.get_last_lr()[0] for name, sched in schedulers.items()}
                 probed = {}
                 if hooks.probe is not None and run.is_main:
                     with torch.no_grad():
                         probed = hooks.probe()
-                monitor.scalars(step, {**running.mean(), **lrs, **probed})
+                means = running.mean()
+                monitor.scalars(step, {**means, **lrs, **probed})
+                shown = means.get("total")
                 running.reset()
+            monitor.advance(shown)
             if run.is_main and due(step, args.vis_every, end):
                 with torch.no_grad():
                     monitor.images(step, hooks.visualise())
