@@ -34,7 +34,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     flags.add_common_args(p)
     flags.add_training_args(p, lr=0.1, epochs=100, batch_size=12, ckpt_every=5000, vis_every=500, eval_every=5000)
-    p.add_argument("--encoder_weights", default=None, help="local torchvision ImageNet weights for the encoder")
+    p.add_argument("--encoder_weights", default=None,
+                   help="local torchvision ImageNet weights for a ResNet encoder; for --encoder dlib, dlib's .dat "
+                        "file (default: the installed face-recognition-models package)")
     add_identity_args(p)
     p.add_argument("--camera", choices=("g2", "g1"), default="g2", help="camera defaults (G2: f=1014.72, G1: f=250)")
     flags.add_loss_preset_arg(p)

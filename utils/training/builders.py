@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from models.camera import CameraConfig
-from models.encoder import ResNetEncoder
+from models.encoder import build_encoder
 from models.face_model import FaceModel
 from models.layout import CoeffLayout
 from models.mofa import MoFA
@@ -58,8 +58,7 @@ def build_renderer(spec: dict, face_model: FaceModel) -> FaceRenderer:
 def build_mofa(spec: dict, face_model: FaceModel, encoder_weights: str | None = None,
                restoring: bool = False) -> MoFA:
     """A fresh MoFA; ``restoring=True`` when trained weights are loaded next (no random-init log line)."""
-    encoder = ResNetEncoder(CoeffLayout(**spec["layout"]), arch=spec["encoder"], weights_path=encoder_weights,
-                            announce_random_init=not restoring)
+    encoder = build_encoder(CoeffLayout(**spec["layout"]), spec["encoder"], encoder_weights, restoring=restoring)
     return MoFA(encoder, build_renderer(spec, face_model))
 
 

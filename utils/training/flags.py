@@ -8,7 +8,7 @@ from utils.cli import DEFAULT_BFM, DEFAULT_SAVE_ROOT, RepoDefault
 from utils.losses import PRESETS
 from utils.errors import MofaError
 
-ENCODERS = ("resnet50", "resnet18", "resnet34")
+ENCODERS = ("resnet50", "resnet18", "resnet34", "dlib")
 MIN_IMAGE_SIZE = 16  # the UNet halves the image four times
 # Numeric flags of the steps and the smallest value each accepts (``check_flags``); a flag a step lacks is skipped.
 INT_MINIMA = {"batch_size": 1, "image_size": MIN_IMAGE_SIZE, "workers": 0, "epochs": 1, "max_iters": 1,
@@ -34,7 +34,9 @@ def add_common_args(parser: argparse.ArgumentParser, img_path_required: bool = T
     parser.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     parser.add_argument("--workers", type=int, default=2, help="DataLoader worker processes (default: 2)")
     parser.add_argument("--image_size", type=int, default=224, help="network input size in pixels (default: 224)")
-    parser.add_argument("--encoder", choices=ENCODERS, default="resnet50", help="encoder backbone")
+    parser.add_argument("--encoder", choices=ENCODERS, default="resnet50",
+                        help="encoder backbone: a torchvision ResNet, or dlib = the pretrained trunk of dlib's "
+                             "face-recognition network (models/encoder.py)")
     parser.add_argument("--unet_width", type=int, default=64, help="UNet base channel count (default: 64)")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace the run already in this step's folder under --save_root (its files are "
