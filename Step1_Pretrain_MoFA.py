@@ -53,7 +53,7 @@ def train(args) -> int:
     mofa = build_mofa(spec, face_model, args.encoder_weights).to(device)
     encoder = run.ddp(mofa.encoder)
     identity = load_identity(args, device)
-    preset = losses.PRESETS[args.loss_preset]
+    preset = flags.loss_preset(args)
     weights, setup = preset.step1, LossSetup.from_preset(preset, layout, args.image_size)
 
     train_set = FaceDataset(args.img_path, "train", args.image_size)

@@ -124,7 +124,7 @@ def train(args) -> int:
     mofa, unet, spec, step1 = build(args, run)
     encoder, unet_ddp = run.ddp(mofa.encoder), run.ddp(unet)
     identity = load_identity(args, device)
-    preset = losses.PRESETS[args.loss_preset]
+    preset = flags.loss_preset(args)
     w_unet, w_mofa = preset.step4_unet, preset.step4_mofa
     setup = LossSetup.from_preset(preset, CoeffLayout(**spec["layout"]), spec["image_size"])
 

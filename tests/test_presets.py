@@ -59,3 +59,30 @@ def test_loss_setup_from_a_preset():
     setup = LossSetup.from_preset(losses.PRESETS["g1"], CoeffLayout(), 112)
     assert setup.landmark_scale == 2.0 and setup.neighbour_radius == 1
     assert torch.equal(setup.landmark_weights, torch.tensor(losses.LANDMARK_WEIGHTS_G1))
+
+
+def test_drop_terms_zeroes_exactly_the_named_weights():
+    import dataclasses
+
+    from utils.losses import PRESETS
+    g2 = PRESETS["g2"]
+    dropped = g2.without(("neighbour", "identity"))
+    assert dropped.step4_unet.neighbour == 0.0 and dropped.step4_mofa.identity == 0.0
+    assert dropped.step1.identity == 0.0
+    for step in ("step1", "step4_unet", "step4_mofa"):
+        for f in dataclasses.fields(getattr(g2, step)):
+            if f.name not in ("neighbour", "identity"):
+                assert getattr(getattr(dropped, step), f.name) == getattr(getattr(g2, step), f.name)
+    with pytest.raises(ValueError, match="unknown loss terms \\['neighbor'\\]"):
+        g2.without(("neighbor",))
+
+
+def test_drop_terms_flag_is_parsed_and_checked(capsys):
+    import Step4_UNet_MoFA_EM as step4
+    args = step4.parse_args(["--img_path", "x", "--drop_terms", "neighbour,dist"])
+    assert args.drop_terms == ("neighbour", "dist")
+    from utils.training import flags
+    assert flags.loss_preset(args).step4_unet.dist == 0.0
+    with pytest.raises(SystemExit) as exc:
+        step4.parse_args(["--img_path", "x", "--drop_terms", "neighbor"])
+    assert exc.value.code == 2 and "unknown loss terms" in capsys.readouterr().err

@@ -283,6 +283,22 @@ class LossPreset:
     neighbour_radius: int
     step4_lr_scale: float
 
+    def without(self, names: tuple[str, ...] | list[str]) -> "LossPreset":
+        """This preset with the weights of the named terms set to 0 in every step that has them (an ablation;
+        ``--drop_terms``). ``identity`` names the identity loss; preserve and dist are named on their own.
+        ValueError for a name no step has."""
+        steps = ("step1", "step4_unet", "step4_mofa")
+        known = {f.name for step in steps for f in dataclasses.fields(getattr(self, step))}
+        unknown = sorted(set(names) - known)
+        if unknown:
+            raise ValueError(f"unknown loss terms {unknown}; the terms are {sorted(known)}")
+        changed = {}
+        for step in steps:
+            weights = getattr(self, step)
+            zero = {f.name: 0.0 for f in dataclasses.fields(weights) if f.name in names}
+            changed[step] = dataclasses.replace(weights, **zero)
+        return dataclasses.replace(self, **changed)
+
 
 PRESETS: dict[str, LossPreset] = {
     "g2": LossPreset(Step1Weights(), Step4UNetWeights(), Step4MoFAWeights(), LANDMARK_WEIGHTS_G2,

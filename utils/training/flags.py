@@ -87,3 +87,21 @@ def add_loss_preset_arg(parser: argparse.ArgumentParser) -> None:
     """``--loss_preset g2|g1``: the original code generation whose loss settings a step uses (`losses.PRESETS`)."""
     parser.add_argument("--loss_preset", choices=tuple(PRESETS), default="g2",
                         help="loss weights, landmark weights and neighbour window of the G2 (default) or G1 code")
+    parser.add_argument("--drop_terms", type=_term_list, default=(),
+                        help="ablation: comma-separated loss terms whose weight is set to 0, e.g. neighbour or "
+                             "identity,preserve,dist (default: none)")
+
+
+def _term_list(value: str) -> tuple[str, ...]:
+    """``--drop_terms`` value -> names, checked against the presets' terms (argparse prints the error)."""
+    names = tuple(n.strip() for n in value.split(",") if n.strip())
+    try:
+        PRESETS["g2"].without(names)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return names
+
+
+def loss_preset(args: argparse.Namespace):
+    """The `losses.LossPreset` that ``--loss_preset`` and ``--drop_terms`` select."""
+    return PRESETS[args.loss_preset].without(getattr(args, "drop_terms", ()))
