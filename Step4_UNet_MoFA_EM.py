@@ -63,6 +63,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--lr_step", type=int, default=5000, help="StepLR period of both learning rates in steps")
     p.add_argument("--lr_gamma_mofa", type=float, default=0.99, help="StepLR decay of the MoFA learning rate")
     p.add_argument("--lr_gamma_unet", type=float, default=0.95, help="StepLR decay of the UNet learning rate")
+    p.add_argument("--dist_landmarks", choices=("predicted", "gt"), default="predicted",
+                   help="landmarks that align the masked render for the dist term: predicted (G2) or gt, the "
+                        "alignment of the masked image it is compared with (README, Faithfulness)")
     add_recalibration_arg(p, "after every UNet phase")
     return resolve_identity_flag(cli.resolve_paths(p.parse_args(argv)))
 
@@ -126,7 +129,8 @@ def train(args) -> int:
     identity = load_identity(args, device)
     preset = flags.loss_preset(args)
     w_unet, w_mofa = preset.step4_unet, preset.step4_mofa
-    setup = LossSetup.from_preset(preset, CoeffLayout(**spec["layout"]), spec["image_size"])
+    setup = LossSetup.from_preset(preset, CoeffLayout(**spec["layout"]), spec["image_size"],
+                                  dist_landmarks=args.dist_landmarks)
 
     size = spec["image_size"]
     train_set = FaceDataset(args.img_path, "train", size)

@@ -38,3 +38,41 @@ def test_quick_demo_writes_results_for_every_stage(tmp_path, demo_bfm_h5):
     figure = cv2.imread(str(out / "figure.png"))
     assert figure.shape[1] == 6 * size, "input, GT and the masks of the four stages side by side"
     assert figure.shape[0] > 2 * size
+
+
+def _flag(args: list[str], name: str) -> int:
+    return int(args[args.index(name) + 1])
+
+
+@pytest.mark.parametrize("profile", ["demo", "full"])
+def test_step4_schedules_end_in_a_mofa_phase(profile):
+    """As the original (130 epochs end with ~25k MoFA steps), Step 4 ends while the encoder trains."""
+    from Step4_UNet_MoFA_EM import em_phase
+    for factor in (1.0, 0.01, 0.005, 0.001):
+        args = demo_pipeline.scaled(demo_pipeline.PROFILES[profile], factor)["step4"]
+        last = _flag(args, "--max_iters") - 1
+        assert em_phase(last, _flag(args, "--em_cycle"), _flag(args, "--unet_iters")) == "mofa", (profile, factor)
+
+
+def test_scaled_profile_shrinks_every_count_and_keeps_at_least_one():
+    full = demo_pipeline.FULL
+    small = demo_pipeline.scaled(full, 0.001)
+    assert small["num_images"] == max(60, round(full["num_images"] * 0.001))
+    assert _flag(small["step1"], "--max_iters") == 30 and _flag(small["step1"], "--lr_step") == 10
+    assert _flag(small["step4"], "--unet_iters") == 1  # 0.5 -> at least 1
+    # 5 steps of 2-step cycles would end in a UNet phase: the cycle grows to 3 and the run to 2 whole cycles
+    assert _flag(small["step4"], "--em_cycle") == 3 and _flag(small["step4"], "--max_iters") == 6
+    assert small["step1"][small["step1"].index("--learning_rate") + 1] == "5e-4"  # rates are not counts
+    assert demo_pipeline.scaled(full, 1.0) is full
+
+
+def test_bad_scale_is_one_line(capsys):
+    from utils.cli import cli_main
+    with pytest.raises(SystemExit) as exc:
+        cli_main(demo_pipeline.main, ["--scale", "0"])
+    assert exc.value.code == 2 and capsys.readouterr().err.startswith("error: --scale 0.0")
+
+
+def test_recovered_share_of_step2_lost_pixels():
+    assert demo_pipeline.recovered_share(0.6, 0.8) == pytest.approx(0.5)
+    assert demo_pipeline.recovered_share(1.0, 1.0) is None

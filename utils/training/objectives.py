@@ -18,19 +18,23 @@ from utils import losses
 @dataclass(frozen=True)
 class LossSetup:
     """What the terms need besides the tensors: the layout, landmark weights (68,) and the pixel scale to the
-    224-pixel frame (224 / image_size), so a smaller image is the same scene for the landmark loss."""
+    224-pixel frame (224 / image_size), so a smaller image is the same scene for the landmark loss.
+    ``dist_landmarks``: which landmarks align the masked render R*M for the dist term: "predicted" (G2) or "gt",
+    the same alignment as the masked image I*M it is compared with (``--dist_landmarks``)."""
 
     layout: CoeffLayout
     landmark_weights: torch.Tensor
     landmark_scale: float = 1.0
     sigma: float = 0.043
     neighbour_radius: int = 2
+    dist_landmarks: str = "predicted"
 
     @classmethod
-    def from_preset(cls, preset: losses.LossPreset, layout: CoeffLayout, image_size: int) -> "LossSetup":
+    def from_preset(cls, preset: losses.LossPreset, layout: CoeffLayout, image_size: int,
+                    **kwargs) -> "LossSetup":
         """The setup of a ``--loss_preset`` (landmark weights, neighbour window) for ``image_size`` pixel images."""
         return cls(layout, torch.tensor(preset.landmark_weights), landmark_scale=224.0 / image_size,
-                   neighbour_radius=preset.neighbour_radius)
+                   neighbour_radius=preset.neighbour_radius, **kwargs)
 
 
 def _prior_terms(out, landmarks_gt: torch.Tensor, setup: LossSetup) -> dict:
@@ -85,7 +89,8 @@ def step4_unet_terms(U: torch.Tensor, out, images: torch.Tensor, landmarks_gt: t
     if identity is not None:
         phi_i = identity.shallow(images, landmarks_gt)
         phi_im = identity.shallow(images * M, landmarks_gt)
-        phi_rm = identity.shallow(out.image * M, out.landmarks)
+        render_landmarks = landmarks_gt if setup.dist_landmarks == "gt" else out.landmarks
+        phi_rm = identity.shallow(out.image * M, render_landmarks)
         preserve = losses.feature_cosine_loss(phi_i, phi_im)
         dist = losses.feature_cosine_loss(phi_rm, phi_im)
     return {
