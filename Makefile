@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: test demo venv bench gpu-check profile clean-demo
+.PHONY: test demo ablation venv bench gpu-check profile clean-demo
 
 venv: $(STAMP)
 
@@ -23,6 +23,10 @@ test: $(STAMP)
 # in utils/demo_pipeline.py; outputs go to demo_output/ and demo_data/.
 demo: $(STAMP)
 	$(PY) -m utils.demo_pipeline
+
+# The ablation table (Step-4 variants from the demo's Step-1 and Step-3 models); run after `make demo`.
+ablation: $(STAMP)
+	$(PY) -m utils.demo_pipeline --from_step 5 --ablation
 
 bench: $(STAMP)
 	$(PY) benchmarks/rasterizer.py

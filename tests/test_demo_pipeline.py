@@ -76,3 +76,22 @@ def test_bad_scale_is_one_line(capsys):
 def test_recovered_share_of_step2_lost_pixels():
     assert demo_pipeline.recovered_share(0.6, 0.8) == pytest.approx(0.5)
     assert demo_pipeline.recovered_share(1.0, 1.0) is None
+
+
+def test_with_flags_replaces_or_appends():
+    base = ["--max_iters", "300", "--drop_terms", "dist"]
+    assert demo_pipeline.with_flags(base, {"--drop_terms": "dist,neighbour", "--identity": "none"}) == [
+        "--max_iters", "300", "--drop_terms", "dist,neighbour", "--identity", "none"]
+    assert base == ["--max_iters", "300", "--drop_terms", "dist"], "the profile's flags are not modified"
+
+
+def test_ablation_variants_parse_as_step4_flags():
+    """Every ablation variant is a valid Step-4 command line on top of each profile's Step-4 flags."""
+    from Step4_UNet_MoFA_EM import parse_args
+    for name, overrides in demo_pipeline.ABLATIONS.items():
+        for profile in ("demo", "full"):
+            flags = demo_pipeline.with_flags(demo_pipeline.PROFILES[profile]["step4"], overrides)
+            args = parse_args(["--img_path", ".", *flags])
+            for flag, value in overrides.items():
+                got = getattr(args, flag.lstrip("-"))
+                assert (",".join(got) if isinstance(got, (tuple, list)) else str(got)) == value, (name, flag)

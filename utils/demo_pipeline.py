@@ -1,6 +1,7 @@
 """`make demo`: the whole method on the synthetic default, end to end, on a CPU.
 
-    python -m utils.demo_pipeline [--out demo_output] [--data demo_data] [--quick]
+    python -m utils.demo_pipeline [--out demo_output] [--data demo_data] [--profile demo|quick|full] [--scale F]
+                                  [--from_step N] [--ablation]
 
 1. writes the procedural demo face model (basel_3DMM/demo_face_model.h5) if it is missing;
 2. renders the synthetic occluded-face dataset into --data;
@@ -9,6 +10,14 @@
    true coefficients; Step 2's preliminary masks, Step 3's UNet, Step 4's final masks), prints the tables overall,
    per appearance item and per occluder category, and writes <out>/results.json and <out>/figure.png (test faces
    with their GT and each stage's mask).
+
+5. with ``--ablation``, also trains the Step-4 variants of ``ABLATIONS`` from the same Step-1 and Step-3 models
+   (each into <out>/ablation/<name>/) and prints the ablation table: IoU and F1 overall, per appearance item and
+   per occluder category (``make ablation``).
+
+``--from_step N`` reuses the outputs of Steps 1 to N-1 already under <out> (the step scripts check that they
+exist and match) and runs Step N onwards; ``--from_step 5 --ablation`` (``make ablation``) adds the ablation to a
+finished demo.
 
 The demo settings trade the paper's scale for a run of minutes on a CPU: ResNet-18 from random initialisation, 96 px
 images, a UNet of width 16, Adam instead of Adadelta (which needs hundreds of thousands of steps), a few hundred
@@ -26,6 +35,7 @@ from pathlib import Path
 from utils.cli import cli_main, repo_root
 from utils.errors import DataError
 from utils.evaluation.evaluate import run_evaluation
+from utils.training.builders import FINAL_NAME, STEP_DIRS, STEP_SCRIPTS
 
 REPO = repo_root()
 
@@ -91,7 +101,16 @@ def scaled(cfg: dict, factor: float) -> dict:
 
 
 STAGES = {"fit_oracle": "fit_oracle", "step2_prelim": "step2", "step3_unet": "step3", "step4_final": "step4"}
+STEP_NAMES = ("step1", "step2", "step3", "step4")
 FIGURE_ROWS = 8
+# The ablation (``--ablation``): Step-4 variants trained from the run's own Step-1 and Step-3 models. Each maps flags
+# to the value that replaces (or, if absent, is appended to) the profile's Step-4 flags; the paper's way of showing
+# that each term earns its keep. ``--identity none`` removes the identity, preserve and dist terms together.
+ABLATIONS = {
+    "no_identity": {"--identity": "none"},
+    "no_neighbour": {"--drop_terms": "dist,neighbour"},
+    "g1_preset": {"--loss_preset": "g1"},
+}
 
 
 def run(cmd: list[str]) -> None:
@@ -99,7 +118,18 @@ def run(cmd: list[str]) -> None:
     subprocess.run([sys.executable, *cmd], cwd=REPO, check=True)
 
 
-def main(argv=None) -> int:
+def with_flags(flags: list[str], overrides: dict[str, str]) -> list[str]:
+    """``flags`` (``[--name, value, ...]``) with each ``overrides`` value replacing that flag's, or appended."""
+    out = list(flags)
+    for name, value in overrides.items():
+        if name in out:
+            out[out.index(name) + 1] = value
+        else:
+            out += [name, value]
+    return out
+
+
+def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default=str(REPO / "demo_output"))
     p.add_argument("--data", default=str(REPO / "demo_data"))
@@ -110,11 +140,23 @@ def main(argv=None) -> int:
     p.add_argument("--quick", action="store_true", help="the same as --profile quick")
     p.add_argument("--scale", type=float, default=1.0,
                    help="multiply the profile's image count and step counts by this (e.g. 0.01 for a trial run)")
+    p.add_argument("--from_step", type=int, choices=(1, 2, 3, 4, 5), default=1,
+                   help="run Steps N to 4, reusing the outputs of the earlier steps under --out (5: none, only the "
+                        "evaluation and, with --ablation, the variants)")
+    p.add_argument("--ablation", action="store_true",
+                   help="also train and evaluate the Step-4 variants of the ablation table (make ablation)")
     p.add_argument("--device", default="auto")
     args = p.parse_args(argv)
     if not 0.0 < args.scale <= 1.0:
         raise DataError(f"--scale {args.scale}: expected a number in (0, 1]")
-    cfg = scaled(PROFILES["quick" if args.quick else args.profile], args.scale)
+    if args.quick:
+        args.profile = "quick"
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    cfg = scaled(PROFILES[args.profile], args.scale)
     t0 = time.time()
     out, data, save_root = Path(args.out), Path(args.data), Path(args.out) / "MoFA_UNet_Save"
     out.mkdir(parents=True, exist_ok=True)
@@ -123,36 +165,93 @@ def main(argv=None) -> int:
     if not (data / "ground_truth.csv").is_file():
         run(["-m", "utils.synthetic.faces", "--bfm", args.bfm, "--out", str(data), "--num", str(cfg["num_images"]),
              "--size", str(cfg["image_size"])])
-    common = ["--img_path", str(data), "--bfm", args.bfm, "--save_root", str(save_root), "--device", args.device,
-              "--workers", "0", "--image_size", str(cfg["image_size"]), "--encoder", cfg["encoder"],
-              "--unet_width", str(cfg["unet_width"]), "--overwrite"]  # a demo run replaces the previous one
     periods = ["--vis_every", "200", "--eval_every", "500", "--log_every", "25", "--val_batches", "4"]
+    step_flags = {"step1": cfg["step1"] + periods, "step2": [], "step3": cfg["step3"] + periods,
+                  "step4": cfg["step4"] + periods}
     timings = {}
-    for name, script, extra in (("step1", "Step1_Pretrain_MoFA.py", cfg["step1"] + periods),
-                                ("step2", "Step2_UNet_trainset_generation.py", []),
-                                ("step3", "Step3_Pretrain_Unet.py", cfg["step3"] + periods),
-                                ("step4", "Step4_UNet_MoFA_EM.py", cfg["step4"] + periods)):
-        t = time.time()
-        run([script, *common, *extra])
-        timings[name] = round(time.time() - t, 1)
+    for number, name in enumerate(STEP_NAMES, start=1):
+        if number >= args.from_step:
+            t = time.time()
+            run([STEP_SCRIPTS[number], *common_flags(args, cfg, data, save_root), *step_flags[name]])
+            timings[name] = round(time.time() - t, 1)
     results = {"per_appearance": {}, "per_category": {}}
     for key, stage in STAGES.items():
-        summary = run_evaluation(["--img_path", str(data), "--split", "test", "--save_root", str(save_root),
-                            "--bfm", args.bfm, "--device", args.device, "--stage", stage,
-                            "--out", str(out / key), "--save_images"])
-        results[key] = {m: v["mean"] for m, v in summary["paper_protocol"].items()}
-        for group in ("per_appearance", "per_category"):
-            results[group][key] = {name: {"n": s["n_with_gt"],
-                                          **{m: s["paper_protocol"][m]["mean"] for m in ("iou", "f1", "recall")}}
-                                   for name, s in summary.get(group, {}).items()}
+        record_stage(results, key, evaluate_stage(args, data, save_root, stage, out / key))
     results["wall_seconds"] = round(time.time() - t0, 1)
     results["step_seconds"] = timings
     results["settings"] = cfg
-    results["profile"], results["scale"] = "quick" if args.quick else args.profile, args.scale
+    results["profile"], results["scale"], results["from_step"] = args.profile, args.scale, args.from_step
+    if args.ablation:
+        results["ablation"] = run_ablation(args, cfg, data, save_root, step_flags["step4"], out / "ablation",
+                                           results)
     (out / "results.json").write_text(json.dumps(results, indent=2))
     print_table(results)
+    if args.ablation:
+        print_ablation(results["ablation"])
     write_figure(out / "figure.png", data, out)
     return 0
+
+
+def common_flags(args, cfg: dict, data: Path, save_root: Path) -> list[str]:
+    """The flags every step of one run shares; a demo run replaces the previous one (--overwrite)."""
+    return ["--img_path", str(data), "--bfm", args.bfm, "--save_root", str(save_root), "--device", args.device,
+            "--workers", "0", "--image_size", str(cfg["image_size"]), "--encoder", cfg["encoder"],
+            "--unet_width", str(cfg["unet_width"]), "--overwrite"]
+
+
+def evaluate_stage(args, data: Path, save_root: Path, stage: str, out: Path) -> dict:
+    """The evaluation command's summary of ``stage`` on the test split (mask images saved for the figure)."""
+    return run_evaluation(["--img_path", str(data), "--split", "test", "--save_root", str(save_root),
+                           "--bfm", args.bfm, "--device", args.device, "--stage", stage, "--out", str(out),
+                           "--save_images"])
+
+
+def record_stage(results: dict, key: str, summary: dict) -> None:
+    """Put one stage's paper-protocol means (overall, per appearance item, per occluder category) into results."""
+    results[key] = {m: v["mean"] for m, v in summary["paper_protocol"].items()}
+    for group in ("per_appearance", "per_category"):
+        results.setdefault(group, {})[key] = {
+            name: {"n": s["n_with_gt"], **{m: s["paper_protocol"][m]["mean"] for m in ("iou", "f1", "recall")}}
+            for name, s in summary.get(group, {}).items()}
+
+
+def run_ablation(args, cfg: dict, data: Path, save_root: Path, step4_flags: list[str], out: Path,
+                 results: dict) -> dict:
+    """Train every ``ABLATIONS`` variant of Step 4 from the run's Step-1 and Step-3 models and evaluate it; returns
+    the rows of the ablation table (Step 2, Step 3, the run's Step 4 and the variants), in results' format."""
+    rows = {key: key for key in ("step2_prelim", "step3_unet", "step4_final")}
+    table = {"rows": {}, "seconds": {}}
+    previous = ["--pretrained_MoFA", str(save_root / STEP_DIRS[1] / FINAL_NAME),
+                "--pretrained_unet", str(save_root / STEP_DIRS[3] / FINAL_NAME)]
+    for name, overrides in ABLATIONS.items():
+        variant_root = out / name / "MoFA_UNet_Save"
+        t = time.time()
+        run([STEP_SCRIPTS[4], *common_flags(args, cfg, data, variant_root), *with_flags(step4_flags, overrides),
+             *previous])
+        table["seconds"][name] = round(time.time() - t, 1)
+        record_stage(results, f"step4_{name}", evaluate_stage(args, data, variant_root, "step4", out / name / "eval"))
+        rows[f"step4_{name}"] = f"step4_{name}"
+    for row, key in rows.items():
+        table["rows"][row] = {"overall": {m: results[key][m] for m in ("iou", "f1")},
+                              "per_appearance": {n: v["iou"] for n, v in results["per_appearance"][key].items()},
+                              "per_category": {n: v["iou"] for n, v in results["per_category"][key].items()}}
+    table["flags"] = {name: overrides for name, overrides in ABLATIONS.items()}
+    return table
+
+
+def print_ablation(table: dict) -> None:
+    """The ablation table (Markdown): IoU and F1 overall, then IoU per appearance item and per occluder category."""
+    rows = table["rows"]
+    print("\nAblation (test split, paper protocol; Step-4 variants trained from the same Step-1 and Step-3 models):\n")
+    print("| row | IoU | F1 |\n|---|---|---|")
+    for row, values in rows.items():
+        print(f"| {row} | {values['overall']['iou']:.3f} | {values['overall']['f1']:.3f} |")
+    for group, title in (("per_appearance", "appearance item"), ("per_category", "occluder category")):
+        names = list(next(iter(rows.values()))[group])
+        print(f"\nIoU per {title}:\n")
+        print(f"| row | " + " | ".join(names) + " |\n|---|" + "---|" * len(names))
+        for row, values in rows.items():
+            print(f"| {row} | " + " | ".join(f"{values[group].get(n, float('nan')):.3f}" for n in names) + " |")
 
 
 def print_table(results: dict) -> None:
@@ -221,6 +320,7 @@ def write_figure(path: Path, data: Path, out: Path, rows: int = FIGURE_ROWS) -> 
     import cv2
     import numpy as np
 
+    from utils.data.image_root import gt_mask_path
     from utils.data.unet_trainset import stem_for
 
     columns = ["input", "GT", "oracle", "step2", "step3", "step4"]  # the masks of STAGES, in order
@@ -228,7 +328,7 @@ def write_figure(path: Path, data: Path, out: Path, rows: int = FIGURE_ROWS) -> 
     for row in figure_picks(data, rows):
         name = row["filename"]
         image = cv2.imread(str(data / "Dataset" / name))
-        gt = cv2.imread(str(data / "Dataset" / name.replace(".png", "_visible_skin_mask.png")))
+        gt = cv2.imread(str(gt_mask_path(data / "Dataset" / name)))
         masks = [cv2.imread(str(out / key / "images" / f"{stem_for(name)}_estmask.png")) for key in STAGES]
         if image is None or gt is None or any(m is None for m in masks):
             continue
