@@ -365,6 +365,26 @@ def test_steps_3_and_4_say_which_network_settings_they_use(tmp_path, caplog, fin
         assert text in caplog.text
 
 
+def test_an_unchanged_resume_names_no_flag_and_a_changed_one_is_named(tmp_path, caplog, finished, image_root,
+                                                                     demo_bfm_h5):
+    """The checkpoint stores the flags as JSON: an unchanged tuple flag (--drop_terms ()) is not a change."""
+    save = clone(finished, tmp_path / "save")
+    args = common(image_root, demo_bfm_h5, save) + FAST + ["--resume", "--ckpt_every", "1000"]
+
+    def resume_warnings() -> list[str]:
+        return [r.getMessage() for r in caplog.records if r.getMessage().startswith("--resume:")]
+
+    with caplog.at_level(logging.WARNING):
+        assert step1.main(args + ["--max_iters", "5"]) == 0
+    assert resume_warnings() == []
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        assert step1.main(args + ["--max_iters", "6", "--drop_terms", "landmark", "--learning_rate", "0.05"]) == 0
+    warned = resume_warnings()
+    assert len(warned) == 1 and "--drop_terms ['landmark'] (was [])" in warned[0], warned
+    assert "--learning_rate 0.05 (was 0.1)" in warned[0] and warned[0].count("(was ") == 2, warned
+
+
 def test_resume_below_the_checkpoint_says_nothing_was_trained(tmp_path, caplog, finished, image_root, demo_bfm_h5):
     save = clone(finished, tmp_path / "save")
     with caplog.at_level(logging.WARNING):
