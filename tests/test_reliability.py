@@ -294,6 +294,16 @@ def test_impossible_numbers_are_refused_up_front(tmp_path, capsys, image_root, d
     assert not (tmp_path / "save").exists()
 
 
+@pytest.mark.parametrize("flag,value", [("--workers", "-1"), ("--batch_size", "0"), ("--sigma", "0.0")])
+def test_impossible_evaluation_numbers_are_refused_up_front(tmp_path, capsys, image_root, demo_bfm_h5, flag, value):
+    """The evaluation command checks its numbers as the steps do (--workers -1 was a ValueError traceback)."""
+    line = fails(capsys, evaluate_segmentation.main, ["--img_path", str(image_root), "--bfm", str(demo_bfm_h5),
+                                                      "--device", "cpu", "--stage", "fit_oracle",
+                                                      "--out", str(tmp_path / "ev"), flag, value])
+    assert line.startswith(f"error: {flag} {value}: must be ")
+    assert not (tmp_path / "ev").exists()
+
+
 # ----- accepted silently before ---------------------------------------------------------------------------------
 
 def _edited_root(image_root: Path, dst: Path, edit) -> Path:
