@@ -26,6 +26,7 @@ from models.face_model import FaceModel
 from models.unet import UNet
 from tests import evaluate_segmentation
 from tests.helpers import tiny_bfm_arrays, write_bfm_h5
+from utils import losses
 from utils.cli import cli_main
 from utils.data.datasets import FaceDataset
 from utils.data.unet_trainset import write_list, write_sample
@@ -188,11 +189,41 @@ def test_a_corrupt_image_mid_run_saves_the_last_good_state(tmp_path, capsys, ima
     line = fails(capsys, step1.main, common(root, demo_bfm_h5, save) + FAST + ["--max_iters", "5"])
     assert "cannot decode" in line and "after step 2" in line and "--resume" in line
     assert load_checkpoint(save / "pretrain_mofa" / "latest.pt")["step"] == 2
-    # the NaN stop no longer claims a checkpoint it did not keep: it saves the state or says why not
+
+
+def test_the_nan_stop_saves_no_weights_that_give_nan(tmp_path, capsys, image_root, demo_bfm_h5):
+    """The weights in place at the non-finite stop give NaN again on --resume: they are never saved."""
     line = fails(capsys, step1.main, common(image_root, demo_bfm_h5, tmp_path / "nan") + FAST +
                  ["--max_iters", "20", "--learning_rate", "1e30"])
-    assert "non-finite" in line and "last good checkpoint is kept" not in line
-    assert ("saved in" in line) == (tmp_path / "nan" / "pretrain_mofa" / "latest.pt").is_file()
+    assert "non-finite for 5 steps in a row" in line and "were not saved" in line
+    assert "no checkpoint exists yet" in line and not list((tmp_path / "nan" / "pretrain_mofa").glob("*.pt"))
+
+
+def test_the_nan_stop_moves_latest_back_to_the_last_finite_checkpoint(tmp_path, capsys, caplog, monkeypatch,
+                                                                       image_root, demo_bfm_h5):
+    """Losses of steps 5, 6, ... are NaN; checkpoints every 2 steps. Steps 6 and 8 were checkpointed with the
+    weights that gave NaN at step 5 (updates are skipped); latest.pt goes back to step 4 and --resume works."""
+    real_sum, calls = losses.weighted_sum, []
+
+    def nan_from_step_5(terms, weights):
+        calls.append(1)
+        total = real_sum(terms, weights)
+        return total * float("nan") if len(calls) > 5 else total
+
+    monkeypatch.setattr(losses, "weighted_sum", nan_from_step_5)
+    save, run = tmp_path / "save", tmp_path / "save" / "pretrain_mofa"
+    args = common(image_root, demo_bfm_h5, save) + FAST + ["--max_iters", "12", "--ckpt_every", "2",
+                                                           "--keep_ckpts", "0"]
+    line = fails(capsys, step1.main, args)
+    assert "the weights after step 5 give a non-finite loss" in line and "now holds step 4" in line, line
+    assert [p.name for p in sorted(run.glob("ckpt_*.pt"))] == [f"ckpt_00000{k}.pt" for k in (2, 4, 6, 8)]
+    assert load_checkpoint(run / "latest.pt")["step"] == 4
+    monkeypatch.setattr(losses, "weighted_sum", real_sum)
+    with caplog.at_level(logging.INFO):
+        assert step1.main(args + ["--resume"]) == 0
+    assert f"resumed from {run / 'latest.pt'} at step 4" in caplog.text
+    assert load_checkpoint(run / "final.pt")["step"] == 12
+    assert [r[0] for r in csv_rows(run / "loss_train.csv")] == ["step", *map(str, range(1, 13))]
 
 
 def test_synthetic_faces_refuses_a_folder_it_did_not_write(tmp_path, capsys, demo_bfm_h5):
