@@ -22,8 +22,7 @@ from pathlib import Path
 
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere: find utils/
 
 from models.dlib_face import DlibIdentityEncoder, load_dlib_face_net  # noqa: E402
 from utils.cli import resolve_device  # noqa: E402

@@ -29,16 +29,17 @@ from pathlib import Path
 
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere: find utils/
 
 from models.camera import CameraConfig  # noqa: E402
 from models.face_model import FaceModel  # noqa: E402
 from models.layout import CoeffLayout  # noqa: E402
 from models.rasterizer import interpolate, rasterize  # noqa: E402
 from models.renderer import FaceRenderer  # noqa: E402
-from utils.cli import resolve_device  # noqa: E402
+from utils.cli import repo_root, resolve_device  # noqa: E402
 from utils.host_memory import retain_freed_memory  # noqa: E402
+
+REPO = repo_root()
 
 DEFAULT_MODEL = REPO / "basel_3DMM" / "demo_face_model_53k.h5"
 SMALL_MODEL = REPO / "basel_3DMM" / "demo_face_model.h5"  # the demo's model (written when asked for and missing)

@@ -26,19 +26,20 @@ from pathlib import Path
 
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere: find utils/
 
 from models.face_model import FaceModel  # noqa: E402
 from models.layout import CoeffLayout  # noqa: E402
 from utils import losses  # noqa: E402
-from utils.cli import resolve_device  # noqa: E402
+from utils.cli import repo_root, resolve_device  # noqa: E402
 from utils.data.datasets import FaceDataset, collate_faces  # noqa: E402
 from utils.host_memory import retain_freed_memory  # noqa: E402
 from utils.training.builders import build_mofa  # noqa: E402
 from utils.training.data_order import make_train_loader  # noqa: E402
 from utils.training.objectives import LossSetup, step1_terms  # noqa: E402
 from utils.training.run import make_optimizer  # noqa: E402
+
+REPO = repo_root()
 
 PRESETS = {
     "demo": {"image_size": 96, "encoder": "resnet18", "batch_size": 16, "optimizer": "adam", "learning_rate": 1e-3,

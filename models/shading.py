@@ -26,11 +26,12 @@ from models.rasterizer import gather_rows
 NORMAL_EPS = 1e-12
 """Added to the squared norm before renormalising, so isolated vertices get a zero normal instead of NaN."""
 
-_C00 = 1.0 / math.sqrt(4.0 * math.pi)  # Y_00
-_C1 = math.sqrt(3.0 / (4.0 * math.pi))  # |Y_1m| / n-component
+SH_C00 = 1.0 / math.sqrt(4.0 * math.pi)  # Y_00
+SH_C1 = math.sqrt(3.0 / (4.0 * math.pi))  # |Y_1m| / n-component
+"""The band-0 and band-1 constants of `sh_basis`, the only spelling of them (the synthetic benchmark uses them too)."""
 _C2 = math.sqrt(15.0 / (4.0 * math.pi))  # Y_2,-2 / (xy), -Y_2,+-1 / (yz | xz)
 _C20 = math.sqrt(5.0 / (16.0 * math.pi))  # Y_20 / (3 z^2 - 1)
-_MONOMIAL_SCALE = (-_C1, _C1, -_C1, _C2, -_C2, 3.0 * _C20, -_C2, 0.5 * _C2)
+_MONOMIAL_SCALE = (-SH_C1, SH_C1, -SH_C1, _C2, -_C2, 3.0 * _C20, -_C2, 0.5 * _C2)
 """`Y_k = scale[k - 1] * monomial_k` for k = 1..8 with monomials (y, z, x, xy, yz, z^2, xz, x^2 - y^2); the
 constant part of Y_20 (`-_C20`) is folded into the DC term."""
 
@@ -218,10 +219,10 @@ def sh_basis(normals: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"normals must be (..., 3), got {tuple(normals.shape)}")
     x, y, z = normals.unbind(-1)
     return torch.stack([
-        torch.full_like(x, _C00),
-        -_C1 * y,
-        _C1 * z,
-        -_C1 * x,
+        torch.full_like(x, SH_C00),
+        -SH_C1 * y,
+        SH_C1 * z,
+        -SH_C1 * x,
         _C2 * x * y,
         -_C2 * y * z,
         _C20 * (3.0 * z * z - 1.0),
@@ -249,6 +250,6 @@ def shade(albedo: torch.Tensor, normals: torch.Tensor, sh: torch.Tensor) -> torc
     monomials = torch.stack([y, z, x, x * y, y * z, z * z, x * z, (x - y) * (x + y)], dim=1)  # (B, 8, N)
     light = sh.view(-1, 3, N_SH_BASIS)
     scale = torch.tensor(_MONOMIAL_SCALE, dtype=sh.dtype, device=sh.device)
-    constant = light[..., :1] * _C00 - light[..., 6:7] * _C20  # (B, 3, 1)
+    constant = light[..., :1] * SH_C00 - light[..., 6:7] * _C20  # (B, 3, 1)
     irradiance = torch.baddbmm(constant, light[..., 1:] * scale, monomials)  # (B, 3, N)
     return (albedo.permute(2, 0, 1) * irradiance.transpose(0, 1)).permute(1, 2, 0)

@@ -4,6 +4,10 @@
                                rank writes OUT/rank<r>.pt (its parameters) when training ends
     step MODULE OUT ARGS...    run a step script's main(ARGS); every rank writes OUT/rank<r>_step<s>.pt (its models'
                                and optimizers' state dicts) wherever the loop checkpoints
+    step_per_image MODULE OUT ARGS...
+                               the same with BatchNorm on its running statistics and dropout off while training
+                               (`per_image_modes`), so no image's loss depends on the others in its batch or on the
+                               rank's RNG: the setting in which N processes x batch b must equal 1 x batch N b
 """
 from __future__ import annotations
 
@@ -72,6 +76,22 @@ class _Quiet:
     def close(self) -> None: ...
 
 
+def per_image_modes() -> None:
+    """Keep every BatchNorm and dropout layer in eval mode whatever ``.train()`` asks (patches ``nn.Module.train``
+    for this process). Batch statistics are computed per process under DDP and dropout masks come from each rank's
+    own seed, so these two would make 2 x b differ from 1 x 2b by design, not by a bug."""
+    original = nn.Module.train
+
+    def train(self: nn.Module, mode: bool = True) -> nn.Module:
+        original(self, mode)
+        for module in self.modules():
+            if isinstance(module, (nn.modules.batchnorm._BatchNorm, nn.modules.dropout._DropoutNd)):
+                original(module, False)
+        return self
+
+    nn.Module.train = train
+
+
 def step(module: str, out: Path, argv: list[str]) -> int:
     original = Run.save
 
@@ -93,4 +113,6 @@ if __name__ == "__main__":
     else:
         out_dir = Path(sys.argv[3])
         out_dir.mkdir(parents=True, exist_ok=True)
+        if mode == "step_per_image":
+            per_image_modes()
         sys.exit(step(target, out_dir, sys.argv[4:]))

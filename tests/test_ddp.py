@@ -1,9 +1,11 @@
 """Data-parallel training under torchrun with 2 CPU processes (gloo): equivalence with one process and rank agreement.
 
 Equivalence (2 processes with batch b == 1 process with batch 2b) is checked on the steps' shared machinery
-(`start_run`, `Run.ddp`, `make_train_loader`, `train_loop`) with a linear model: the networks of the steps use
-BatchNorm, whose statistics are per process under DDP (SyncBatchNorm is CUDA-only), so theirs are not expected to
-match a single process. Steps 3 and 4 are run under torchrun too: both ranks must end bit-identical.
+(`start_run`, `Run.ddp`, `make_train_loader`, `train_loop`) with a linear model, and on Step 3 and Step 4's UNet
+phase with BatchNorm held on its running statistics and dropout off (`ddp_worker.per_image_modes`): in normal
+training BatchNorm statistics are per process under DDP (SyncBatchNorm is CUDA-only) and dropout masks follow each
+rank's seed, so the steps are not expected to match a single process there. Steps 3 and 4 are also run as they
+train: both ranks must end bit-identical.
 """
 from __future__ import annotations
 
@@ -70,6 +72,23 @@ def _ranks_agree(out: Path, step: int) -> dict:
     return rank0
 
 
+def test_step3_two_processes_with_batch_b_match_one_with_2b_when_batchnorm_is_per_image(tmp_path):
+    """Step 3's training path (UNet, BCE, Adadelta, sampler, DDP) under torchrun: with BatchNorm on its running
+    statistics and dropout off, 2 processes x batch 2 train the UNet that 1 process x batch 4 trains."""
+    trainset = unet_trainset(tmp_path / "data")
+    args = [*common_args(tmp_path / "no_images", tmp_path / "no.h5", tmp_path / "unused"), *FAST,
+            "--trainset_dir", str(trainset), "--max_iters", "3", "--ckpt_every", "1", "--bn_recalibration", "0"]
+    runs = {}
+    for name, batch, processes in (("one", 4, 1), ("two", 2, 2)):
+        out = tmp_path / name
+        _python(["step_per_image", "Step3_Pretrain_Unet", str(out / "dump"), *args, "--save_root", str(out / "save"),
+                 "--batch_size", str(batch)], processes=processes)
+        runs[name] = {k: torch.load(out / "dump" / f"rank0_step{k}.pt")["models"]["unet"] for k in (1, 3)}
+    for key, value in runs["one"][3].items():
+        torch.testing.assert_close(runs["two"][3][key], value, rtol=1e-4, atol=1e-6, msg=f"unet.{key}: 2 x b != 1 x 2b")
+    assert sum(not torch.equal(runs["one"][1][k], runs["one"][3][k]) for k in runs["one"][3]) > 10, "not trained"
+
+
 def test_step3_under_torchrun_keeps_both_ranks_identical(tmp_path):
     unet_trainset(tmp_path / "save")
     args = [*common_args(tmp_path / "no_images", tmp_path / "no.h5", tmp_path / "save"), *FAST,
@@ -83,6 +102,32 @@ def test_step3_under_torchrun_keeps_both_ranks_identical(tmp_path):
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory, demo_bfm_h5) -> dict:
     return step4_inputs(tmp_path_factory.mktemp("ddp_step4"), demo_bfm_h5)
+
+
+def test_step4_unet_phase_two_processes_with_batch_b_match_one_with_2b_when_batchnorm_is_per_image(tmp_path,
+                                                                                                   inputs):
+    """Step 4's UNet phase (MoFA render, identity features, binary / area / preserve / dist / neighbour terms)
+    under torchrun, BatchNorm on running statistics and dropout off: 2 x batch 2 == 1 x batch 4 (3 UNet steps).
+
+    The MoFA phase is checked for rank agreement only (below): its masked reconstruction term is pooled over the
+    batch (sum of M ||I - R|| / sum of M, `losses.masked_reconstruction`, as the original), so averaging the two
+    processes' gradients weights each half by 1/2 instead of by its share of the mask: 2 x b differs from 1 x 2b
+    by design there, by an amount set by the data, which no tolerance could bound."""
+    args = [*common_args(inputs["root"], inputs["bfm"], tmp_path / "unused"), "--pretrained_MoFA",
+            str(inputs["save"] / "pretrain_mofa"), "--pretrained_unet", str(inputs["save"] / "Pretrain_UNet"), *FAST,
+            "--optimizer", "adam", "--max_iters", "3", "--ckpt_every", "3", "--em_cycle", "3", "--unet_iters", "2",
+            "--bn_recalibration", "0"]
+    runs = {}
+    for name, batch, processes in (("one", 4, 1), ("two", 2, 2)):
+        out = tmp_path / name
+        _python(["step_per_image", "Step4_UNet_MoFA_EM", str(out / "dump"), *args, "--save_root",
+                 str(out / "save"), "--batch_size", str(batch)], processes=processes)
+        runs[name] = torch.load(out / "dump" / "rank0_step3.pt")["models"]
+    for key, value in runs["one"]["unet"].items():
+        torch.testing.assert_close(runs["two"]["unet"][key], value, rtol=1e-4, atol=1e-6,
+                                   msg=f"unet.{key}: 2 x b != 1 x 2b")
+    assert sum(not torch.equal(v, inputs["unet"][k]) for k, v in runs["one"]["unet"].items()) > 10, "not trained"
+    assert all(torch.equal(v, inputs["encoder"][k]) for k, v in runs["one"]["encoder"].items()), "MoFA step ran"
 
 
 def test_step4_under_torchrun_keeps_both_ranks_identical_through_both_phases(tmp_path, inputs):

@@ -252,7 +252,14 @@ def test_step_terms_are_all_computed_with_dlib(encoder, demo_bfm_h5):
 def test_same_identity_is_closer_than_another_identity(encoder, demo_bfm_h5):
     """20 identities, each rendered twice with other pose (yaw +-20, pitch and roll +-10 deg), light and expression;
     the identity loss between the two renders of one identity is lower, on average over the 20 pairs, than between
-    renders of two identities (each first render against the next identity's second)."""
+    renders of two identities (each first render against the next identity's second).
+
+    This checks the encoder's plumbing (chip, normalisation, loss), NOT the weights: a randomly initialised or a
+    weight-permuted network passes it too (random init: same 0.005-0.010 < other 0.008-0.015). Controls that the
+    real weights beat and random ones fail were looked for and not found on these renders of the demo face model:
+    mean other/same ratio 1.14 real vs 1.5-2.4 random or permuted, rank-1 retrieval among 20 at 0.25 vs 0.10-0.20,
+    and the real network moves more under a change of expression than of identity. What guards the weights is the
+    exactness test against dlib itself (`test_descriptor_matches_dlib_on_photos_and_synthetic_faces`)."""
     ranges = replace(SceneRanges(), yaw_deg=20.0, pitch_deg=10.0, roll_deg=10.0)
     first, second = random_coeffs(20, seed=0, ranges=ranges), random_coeffs(20, seed=100, ranges=ranges)
     layout = CoeffLayout()

@@ -26,6 +26,7 @@ from models.face_model import FaceModel
 from models.unet import UNet
 from tests import evaluate_segmentation
 from tests.helpers import tiny_bfm_arrays, write_bfm_h5
+from utils import losses
 from utils.cli import cli_main
 from utils.data.datasets import FaceDataset
 from utils.data.unet_trainset import write_list, write_sample
@@ -188,11 +189,41 @@ def test_a_corrupt_image_mid_run_saves_the_last_good_state(tmp_path, capsys, ima
     line = fails(capsys, step1.main, common(root, demo_bfm_h5, save) + FAST + ["--max_iters", "5"])
     assert "cannot decode" in line and "after step 2" in line and "--resume" in line
     assert load_checkpoint(save / "pretrain_mofa" / "latest.pt")["step"] == 2
-    # the NaN stop no longer claims a checkpoint it did not keep: it saves the state or says why not
+
+
+def test_the_nan_stop_saves_no_weights_that_give_nan(tmp_path, capsys, image_root, demo_bfm_h5):
+    """The weights in place at the non-finite stop give NaN again on --resume: they are never saved."""
     line = fails(capsys, step1.main, common(image_root, demo_bfm_h5, tmp_path / "nan") + FAST +
                  ["--max_iters", "20", "--learning_rate", "1e30"])
-    assert "non-finite" in line and "last good checkpoint is kept" not in line
-    assert ("saved in" in line) == (tmp_path / "nan" / "pretrain_mofa" / "latest.pt").is_file()
+    assert "non-finite for 5 steps in a row" in line and "were not saved" in line
+    assert "no checkpoint exists yet" in line and not list((tmp_path / "nan" / "pretrain_mofa").glob("*.pt"))
+
+
+def test_the_nan_stop_moves_latest_back_to_the_last_finite_checkpoint(tmp_path, capsys, caplog, monkeypatch,
+                                                                       image_root, demo_bfm_h5):
+    """Losses of steps 5, 6, ... are NaN; checkpoints every 2 steps. Steps 6 and 8 were checkpointed with the
+    weights that gave NaN at step 5 (updates are skipped); latest.pt goes back to step 4 and --resume works."""
+    real_sum, calls = losses.weighted_sum, []
+
+    def nan_from_step_5(terms, weights):
+        calls.append(1)
+        total = real_sum(terms, weights)
+        return total * float("nan") if len(calls) > 5 else total
+
+    monkeypatch.setattr(losses, "weighted_sum", nan_from_step_5)
+    save, run = tmp_path / "save", tmp_path / "save" / "pretrain_mofa"
+    args = common(image_root, demo_bfm_h5, save) + FAST + ["--max_iters", "12", "--ckpt_every", "2",
+                                                           "--keep_ckpts", "0"]
+    line = fails(capsys, step1.main, args)
+    assert "the weights after step 5 give a non-finite loss" in line and "now holds step 4" in line, line
+    assert [p.name for p in sorted(run.glob("ckpt_*.pt"))] == [f"ckpt_00000{k}.pt" for k in (2, 4, 6, 8)]
+    assert load_checkpoint(run / "latest.pt")["step"] == 4
+    monkeypatch.setattr(losses, "weighted_sum", real_sum)
+    with caplog.at_level(logging.INFO):
+        assert step1.main(args + ["--resume"]) == 0
+    assert f"resumed from {run / 'latest.pt'} at step 4" in caplog.text
+    assert load_checkpoint(run / "final.pt")["step"] == 12
+    assert [r[0] for r in csv_rows(run / "loss_train.csv")] == ["step", *map(str, range(1, 13))]
 
 
 def test_synthetic_faces_refuses_a_folder_it_did_not_write(tmp_path, capsys, demo_bfm_h5):
@@ -294,6 +325,16 @@ def test_impossible_numbers_are_refused_up_front(tmp_path, capsys, image_root, d
     assert not (tmp_path / "save").exists()
 
 
+@pytest.mark.parametrize("flag,value", [("--workers", "-1"), ("--batch_size", "0"), ("--sigma", "0.0")])
+def test_impossible_evaluation_numbers_are_refused_up_front(tmp_path, capsys, image_root, demo_bfm_h5, flag, value):
+    """The evaluation command checks its numbers as the steps do (--workers -1 was a ValueError traceback)."""
+    line = fails(capsys, evaluate_segmentation.main, ["--img_path", str(image_root), "--bfm", str(demo_bfm_h5),
+                                                      "--device", "cpu", "--stage", "fit_oracle",
+                                                      "--out", str(tmp_path / "ev"), flag, value])
+    assert line.startswith(f"error: {flag} {value}: must be ")
+    assert not (tmp_path / "ev").exists()
+
+
 # ----- accepted silently before ---------------------------------------------------------------------------------
 
 def _edited_root(image_root: Path, dst: Path, edit) -> Path:
@@ -363,6 +404,26 @@ def test_steps_3_and_4_say_which_network_settings_they_use(tmp_path, caplog, fin
     for text in (f"--image_size 64 is ignored: using {SIZE}", "--encoder resnet34 is ignored: using resnet18",
                  "--unet_width 8 is ignored: using 4"):
         assert text in caplog.text
+
+
+def test_an_unchanged_resume_names_no_flag_and_a_changed_one_is_named(tmp_path, caplog, finished, image_root,
+                                                                     demo_bfm_h5):
+    """The checkpoint stores the flags as JSON: an unchanged tuple flag (--drop_terms ()) is not a change."""
+    save = clone(finished, tmp_path / "save")
+    args = common(image_root, demo_bfm_h5, save) + FAST + ["--resume", "--ckpt_every", "1000"]
+
+    def resume_warnings() -> list[str]:
+        return [r.getMessage() for r in caplog.records if r.getMessage().startswith("--resume:")]
+
+    with caplog.at_level(logging.WARNING):
+        assert step1.main(args + ["--max_iters", "5"]) == 0
+    assert resume_warnings() == []
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        assert step1.main(args + ["--max_iters", "6", "--drop_terms", "landmark", "--learning_rate", "0.05"]) == 0
+    warned = resume_warnings()
+    assert len(warned) == 1 and "--drop_terms ['landmark'] (was [])" in warned[0], warned
+    assert "--learning_rate 0.05 (was 0.1)" in warned[0] and warned[0].count("(was ") == 2, warned
 
 
 def test_resume_below_the_checkpoint_says_nothing_was_trained(tmp_path, caplog, finished, image_root, demo_bfm_h5):

@@ -5,6 +5,8 @@ Phase rule (reference 10): step ct is a MoFA step when ct % em_cycle > unet_iter
 """
 from __future__ import annotations
 
+import csv
+import logging
 from argparse import Namespace
 
 import pytest
@@ -88,14 +90,29 @@ def test_learning_rates_follow_step_1s_recorded_schedule_and_the_preset():
     assert step4.learning_rates(explicit, g2, {"step": 5, "config": {}}, "step1.pt") == (1e-3, 2e-4)
 
 
-def test_resume_across_an_epoch_boundary_with_two_workers_is_exact(tmp_path, inputs):
+def _loss_rows(save_root) -> list[list[str]]:
+    with open(save_root / "MoFA_UNet" / "loss_train.csv", newline="") as fh:
+        return list(csv.reader(fh))
+
+
+def test_resume_across_an_epoch_boundary_with_two_workers_is_exact(tmp_path, inputs, caplog):
     """12 training images, batch 4: 3 batches per epoch. 2 steps + resume to 5 (crossing into epoch 1, and from a
-    MoFA step into a UNet step) == 5 straight: both networks, both optimizers, both schedulers."""
+    MoFA step into a UNet step) == 5 straight: both networks, both optimizers, both schedulers. The second call
+    really resumes (a no-op resume, training 5 steps from scratch, would also match the straight run): it starts
+    from latest.pt at step 2 and logs steps 3-5 only after the first call's 1-2."""
     extra = ["--em_cycle", "3", "--unet_iters", "0", "--lr_step", "2", "--ckpt_every", "1000", "--workers", "2"]
     straight, split = tmp_path / "straight", tmp_path / "split"
     assert step4.main(_args(inputs, straight, *extra, "--max_iters", "5")) == 0
     assert step4.main(_args(inputs, split, *extra, "--max_iters", "2")) == 0
-    assert step4.main(_args(inputs, split, *extra, "--max_iters", "5", "--resume")) == 0
+    latest = split / "MoFA_UNet" / "latest.pt"
+    assert load_checkpoint(latest)["step"] == 2
+    first_rows = _loss_rows(split)
+    with caplog.at_level(logging.INFO):
+        assert step4.main(_args(inputs, split, *extra, "--max_iters", "5", "--resume")) == 0
+    assert f"resumed from {latest} at step 2" in caplog.text
+    rows = _loss_rows(split)
+    assert [r[0] for r in rows] == ["step", "1", "2", "3", "4", "5"]
+    assert rows[:3] == first_rows and rows == _loss_rows(straight), "the logged losses differ from the straight run"
     a, b = (load_checkpoint(root / "MoFA_UNet" / "final.pt") for root in (straight, split))
     assert a["step"] == b["step"] == 5
     for net in ("encoder", "unet"):

@@ -118,6 +118,8 @@ def test_unoccluded_faces_have_the_rendered_region_as_mask(demo_bfm_h5: Path, te
     summary = generate_dataset(demo_bfm_h5, tmp_path, 6, seed=3, occlusion="none", size=SIZE, textures=textures)
     assert summary["categories"] == {"none": 6}
     _, rows = read_ground_truth(tmp_path)
+    # appearance items (beards, specular, cast shadows ...) are visible face: images with them are checked too
+    assert sum(row["appearance"] != "none" for row in rows) >= 2
     with torch.no_grad():
         coverage = renderer(coefficients(rows, renderer.layout).to(RENDER_DTYPE)).mask[:, 0].float().numpy()
     np.testing.assert_array_equal(masks(tmp_path, rows), coverage)

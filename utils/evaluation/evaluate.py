@@ -61,6 +61,7 @@ from utils.synthetic.appearance import APPEARANCE_ITEMS
 from utils.synthetic.faces import RENDER_DTYPE
 from utils.training.builders import load_mofa, load_unet, previous_checkpoint
 from utils.training.checkpoint import CheckpointError, load_checkpoint
+from utils.training.flags import check_flags
 from utils.training.objectives import unet_mask
 
 log = logging.getLogger(__name__)
@@ -542,7 +543,7 @@ coefficients with the generator's --bfm.
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    """The flags of the evaluation command (`COMMAND_HELP`), paths resolved; DataError for a bad value."""
+    """The flags of the evaluation command (`COMMAND_HELP`), paths resolved; DataError / FlagError for a bad value."""
     p = argparse.ArgumentParser(prog="evaluate_segmentation.py", description=COMMAND_HELP,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--img_path", required=True, help="image root (with the split's landmark CSV)")
@@ -565,8 +566,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = cli.resolve_paths(p.parse_args(argv), ("img_path", "bfm", "save_root", "out"))
     if not 0.0 < args.threshold < 1.0:
         raise DataError(f"--threshold {args.threshold}: expected a value strictly between 0 and 1")
-    if args.batch_size < 1:
-        raise DataError(f"--batch_size {args.batch_size}: expected a positive integer")
+    check_flags(args)  # the steps' check: --batch_size, --workers, --sigma
     return args
 
 

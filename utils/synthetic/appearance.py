@@ -29,6 +29,7 @@ import numpy as np
 
 from models.camera import CameraConfig
 from models.layout import N_SH_BASIS, SH_INIT
+from models.shading import SH_C00, SH_C1
 from utils.synthetic.head import HeadSample, draw_head, sh_irradiance
 from utils.synthetic.occluders import (
     BROWS,
@@ -47,8 +48,6 @@ APPEARANCE_ITEMS = ("stubble", "beard", "moustache", "eyeshadow", "lipstick", "b
                     "wrinkles", "specular", "cast_shadow")
 """The items, in the order they are listed in ground_truth.csv."""
 FACIAL_HAIR = {"stubble": 0.35, "beard": 0.25, "moustache": 0.15, "beard+moustache": 0.25}
-_C00 = 1.0 / np.sqrt(4.0 * np.pi)
-_C1 = np.sqrt(3.0 / (4.0 * np.pi))
 MIN_KEY_STRENGTH = 0.15
 """Below this band-1 / ambient ratio the SH light has no usable direction and the key light is drawn at random."""
 
@@ -94,13 +93,13 @@ def appearance_label(items: tuple[str, ...]) -> str:
 def key_light(light: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """``(3,)`` unit camera-frame direction towards the key light of an offset-free SH light ``(27,)``.
 
-    The band-1 terms of the shading are ``C1 * (c1 (-n_y) + c2 n_z + c3 (-n_x))``, i.e. ``s n.l`` with
+    The band-1 terms of the shading are ``SH_C1 * (c1 (-n_y) + c2 n_z + c3 (-n_x))``, i.e. ``s n.l`` with
     ``l ~ (-c3, -c1, c2)``; when their strength relative to the ambient term is below `MIN_KEY_STRENGTH` a
     direction 25-70 deg off the view axis on the camera side is drawn instead.
     """
     sh = (np.asarray(light, np.float64) + np.asarray(SH_INIT)).reshape(3, N_SH_BASIS).mean(0)
     direction = np.array([-sh[3], -sh[1], sh[2]])
-    strength = np.linalg.norm(direction) * _C1 / max(abs(sh[0]) * _C00, 1e-9)
+    strength = np.linalg.norm(direction) * SH_C1 / max(abs(sh[0]) * SH_C00, 1e-9)
     if strength >= MIN_KEY_STRENGTH:
         return direction / np.linalg.norm(direction)
     theta, phi = np.radians(rng.uniform(25.0, 70.0)), rng.uniform(0.0, 2.0 * np.pi)

@@ -10,7 +10,8 @@ from utils.errors import MofaError
 
 ENCODERS = ("resnet50", "resnet18", "resnet34", "dlib")
 MIN_IMAGE_SIZE = 16  # the UNet halves the image four times
-# Numeric flags of the steps and the smallest value each accepts (``check_flags``); a flag a step lacks is skipped.
+# Numeric flags of the steps (and of the evaluation command) and the smallest value each accepts (``check_flags``);
+# a flag a command lacks is skipped.
 INT_MINIMA = {"batch_size": 1, "image_size": MIN_IMAGE_SIZE, "workers": 0, "epochs": 1, "max_iters": 1,
               "ckpt_every": 1, "keep_ckpts": 0, "val_batches": 0, "lr_step": 1, "em_cycle": 1, "unet_iters": 0,
               "unet_width": 1}
@@ -45,7 +46,8 @@ def add_common_args(parser: argparse.ArgumentParser, img_path_required: bool = T
 
 
 def check_flags(args: argparse.Namespace) -> None:
-    """One FlagError naming the flag for a value no step can run with (``--batch_size 0``, ``--max_iters -3``...)."""
+    """One FlagError naming the flag for a value no step can run with (``--batch_size 0``, ``--max_iters -3``...);
+    the evaluation command (`utils.evaluation.evaluate.parse_args`) checks its flags with it too."""
     for name, low in INT_MINIMA.items():
         value = getattr(args, name, None)
         if value is not None and value < low:

@@ -15,9 +15,19 @@ log = logging.getLogger(__name__)
 class TrainingError(MofaError):
     """Training cannot go on (e.g. the loss stayed non-finite); the message says what to do."""
 
+
+class NonFiniteLossError(TrainingError):
+    """The loss stayed non-finite. ``first_bad``: the step index whose loss was the first non-finite one of the
+    run of them, i.e. the weights after ``first_bad`` completed steps give a non-finite loss (the skipped updates
+    left them unchanged since), so they are not worth a checkpoint."""
+
+    def __init__(self, message: str, first_bad: int) -> None:
+        super().__init__(message)
+        self.first_bad = first_bad
+
 @dataclass
 class NonFiniteGuard:
-    """Skip a step whose loss is NaN/inf; stop with a clear message after ``patience`` in a row."""
+    """Skip a step whose loss is NaN/inf; stop with `NonFiniteLossError` after ``patience`` in a row."""
 
     patience: int = 5
     in_a_row: int = 0
@@ -32,8 +42,9 @@ class NonFiniteGuard:
         log.warning("step %d: non-finite loss (%s), update skipped (%d in a row)", step, loss.detach().cpu(),
                     self.in_a_row)
         if self.in_a_row >= self.patience:
-            raise TrainingError(f"the loss was non-finite for {self.in_a_row} steps in a row (last at step {step}): "
-                                "check the data, or lower --learning_rate")
+            raise NonFiniteLossError(f"the loss was non-finite for {self.in_a_row} steps in a row (last at step "
+                                     f"{step}): check the data, or lower --learning_rate",
+                                     first_bad=step - self.in_a_row + 1)
         return False
 
 @dataclass

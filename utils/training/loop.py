@@ -13,9 +13,9 @@ import torch
 from torch.utils.data import DataLoader
 
 from utils.errors import MofaError, message_of
-from utils.training.checkpoint import LATEST_NAME, CheckpointWriteError
+from utils.training.checkpoint import LATEST_NAME, CheckpointWriteError, checkpoint_steps, find_latest, publish
 from utils.training.data_order import iterate_steps
-from utils.training.guards import NonFiniteGuard, StopFlag, TrainingError
+from utils.training.guards import NonFiniteGuard, NonFiniteLossError, StopFlag, TrainingError
 from utils.training.run import Run, conclude
 
 log = logging.getLogger(__name__)
@@ -42,8 +42,9 @@ def train_loop(run: Run, loader, sampler, start: int, end: int, hooks: LoopHooks
                monitor) -> int:
     """The loop every training step shares: optimise, log, show, validate, checkpoint, stop cleanly on Ctrl-C.
 
-    A data error, the non-finite-loss stop or a failed write ends the run with one line, after the state of the last
-    completed step is saved (``save_on_error``): a corrupt image at hour ten costs nothing but a ``--resume``.
+    A data error or a failed write ends the run with one line, after the state of the last completed step is saved
+    (``save_on_error``): a corrupt image at hour ten costs nothing but a ``--resume``. The non-finite-loss stop saves
+    nothing and leaves latest.pt on the last checkpoint before the first NaN (``keep_finite_checkpoint``).
     """
     args, (_, optimizers, schedulers) = run.args, state
     if start >= end:
@@ -106,13 +107,16 @@ def saving_on_error(run: Run, current_step: Callable[[], int], state: tuple, spe
 def save_on_error(run: Run, step: int, state: tuple, spec: dict, exc: BaseException) -> MofaError:
     """The error to raise when training stops at ``step`` (steps completed) on ``exc``, after saving that state.
 
-    The state is saved unless it is saved already, nothing was trained, the weights are no longer finite, or the
+    The state is saved unless it is saved already, nothing was trained, the weights are no longer finite, the loss
+    stayed non-finite (those weights give NaN again: `keep_finite_checkpoint` decides what latest.pt holds), or the
     error is a failed checkpoint write (then the previous checkpoint stands). The message says where the state is.
     """
     if isinstance(exc, OSError):
         exc = TrainingError(f"cannot write {exc.filename or 'a file'} ({exc.strerror or exc})")
     latest = run.out_dir / LATEST_NAME
-    if run.saved_step == step:
+    if isinstance(exc, NonFiniteLossError):
+        note = keep_finite_checkpoint(run, exc.first_bad)
+    elif run.saved_step == step:
         note = f"the step-{step} state is in {latest}"
     elif step == 0 or isinstance(exc, CheckpointWriteError):
         note = ("nothing was trained yet" if step == 0 else
@@ -132,6 +136,35 @@ def save_on_error(run: Run, step: int, state: tuple, spec: dict, exc: BaseExcept
         exc.args = (text,)
         return exc
     return TrainingError(text)
+
+def keep_finite_checkpoint(run: Run, first_bad: int) -> str:
+    """After the non-finite-loss stop: leave ``latest.pt`` on a state whose loss was finite and say which.
+
+    The weights after ``first_bad`` steps give a non-finite loss, and so does every state saved since (the updates
+    were skipped), so nothing is saved. ``latest.pt`` is kept when it is older; when it holds those weights it is
+    moved back to the newest kept ``ckpt_*.pt`` before ``first_bad`` (so that ``--resume`` starts from there).
+    Keeping a copy of the state before every update would cost a second copy of the weights and the optimizer
+    state, so the last good state is the last checkpoint.
+    """
+    latest = run.out_dir / LATEST_NAME
+    head = f"the weights after step {first_bad} give a non-finite loss, so they were not saved; "
+    if not run.is_main:
+        return head + "rank 0 names the checkpoint that is kept"
+    if run.saved_step is not None and run.saved_step < first_bad:
+        return head + f"{latest} (step {run.saved_step}) is kept"
+    earlier = [(s, path) for s, path in checkpoint_steps(run.out_dir) if s < first_bad]
+    if earlier:
+        good, path = earlier[-1]
+        try:
+            publish(path, latest)
+        except OSError as exc:
+            return head + f"moving {latest} back to {path} failed ({exc.strerror or exc}): copy it there by hand"
+        run.saved_step = good
+        return head + f"{latest} now holds step {good} ({path.name}), the last checkpoint before them"
+    newest = find_latest(run.out_dir)
+    if newest is not None:
+        return head + f"{newest} holds them too and no earlier checkpoint is kept: start again with --overwrite"
+    return head + "no checkpoint exists yet"
 
 def _parameters(state: tuple):
     for model in state[0].values():

@@ -12,6 +12,8 @@ from typing import Sequence
 import torch
 from tqdm import tqdm
 
+from utils.atomic_write import atomic_write
+
 log = logging.getLogger(__name__)
 
 
@@ -53,10 +55,8 @@ def _truncate(path: Path, start: int) -> None:
     keep = rows[:1] + [row for row in rows[1:] if row and row[0].isdigit() and int(row[0]) <= start]
     if len(keep) == len(rows):
         return
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", newline="") as fh:
+    with atomic_write(path, "w", newline="") as fh:
         csv.writer(fh).writerows(keep)
-    tmp.replace(path)
 
 
 def _fmt(v) -> str:

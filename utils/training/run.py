@@ -15,7 +15,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from utils.training import distributed
 from utils.training.builders import FINAL_NAME, mark_final, spec_mismatches, step_dir
-from utils.training.checkpoint import (LATEST_NAME, CheckpointError, find_latest, load_checkpoint,
+from utils.training.checkpoint import (LATEST_NAME, CheckpointError, config_to_dict, find_latest, load_checkpoint,
                                        restore_training_state, save_training_state)
 from utils.training.flags import check_flags
 from utils.training.run_folder import RunFolderError, check_output, claim_output
@@ -95,9 +95,10 @@ class Run:
             raise CheckpointError(f"--resume: {path} was trained with other networks: "
                                   f"{'; '.join(spec_mismatches(theirs, spec))}; resume with the run's flags, or "
                                   "start a new run with --overwrite or another --save_root")
-        before, now = payload.get("config") or {}, vars(self.args)
+        # the checkpoint holds the config as JSON (tuples became lists, paths strings): compare like with like
+        before, now = payload.get("config") or {}, config_to_dict(self.args)
         changed = [f"--{k} {now[k]} (was {before[k]})" for k in sorted(set(before) & set(now) - RESUME_FREE)
-                   if str(before[k]) != str(now[k])]
+                   if before[k] != now[k]]
         if changed:
             log.warning("--resume: %s; the weights, optimizer and scheduler states (learning rates included) "
                         "continue from the checkpoint", ", ".join(changed))
