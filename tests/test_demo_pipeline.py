@@ -18,10 +18,18 @@ from utils.synthetic.appearance import APPEARANCE_ITEMS
 FIT_ORACLE_IOU_FLOOR = 0.6  # the quick run measured 0.78 (6 test images at 32 px; per image 0.30-0.99)
 
 
-def test_quick_demo_writes_results_for_every_stage(tmp_path, demo_bfm_h5):
-    out, data = tmp_path / "out", tmp_path / "data"
+@pytest.fixture(scope="module")
+def quick_demo(tmp_path_factory, demo_bfm_h5):
+    """One --quick demo run: (out, data) folders."""
+    root = tmp_path_factory.mktemp("quick_demo")
+    out, data = root / "out", root / "data"
     assert demo_pipeline.main(["--quick", "--out", str(out), "--data", str(data), "--bfm", str(demo_bfm_h5),
                                "--device", "cpu"]) == 0
+    return out, data
+
+
+def test_quick_demo_writes_results_for_every_stage(quick_demo):
+    out, data = quick_demo
     results = json.loads((out / "results.json").read_text())
     size = demo_pipeline.QUICK["image_size"]
     for key, stage in demo_pipeline.STAGES.items():
@@ -119,3 +127,31 @@ def test_ablation_variants_parse_as_step4_flags():
             for flag, value in overrides.items():
                 got = getattr(args, flag.lstrip("-"))
                 assert (",".join(got) if isinstance(got, (tuple, list)) else str(got)) == value, (name, flag)
+
+
+def test_ablation_trains_each_variant_from_the_demo_models(quick_demo, demo_bfm_h5):
+    """``--from_step 5 --ablation`` (make ablation) reruns no step, trains every variant from the demo's Step-1 and
+    Step-3 models with its flags, and reports its rows next to Steps 2, 3 and 4."""
+    out, data = quick_demo
+    save_root = out / "MoFA_UNet_Save"
+    before = {p: p.stat().st_mtime_ns for p in save_root.rglob("*.pt")}
+    assert demo_pipeline.main(["--quick", "--out", str(out), "--data", str(data), "--bfm", str(demo_bfm_h5),
+                               "--device", "cpu", "--from_step", "5", "--ablation"]) == 0
+    assert {p: p.stat().st_mtime_ns for p in save_root.rglob("*.pt")} == before, "the demo's own steps did not rerun"
+    results = json.loads((out / "results.json").read_text())
+    assert results["step_seconds"] == {} and results["from_step"] == 5
+    table = results["ablation"]
+    variants = [f"step4_{name}" for name in demo_pipeline.ABLATIONS]
+    assert list(table["rows"]) == ["step2_prelim", "step3_unet", "step4_final", *variants]
+    for name, overrides in demo_pipeline.ABLATIONS.items():
+        config = json.loads((out / "ablation" / name / "MoFA_UNet_Save" / "MoFA_UNet" / "run_config.json").read_text())
+        assert config["mofa_checkpoint"] == str(save_root / "pretrain_mofa" / "final.pt")
+        assert config["unet_checkpoint"] == str(save_root / "Pretrain_UNet" / "final.pt")
+        for flag, value in overrides.items():
+            got = config[flag.lstrip("-")]
+            assert (",".join(got) if isinstance(got, list) else str(got)) == value, (name, flag)
+        row = table["rows"][f"step4_{name}"]
+        summary = json.loads((out / "ablation" / name / "eval" / "summary.json").read_text())
+        assert row["overall"]["iou"] == pytest.approx(summary["paper_protocol"]["iou"]["mean"])
+        assert set(row["per_category"]) == set(summary["per_category"])
+    assert table["rows"]["step2_prelim"]["overall"]["iou"] == pytest.approx(results["step2_prelim"]["iou"])
