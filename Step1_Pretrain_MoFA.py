@@ -24,7 +24,7 @@ from utils.training.builders import build_mofa, model_spec
 from utils.training.data_order import make_eval_loader, make_train_loader, total_steps
 from utils.training.loop import LoopHooks, train_loop, validate
 from utils.training.monitor import RunMonitor
-from utils.training.objectives import LossSetup, step1_terms
+from utils.training.objectives import LossSetup, step1_terms, zero_weight_terms
 from utils.training.run import make_optimizer, start_run
 
 log = logging.getLogger("step1")
@@ -55,6 +55,7 @@ def train(args) -> int:
     identity = load_identity(args, device)
     preset = flags.loss_preset(args)
     weights, setup = preset.step1, LossSetup.from_preset(preset, layout, args.image_size)
+    skip = zero_weight_terms(weights)  # --drop_terms: not computed
 
     train_set = FaceDataset(args.img_path, "train", args.image_size)
     val_set = FaceDataset(args.img_path, "val", args.image_size)
@@ -76,7 +77,7 @@ def train(args) -> int:
         with run.autocast():
             coeffs = net(images)
         out = mofa.renderer(coeffs.float())
-        terms, inliers = step1_terms(out, images, lms, setup, identity)
+        terms, inliers = step1_terms(out, images, lms, setup, identity, skip)
         return losses.weighted_sum(terms, weights), terms, (images, out, inliers)
 
     def forward(step, batch):

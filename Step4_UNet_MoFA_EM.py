@@ -36,7 +36,7 @@ from utils.training.guards import CollapseAlarm
 from utils.training.loop import LoopHooks, train_loop, validate
 from utils.training.monitor import RunMonitor
 from utils.training.objectives import (LossSetup, mask_in_face, step4_mofa_terms, step4_unet_terms, unet_input,
-                                       unet_mask)
+                                       unet_mask, zero_weight_terms)
 from utils.training.run import make_optimizer, start_run
 
 log = logging.getLogger("step4")
@@ -152,8 +152,10 @@ def train(args) -> int:
     monitor = RunMonitor(run.out_dir, COLUMNS, start, end, run.is_main, desc="step4")
     alarm = CollapseAlarm()
 
-    def objective(batch, phase, enc, seg):
-        """Forward one batch; ``phase`` picks the loss: 'unet' or 'mofa'."""
+    def objective(batch, phase, enc, seg, skip=None):
+        """Forward one batch; ``phase`` picks the loss: 'unet' or 'mofa'. Terms weighted 0 are not computed in
+        training; validation (``skip`` = no term) logs them all."""
+        skip = {"unet": zero_weight_terms(w_unet), "mofa": zero_weight_terms(w_mofa)} if skip is None else skip
         images, lms = batch["image"].to(device), batch["landmarks"].to(device)
         with torch.set_grad_enabled(phase == "mofa" and torch.is_grad_enabled()), run.autocast():
             coeffs = enc(images).float()
@@ -161,10 +163,10 @@ def train(args) -> int:
         with run.autocast():
             U = unet_mask(seg, out, images).float()
         if phase == "unet":
-            terms = step4_unet_terms(U, out, images, lms, setup, identity)
+            terms = step4_unet_terms(U, out, images, lms, setup, identity, skip[phase])
             total = losses.weighted_sum(terms, w_unet)
         else:
-            terms = step4_mofa_terms(U, out, images, lms, setup, identity)
+            terms = step4_mofa_terms(U, out, images, lms, setup, identity, skip[phase])
             total = losses.weighted_sum(terms, w_mofa)
         terms["mask_in_face"] = mask_in_face(U, out.mask)
         return total, terms, (images, out, U)
@@ -187,8 +189,9 @@ def train(args) -> int:
                 "residual": residual(images, out.image, out.mask)}
 
     def both_phases(batch):
-        t_unet, terms_unet, _ = objective(batch, "unet", mofa.encoder, unet)
-        t_mofa, terms_mofa, _ = objective(batch, "mofa", mofa.encoder, unet)
+        every = {"unet": frozenset(), "mofa": frozenset()}
+        t_unet, terms_unet, _ = objective(batch, "unet", mofa.encoder, unet, every)
+        t_mofa, terms_mofa, _ = objective(batch, "mofa", mofa.encoder, unet, every)
         return t_unet + t_mofa, {**terms_unet, **terms_mofa, "total_unet": t_unet, "total_mofa": t_mofa}
 
     def in_face(batch, train_mode: bool) -> torch.Tensor:

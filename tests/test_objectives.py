@@ -137,3 +137,31 @@ def test_unet_input_is_render_then_image(case):
     U = unet_mask(unet, out, I)
     assert torch.equal(seen[0], torch.cat([out.image, I], dim=1))
     assert U.shape == (B, 1, S, S) and float(U.min()) > 0 and float(U.max()) < 1
+
+
+def test_skipped_terms_are_not_computed(case):
+    """A term weighted 0 (--drop_terms) is None and costs nothing: with preserve skipped and dist kept, the identity
+    network sees only phi(I M) and phi(R M); with both skipped it is never called. The other terms are unchanged."""
+    out, I, U, gt, setup = case["out"], case["I"], case["U"], case["gt"], case["setup"]
+    full = step4_unet_terms(U, out, I, gt, setup, RecordingIdentity())
+    identity = RecordingIdentity()
+    terms = step4_unet_terms(U, out, I, gt, setup, identity, frozenset({"preserve"}))
+    M = out.mask * U
+    assert terms["preserve"] is None and [call[0] for call in identity.calls] == ["shallow", "shallow"]
+    assert torch.equal(identity.calls[0][1], I * M) and torch.equal(identity.calls[1][1], out.image * M)
+    for name in ("binary", "area", "dist", "neighbour"):
+        torch.testing.assert_close(terms[name], full[name])
+    identity = RecordingIdentity()
+    terms = step4_unet_terms(U, out, I, gt, setup, identity, frozenset({"preserve", "dist", "neighbour"}))
+    assert identity.calls == [] and terms["neighbour"] is None and terms["preserve"] is None
+    mofa = step4_mofa_terms(U, out, I, gt, setup, RecordingIdentity(), frozenset({"identity", "reg"}))
+    assert mofa["identity"] is None and mofa["reg"] is None and mofa["rec"] is not None
+    assert step1_terms(out, I, gt, setup, RecordingIdentity(), frozenset({"identity"}))[0]["identity"] is None
+
+
+def test_zero_weight_terms_names_the_dropped_terms():
+    from utils.training.objectives import zero_weight_terms
+    preset = losses.PRESETS["g2"].without(["dist", "identity"])
+    assert zero_weight_terms(preset.step4_unet) == {"dist"}
+    assert zero_weight_terms(preset.step4_mofa) == {"identity"}
+    assert zero_weight_terms(losses.PRESETS["g2"].step1) == frozenset()

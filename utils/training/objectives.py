@@ -2,10 +2,12 @@
 
 Each function returns a dict ``name -> scalar tensor or None`` whose keys are exactly the fields of the matching
 weights dataclass in ``utils.losses``; the step script applies the weights with ``weighted_sum`` in one place.
-A term is None when it cannot be computed (the identity terms with --identity none).
+A term is None when it cannot be computed (the identity terms with --identity none) or when it is in ``skip``: the
+step passes ``zero_weight_terms(weights)``, so a term that --drop_terms weighs 0 costs no computation.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -37,12 +39,22 @@ class LossSetup:
                    neighbour_radius=preset.neighbour_radius, **kwargs)
 
 
-def _prior_terms(out, landmarks_gt: torch.Tensor, setup: LossSetup) -> dict:
+def zero_weight_terms(weights) -> frozenset[str]:
+    """The names of the fields of a weights dataclass whose weight is 0 (the terms --drop_terms removes)."""
+    return frozenset(f.name for f in dataclasses.fields(weights) if getattr(weights, f.name) == 0)
+
+
+def _without(terms: dict, skip: frozenset[str]) -> dict:
+    """``terms`` with the values of the names in ``skip`` replaced by None."""
+    return {name: None if name in skip else value for name, value in terms.items()}
+
+
+def _prior_terms(out, landmarks_gt: torch.Tensor, setup: LossSetup, skip: frozenset[str] = frozenset()) -> dict:
     parts = setup.layout.split(out.coeffs)
     return {
-        "landmark": losses.landmark_loss(out.landmarks, landmarks_gt, setup.landmark_weights.to(out.coeffs),
-                                         scale=setup.landmark_scale),
-        "reg": losses.coeff_regulariser(parts.shape, parts.exp, parts.tex),
+        "landmark": None if "landmark" in skip else losses.landmark_loss(
+            out.landmarks, landmarks_gt, setup.landmark_weights.to(out.coeffs), scale=setup.landmark_scale),
+        "reg": None if "reg" in skip else losses.coeff_regulariser(parts.shape, parts.exp, parts.tex),
     }
 
 
@@ -55,12 +67,13 @@ def _identity(identity, out, images: torch.Tensor, landmarks_gt: torch.Tensor, t
     return losses.identity_loss(f_rec, f_gt.detach())
 
 
-def step1_terms(out, images: torch.Tensor, landmarks_gt: torch.Tensor, setup: LossSetup, identity=None):
-    """Step 1 terms and the robust loss's inlier mask (B,1,H,W), for visualisation."""
+def step1_terms(out, images: torch.Tensor, landmarks_gt: torch.Tensor, setup: LossSetup, identity=None,
+                skip: frozenset[str] = frozenset()):
+    """Step 1 terms and the robust loss's inlier mask (B,1,H,W), for visualisation (computed even if skipped)."""
     photo, inliers = losses.robust_photometric(images, out.image, out.mask, sigma=setup.sigma)
-    terms = {"photo": photo, **_prior_terms(out, landmarks_gt, setup),
-             "identity": _identity(identity, out, images, landmarks_gt)}
-    return terms, inliers
+    terms = {"photo": photo, **_prior_terms(out, landmarks_gt, setup, skip),
+             "identity": None if "identity" in skip else _identity(identity, out, images, landmarks_gt)}
+    return _without(terms, skip), inliers
 
 
 def unet_input(out, images: torch.Tensor) -> torch.Tensor:
@@ -82,33 +95,35 @@ def mask_in_face(U: torch.Tensor, region: torch.Tensor) -> torch.Tensor:
 
 
 def step4_unet_terms(U: torch.Tensor, out, images: torch.Tensor, landmarks_gt: torch.Tensor, setup: LossSetup,
-                     identity=None) -> dict:
+                     identity=None, skip: frozenset[str] = frozenset()) -> dict:
     """Step 4 UNet-phase terms (reference 8.3): binary, area, preserve, dist, neighbour."""
     M = out.mask * U
     preserve = dist = None
-    if identity is not None:
-        phi_i = identity.shallow(images, landmarks_gt)
+    if identity is not None and not {"preserve", "dist"} <= skip:
+        phi_i = None if "preserve" in skip else identity.shallow(images, landmarks_gt)
         phi_im = identity.shallow(images * M, landmarks_gt)
-        render_landmarks = landmarks_gt if setup.dist_landmarks == "gt" else out.landmarks
-        phi_rm = identity.shallow(out.image * M, render_landmarks)
-        preserve = losses.feature_cosine_loss(phi_i, phi_im)
-        dist = losses.feature_cosine_loss(phi_rm, phi_im)
-    return {
+        if phi_i is not None:
+            preserve = losses.feature_cosine_loss(phi_i, phi_im)
+        if "dist" not in skip:
+            render_landmarks = landmarks_gt if setup.dist_landmarks == "gt" else out.landmarks
+            dist = losses.feature_cosine_loss(identity.shallow(out.image * M, render_landmarks), phi_im)
+    return _without({
         "binary": losses.binary_loss(M),
         "area": losses.area_loss(out.mask, U),
         "preserve": preserve,
         "dist": dist,
-        "neighbour": losses.neighbour_loss(M, out.image, images, radius=setup.neighbour_radius),
-    }
+        "neighbour": None if "neighbour" in skip else losses.neighbour_loss(M, out.image, images,
+                                                                          radius=setup.neighbour_radius),
+    }, skip)
 
 
 def step4_mofa_terms(U: torch.Tensor, out, images: torch.Tensor, landmarks_gt: torch.Tensor, setup: LossSetup,
-                     identity=None) -> dict:
+                     identity=None, skip: frozenset[str] = frozenset()) -> dict:
     """Step 4 MoFA-phase terms (reference 8.3): masked reconstruction, identity, regulariser, landmark, area."""
     M = out.mask * U
-    return {
+    return _without({
         "rec": losses.masked_reconstruction(images, out.image, M),
-        "identity": _identity(identity, out, images, landmarks_gt),
-        **_prior_terms(out, landmarks_gt, setup),
+        "identity": None if "identity" in skip else _identity(identity, out, images, landmarks_gt),
+        **_prior_terms(out, landmarks_gt, setup, skip),
         "area": losses.area_loss(out.mask, U),
-    }
+    }, skip)
