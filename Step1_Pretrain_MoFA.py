@@ -55,7 +55,7 @@ def train(args) -> int:
     identity = load_identity(args, device)
     preset = flags.loss_preset(args)
     weights, setup = preset.step1, LossSetup.from_preset(preset, layout, args.image_size)
-    skip = zero_weight_terms(weights)  # --drop_terms: not computed
+    skip = zero_weight_terms(weights)  # --drop_terms: not computed in training
 
     train_set = FaceDataset(args.img_path, "train", args.image_size)
     val_set = FaceDataset(args.img_path, "val", args.image_size)
@@ -72,7 +72,8 @@ def train(args) -> int:
     columns = ["total", "photo", "landmark", "reg", "identity"]
     monitor = RunMonitor(run.out_dir, columns, start, end, run.is_main, desc="step1")
 
-    def objective(batch, net):
+    def objective(batch, net, skip=skip):
+        """Forward one batch; training skips the terms weighted 0, validation (``skip`` empty) logs them all."""
         images, lms = batch["image"].to(device), batch["landmarks"].to(device)
         with run.autocast():
             coeffs = net(images)
@@ -92,7 +93,7 @@ def train(args) -> int:
 
     def evaluate():
         mofa.encoder.eval()
-        return validate(lambda b: objective(b, mofa.encoder)[:2], val_loader, args.val_batches)
+        return validate(lambda b: objective(b, mofa.encoder, frozenset())[:2], val_loader, args.val_batches)
 
     return train_loop(run, loader, sampler, start, end, LoopHooks(forward, visualise, evaluate), state, spec, monitor)
 

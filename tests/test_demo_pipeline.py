@@ -115,6 +115,9 @@ def test_with_flags_replaces_or_appends():
     assert demo_pipeline.with_flags(base, {"--drop_terms": "dist,neighbour", "--identity": "none"}) == [
         "--max_iters", "300", "--drop_terms", "dist,neighbour", "--identity", "none"]
     assert base == ["--max_iters", "300", "--drop_terms", "dist"], "the profile's flags are not modified"
+    assert demo_pipeline.with_flags(base, {"--drop_terms": "+neighbour"})[-1] == "dist,neighbour"
+    assert demo_pipeline.with_flags(["--max_iters", "3"], {"--drop_terms": "+neighbour"}) == [
+        "--max_iters", "3", "--drop_terms", "neighbour"]
 
 
 def test_ablation_variants_parse_as_step4_flags():
@@ -124,9 +127,12 @@ def test_ablation_variants_parse_as_step4_flags():
         for profile in ("demo", "full"):
             flags = demo_pipeline.with_flags(demo_pipeline.PROFILES[profile]["step4"], overrides)
             args = parse_args(["--img_path", ".", *flags])
-            for flag, value in overrides.items():
+            for flag in overrides:
                 got = getattr(args, flag.lstrip("-"))
+                value = flags[flags.index(flag) + 1]
                 assert (",".join(got) if isinstance(got, (tuple, list)) else str(got)) == value, (name, flag)
+    assert parse_args(["--img_path", ".", *demo_pipeline.with_flags(
+        demo_pipeline.DEMO["step4"], demo_pipeline.ABLATIONS["no_neighbour"])]).drop_terms == ("dist", "neighbour")
 
 
 def test_ablation_trains_each_variant_from_the_demo_models(quick_demo, demo_bfm_h5):
@@ -135,11 +141,13 @@ def test_ablation_trains_each_variant_from_the_demo_models(quick_demo, demo_bfm_
     out, data = quick_demo
     save_root = out / "MoFA_UNet_Save"
     before = {p: p.stat().st_mtime_ns for p in save_root.rglob("*.pt")}
+    demo_seconds = json.loads((out / "results.json").read_text())["step_seconds"]
     assert demo_pipeline.main(["--quick", "--out", str(out), "--data", str(data), "--bfm", str(demo_bfm_h5),
                                "--device", "cpu", "--from_step", "5", "--ablation"]) == 0
     assert {p: p.stat().st_mtime_ns for p in save_root.rglob("*.pt")} == before, "the demo's own steps did not rerun"
     results = json.loads((out / "results.json").read_text())
-    assert results["step_seconds"] == {} and results["from_step"] == 5
+    assert results["from_step"] == 5
+    assert results["step_seconds"] == demo_seconds, "the reused steps keep the demo's timings"
     table = results["ablation"]
     variants = [f"step4_{name}" for name in demo_pipeline.ABLATIONS]
     assert list(table["rows"]) == ["step2_prelim", "step3_unet", "step4_final", *variants]
@@ -147,11 +155,38 @@ def test_ablation_trains_each_variant_from_the_demo_models(quick_demo, demo_bfm_
         config = json.loads((out / "ablation" / name / "MoFA_UNet_Save" / "MoFA_UNet" / "run_config.json").read_text())
         assert config["mofa_checkpoint"] == str(save_root / "pretrain_mofa" / "final.pt")
         assert config["unet_checkpoint"] == str(save_root / "Pretrain_UNet" / "final.pt")
-        for flag, value in overrides.items():
+        flags = demo_pipeline.with_flags(demo_pipeline.QUICK["step4"], overrides)
+        for flag in overrides:
             got = config[flag.lstrip("-")]
-            assert (",".join(got) if isinstance(got, list) else str(got)) == value, (name, flag)
+            assert (",".join(got) if isinstance(got, list) else str(got)) == flags[flags.index(flag) + 1], name
         row = table["rows"][f"step4_{name}"]
         summary = json.loads((out / "ablation" / name / "eval" / "summary.json").read_text())
         assert row["overall"]["iou"] == pytest.approx(summary["paper_protocol"]["iou"]["mean"])
         assert set(row["per_category"]) == set(summary["per_category"])
     assert table["rows"]["step2_prelim"]["overall"]["iou"] == pytest.approx(results["step2_prelim"]["iou"])
+
+
+def test_from_step_refuses_steps_made_with_other_settings(quick_demo, demo_bfm_h5, capsys):
+    """Reusing the quick run's Steps 1-3 under the demo profile would report settings that did not make them."""
+    from utils.cli import cli_main
+    out, data = quick_demo
+    before = (out / "results.json").read_bytes()
+    with pytest.raises(SystemExit) as exc:
+        cli_main(demo_pipeline.main, ["--out", str(out), "--data", str(data), "--bfm", str(demo_bfm_h5),
+                                      "--from_step", "4"])
+    err = capsys.readouterr().err.strip()
+    assert exc.value.code == 2 and len(err.splitlines()) == 1 and "--profile quick" in err, err
+    assert (out / "results.json").read_bytes() == before
+
+
+def test_a_failing_step_is_one_line(tmp_path, demo_bfm_h5, capfd):
+    """A step that fails (here: Step 4 without the Step-1 and Step-3 models it needs) stops the demo with one line
+    naming the step; the step's own message comes first."""
+    from utils.cli import cli_main
+    out, data = tmp_path / "out", tmp_path / "data"
+    with pytest.raises(SystemExit) as exc:
+        cli_main(demo_pipeline.main, ["--quick", "--out", str(out), "--data", str(data), "--bfm", str(demo_bfm_h5),
+                                      "--device", "cpu", "--from_step", "4"])
+    err = capfd.readouterr().err.strip().splitlines()
+    assert exc.value.code == 2 and err[-1].startswith("error: Step4_UNet_MoFA_EM.py failed (exit status 2)"), err
+    assert "Traceback" not in "\n".join(err)

@@ -75,6 +75,8 @@ def test_drop_terms_zeroes_exactly_the_named_weights():
                 assert getattr(getattr(dropped, step), f.name) == getattr(getattr(g2, step), f.name)
     with pytest.raises(ValueError, match="unknown loss terms \\['neighbor'\\]"):
         g2.without(("neighbor",))
+    with pytest.raises(ValueError, match="every term of Step4UNetWeights"):
+        g2.without(("binary", "area", "preserve", "dist", "neighbour"))
 
 
 def test_drop_terms_flag_is_parsed_and_checked(capsys):
@@ -86,3 +88,6 @@ def test_drop_terms_flag_is_parsed_and_checked(capsys):
     with pytest.raises(SystemExit) as exc:
         step4.parse_args(["--img_path", "x", "--drop_terms", "neighbor"])
     assert exc.value.code == 2 and "unknown loss terms" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exc:
+        step4.parse_args(["--img_path", "x", "--drop_terms", "rec,identity,reg,landmark,area"])
+    assert exc.value.code == 2 and "nothing would train" in capsys.readouterr().err

@@ -197,6 +197,7 @@ def test_the_nan_stop_saves_no_weights_that_give_nan(tmp_path, capsys, image_roo
                  ["--max_iters", "20", "--learning_rate", "1e30"])
     assert "non-finite for 5 steps in a row" in line and "were not saved" in line
     assert "no checkpoint exists yet" in line and not list((tmp_path / "nan" / "pretrain_mofa").glob("*.pt"))
+    assert line.endswith("start again with --overwrite") and "--resume" not in line, "nothing to resume from"
 
 
 def test_the_nan_stop_moves_latest_back_to_the_last_finite_checkpoint(tmp_path, capsys, caplog, monkeypatch,
@@ -216,7 +217,9 @@ def test_the_nan_stop_moves_latest_back_to_the_last_finite_checkpoint(tmp_path, 
                                                            "--keep_ckpts", "0"]
     line = fails(capsys, step1.main, args)
     assert "the weights after step 5 give a non-finite loss" in line and "now holds step 4" in line, line
-    assert [p.name for p in sorted(run.glob("ckpt_*.pt"))] == [f"ckpt_00000{k}.pt" for k in (2, 4, 6, 8)]
+    assert [p.name for p in sorted(run.glob("ckpt_*.pt"))] == [f"ckpt_00000{k}.pt" for k in (2, 4)], \
+        "the checkpoints of the weights that give NaN (steps 6 and 8) are deleted"
+    assert "continue with --resume" in line
     assert load_checkpoint(run / "latest.pt")["step"] == 4
     monkeypatch.setattr(losses, "weighted_sum", real_sum)
     with caplog.at_level(logging.INFO):

@@ -122,3 +122,19 @@ def test_resume_across_an_epoch_boundary_with_two_workers_is_exact(tmp_path, inp
         sa, sb = a["optimizers"][name]["state"], b["optimizers"][name]["state"]
         assert sa.keys() == sb.keys() and all(_same(sa[k], sb[k]) for k in sa), f"optimizer {name} differs"
     assert a["schedulers"] == b["schedulers"]
+
+
+def test_dropped_terms_are_skipped_in_training_and_logged_in_validation(tmp_path, inputs):
+    """--drop_terms dist: the UNet-phase training rows log no dist (it is not computed), validation logs it; the
+    other UNet-phase terms are logged in both."""
+    save = tmp_path / "drop"
+    assert step4.main(_args(inputs, save, "--max_iters", "2", "--em_cycle", "3", "--unet_iters", "1",
+                            "--identity", "dlib", "--drop_terms", "dist", "--eval_every", "2")) == 0
+
+    def rows(name):
+        with (save / "MoFA_UNet" / name).open(newline="") as fh:
+            return list(csv.DictReader(fh))
+
+    train, val = rows("loss_train.csv"), rows("loss_val.csv")
+    assert len(train) == 2 and all(r["dist"] == "" and r["preserve"] != "" and r["neighbour"] != "" for r in train)
+    assert val and all(r["dist"] != "" for r in val)

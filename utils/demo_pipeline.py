@@ -27,13 +27,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+from utils.atomic_write import atomic_write
 from utils.cli import cli_main, repo_root
-from utils.errors import DataError
+from utils.errors import DataError, MofaError
 from utils.evaluation.evaluate import run_evaluation
 from utils.training.builders import FINAL_NAME, STEP_DIRS, STEP_SCRIPTS
 
@@ -55,7 +57,8 @@ DEMO = {
               "--optimizer", "adam", "--lr_mofa", "2e-4", "--lr_unet", "1e-4", "--drop_terms", "dist"],
 }
 QUICK = {**DEMO, "num_images": 60, "image_size": 32,
-         "step1": ["--max_iters", "4", "--batch_size", "8", "--optimizer", "adam", "--learning_rate", "1e-3"],
+         "step1": ["--max_iters", "4", "--batch_size", "8", "--optimizer", "adam", "--learning_rate", "1e-3",
+                   "--identity", "none"],
          "step3": ["--max_iters", "2", "--batch_size", "8", "--optimizer", "adam", "--learning_rate", "1e-3"],
          "step4": ["--max_iters", "3", "--batch_size", "8", "--em_cycle", "3", "--unet_iters", "1",
                    "--optimizer", "adam", "--drop_terms", "dist"]}
@@ -106,24 +109,38 @@ FIGURE_ROWS = 8
 # The ablation (``--ablation``): Step-4 variants trained from the run's own Step-1 and Step-3 models. Each maps flags
 # to the value that replaces (or, if absent, is appended to) the profile's Step-4 flags; the paper's way of showing
 # that each term earns its keep. ``all_terms`` puts back the dist term the profiles drop; ``--identity none`` removes
-# the identity, preserve and dist terms together.
+# the identity, preserve and dist terms together; ``no_bn_recalibration`` keeps the BatchNorm statistics of training
+# in Step 4 (the original's handling there; the Step-3 model it starts from keeps its re-estimation).
 ABLATIONS = {
     "all_terms": {"--drop_terms": ""},
     "no_identity": {"--identity": "none"},
-    "no_neighbour": {"--drop_terms": "dist,neighbour"},
+    "no_neighbour": {"--drop_terms": "+neighbour"},
     "g1_preset": {"--loss_preset": "g1"},
+    "g1_all_terms": {"--loss_preset": "g1", "--drop_terms": ""},
+    "no_bn_recalibration": {"--bn_recalibration": "0"},
 }
 
 
+class DemoError(MofaError):
+    """A command of the demo failed (its own messages are printed above) or its inputs do not fit together."""
+
+
 def run(cmd: list[str]) -> None:
+    """Run one command of the pipeline with this Python, in the repository; DemoError when it fails."""
     print("+", " ".join(cmd), flush=True)
-    subprocess.run([sys.executable, *cmd], cwd=REPO, check=True)
+    status = subprocess.run([sys.executable, *cmd], cwd=REPO).returncode
+    if status != 0:
+        raise DemoError(f"{cmd[1] if cmd[0] == '-m' else cmd[0]} failed (exit status {status}); its messages are "
+                        "above")
 
 
 def with_flags(flags: list[str], overrides: dict[str, str]) -> list[str]:
-    """``flags`` (``[--name, value, ...]``) with each ``overrides`` value replacing that flag's, or appended."""
+    """``flags`` (``[--name, value, ...]``) with each ``overrides`` value replacing that flag's, or appended. A value
+    ``+x`` adds ``x`` to the flag's comma-separated list instead (``--drop_terms +neighbour``)."""
     out = list(flags)
     for name, value in overrides.items():
+        if value.startswith("+"):
+            value = ",".join(filter(None, [out[out.index(name) + 1] if name in out else "", value[1:]]))
         if name in out:
             out[out.index(name) + 1] = value
         else:
@@ -161,6 +178,7 @@ def main(argv=None) -> int:
     cfg = scaled(PROFILES[args.profile], args.scale)
     t0 = time.time()
     out, data, save_root = Path(args.out), Path(args.data), Path(args.out) / "MoFA_UNet_Save"
+    previous = reused_results(out / "results.json", args)
     out.mkdir(parents=True, exist_ok=True)
     if not Path(args.bfm).is_file():
         run(["-m", "utils.synthetic.demo_face_model", "--out", args.bfm])
@@ -170,7 +188,10 @@ def main(argv=None) -> int:
     periods = ["--vis_every", "200", "--eval_every", "500", "--log_every", "25", "--val_batches", "4"]
     step_flags = {"step1": cfg["step1"] + periods, "step2": [], "step3": cfg["step3"] + periods,
                   "step4": cfg["step4"] + periods}
-    timings = {}
+    if args.from_step <= 3:  # new Step-1 or Step-3 models: the variants trained from the old ones are stale
+        shutil.rmtree(out / "ablation", ignore_errors=True)
+    timings = {name: previous["step_seconds"][name] for name in STEP_NAMES[:args.from_step - 1]
+               if name in previous.get("step_seconds", {})}
     for number, name in enumerate(STEP_NAMES, start=1):
         if number >= args.from_step:
             t = time.time()
@@ -183,15 +204,43 @@ def main(argv=None) -> int:
     results["step_seconds"] = timings
     results["settings"] = cfg
     results["profile"], results["scale"], results["from_step"] = args.profile, args.scale, args.from_step
-    if args.ablation:
+    write_results(out, results)
+    if args.ablation:  # results.json is rewritten after every variant, so a failed one loses nothing
         results["ablation"] = run_ablation(args, cfg, data, save_root, step_flags["step4"], out / "ablation",
-                                           results)
-    (out / "results.json").write_text(json.dumps(results, indent=2))
+                                           results, lambda: write_results(out, results))
+        write_results(out, results)
     print_table(results)
     if args.ablation:
         print_ablation(results["ablation"])
     write_figure(out / "figure.png", data, out)
     return 0
+
+
+def reused_results(path: Path, args) -> dict:
+    """The results.json of the run whose Steps 1 .. from_step-1 a ``--from_step`` run reuses ({} for a run from Step
+    1, or when there is none: the step scripts still check that their inputs exist and fit). DemoError when that
+    run used another profile or scale: its models were not trained with the settings this run would report."""
+    if args.from_step == 1 or not path.is_file():
+        return {}
+    try:
+        previous = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise DemoError(f"{path}: cannot read it ({exc}); run from Step 1 (without --from_step)") from None
+    earlier = (previous.get("profile"), previous.get("scale"))
+    if earlier != (args.profile, args.scale):
+        raise DemoError(f"--from_step {args.from_step}: the steps in {path.parent} were made with --profile "
+                        f"{earlier[0]} --scale {earlier[1]}, not --profile {args.profile} --scale {args.scale}; pass "
+                        "those, or run from Step 1")
+    if not isinstance(previous.get("step_seconds"), dict):
+        previous["step_seconds"] = {}
+    return previous
+
+
+def write_results(out: Path, results: dict) -> None:
+    """``<out>/results.json``, written atomically. ``step_seconds`` holds every step's time, from the run that made
+    it (a ``--from_step`` run keeps the earlier run's); ``wall_seconds`` is this invocation's, ablation excluded."""
+    with atomic_write(out / "results.json", "w") as handle:
+        handle.write(json.dumps(results, indent=2))
 
 
 def common_flags(args, cfg: dict, data: Path, save_root: Path) -> list[str]:
@@ -218,9 +267,10 @@ def record_stage(results: dict, key: str, summary: dict) -> None:
 
 
 def run_ablation(args, cfg: dict, data: Path, save_root: Path, step4_flags: list[str], out: Path,
-                 results: dict) -> dict:
+                 results: dict, checkpoint=lambda: None) -> dict:
     """Train every ``ABLATIONS`` variant of Step 4 from the run's Step-1 and Step-3 models and evaluate it; returns
-    the rows of the ablation table (Step 2, Step 3, the run's Step 4 and the variants), in results' format."""
+    the rows of the ablation table (Step 2, Step 3, the run's Step 4 and the variants), in results' format.
+    ``checkpoint()`` is called after each variant (with its stage already in ``results``)."""
     rows = {key: key for key in ("step2_prelim", "step3_unet", "step4_final")}
     table = {"rows": {}, "seconds": {}}
     previous = ["--pretrained_MoFA", str(save_root / STEP_DIRS[1] / FINAL_NAME),
@@ -233,6 +283,7 @@ def run_ablation(args, cfg: dict, data: Path, save_root: Path, step4_flags: list
         table["seconds"][name] = round(time.time() - t, 1)
         record_stage(results, f"step4_{name}", evaluate_stage(args, data, variant_root, "step4", out / name / "eval"))
         rows[f"step4_{name}"] = f"step4_{name}"
+        checkpoint()
     for row, key in rows.items():
         table["rows"][row] = {"overall": {m: results[key][m] for m in ("iou", "f1")},
                               "per_appearance": {n: v["iou"] for n, v in results["per_appearance"][key].items()},
@@ -251,7 +302,7 @@ def print_ablation(table: dict) -> None:
     for group, title in (("per_appearance", "appearance item"), ("per_category", "occluder category")):
         names = list(next(iter(rows.values()))[group])
         print(f"\nIoU per {title}:\n")
-        print(f"| row | " + " | ".join(names) + " |\n|---|" + "---|" * len(names))
+        print("| row | " + " | ".join(names) + " |\n|---|" + "---|" * len(names))
         for row, values in rows.items():
             print(f"| {row} | " + " | ".join(f"{values[group].get(n, float('nan')):.3f}" for n in names) + " |")
 

@@ -286,7 +286,7 @@ class LossPreset:
     def without(self, names: tuple[str, ...] | list[str]) -> "LossPreset":
         """This preset with the weights of the named terms set to 0 in every step that has them (an ablation;
         ``--drop_terms``). ``identity`` names the identity loss; preserve and dist are named on their own.
-        ValueError for a name no step has."""
+        ValueError for a name no step has, or when every term of a step (or of a Step-4 phase) would be dropped."""
         steps = ("step1", "step4_unet", "step4_mofa")
         known = {f.name for step in steps for f in dataclasses.fields(getattr(self, step))}
         unknown = sorted(set(names) - known)
@@ -297,6 +297,9 @@ class LossPreset:
             weights = getattr(self, step)
             zero = {f.name: 0.0 for f in dataclasses.fields(weights) if f.name in names}
             changed[step] = dataclasses.replace(weights, **zero)
+            if all(getattr(changed[step], f.name) == 0 for f in dataclasses.fields(weights)):
+                raise ValueError(f"that drops every term of {type(weights).__name__} "
+                                 f"({', '.join(f.name for f in dataclasses.fields(weights))}): nothing would train")
         return dataclasses.replace(self, **changed)
 
 

@@ -114,8 +114,9 @@ def save_on_error(run: Run, step: int, state: tuple, spec: dict, exc: BaseExcept
     if isinstance(exc, OSError):
         exc = TrainingError(f"cannot write {exc.filename or 'a file'} ({exc.strerror or exc})")
     latest = run.out_dir / LATEST_NAME
+    resumable = True
     if isinstance(exc, NonFiniteLossError):
-        note = keep_finite_checkpoint(run, exc.first_bad)
+        note, resumable = keep_finite_checkpoint(run, exc.first_bad)
     elif run.saved_step == step:
         note = f"the step-{step} state is in {latest}"
     elif step == 0 or isinstance(exc, CheckpointWriteError):
@@ -130,41 +131,47 @@ def save_on_error(run: Run, step: int, state: tuple, spec: dict, exc: BaseExcept
             note = f"the state after step {step} is saved in {latest}"
         except CheckpointWriteError as write_error:
             note = f"saving the step-{step} state failed too: {write_error}"
-    text = (f"stopped after step {step}: {message_of(exc)}; {note}. Fix the cause, then continue with --resume "
-            "(or start again with --overwrite)")
+    then = ("continue with --resume (or start again with --overwrite)" if resumable else
+            "start again with --overwrite")
+    text = f"stopped after step {step}: {message_of(exc)}; {note}. Fix the cause, then {then}"
     if isinstance(exc, MofaError):
         exc.args = (text,)
         return exc
     return TrainingError(text)
 
-def keep_finite_checkpoint(run: Run, first_bad: int) -> str:
-    """After the non-finite-loss stop: leave ``latest.pt`` on a state whose loss was finite and say which.
+def keep_finite_checkpoint(run: Run, first_bad: int) -> tuple[str, bool]:
+    """After the non-finite-loss stop: leave ``latest.pt`` on a state whose loss was finite; return what to say and
+    whether ``--resume`` can continue.
 
     The weights after ``first_bad`` steps give a non-finite loss, and so does every state saved since (the updates
     were skipped), so nothing is saved. ``latest.pt`` is kept when it is older; when it holds those weights it is
-    moved back to the newest kept ``ckpt_*.pt`` before ``first_bad`` (so that ``--resume`` starts from there).
-    Keeping a copy of the state before every update would cost a second copy of the weights and the optimizer
-    state, so the last good state is the last checkpoint.
+    moved back to the newest kept ``ckpt_*.pt`` before ``first_bad`` (so that ``--resume`` starts from there), and the
+    checkpoints of those weights are deleted (pruning and ``find_latest`` would otherwise prefer them). Keeping a copy
+    of the state before every update would cost a second copy of the weights and the optimizer state, so the last
+    good state is the last checkpoint.
     """
     latest = run.out_dir / LATEST_NAME
     head = f"the weights after step {first_bad} give a non-finite loss, so they were not saved; "
     if not run.is_main:
-        return head + "rank 0 names the checkpoint that is kept"
+        return head + "rank 0 names the checkpoint that is kept", True
     if run.saved_step is not None and run.saved_step < first_bad:
-        return head + f"{latest} (step {run.saved_step}) is kept"
-    earlier = [(s, path) for s, path in checkpoint_steps(run.out_dir) if s < first_bad]
+        return head + f"{latest} (step {run.saved_step}) is kept", True
+    saved = checkpoint_steps(run.out_dir)
+    earlier = [(s, path) for s, path in saved if s < first_bad]
     if earlier:
         good, path = earlier[-1]
         try:
             publish(path, latest)
+            for _, bad in (item for item in saved if item[0] >= first_bad):
+                bad.unlink()
         except OSError as exc:
-            return head + f"moving {latest} back to {path} failed ({exc.strerror or exc}): copy it there by hand"
+            return head + f"moving {latest} back to {path} failed ({exc.strerror or exc}): copy it there by hand", True
         run.saved_step = good
-        return head + f"{latest} now holds step {good} ({path.name}), the last checkpoint before them"
+        return head + f"{latest} now holds step {good} ({path.name}), the last checkpoint before them", True
     newest = find_latest(run.out_dir)
     if newest is not None:
-        return head + f"{newest} holds them too and no earlier checkpoint is kept: start again with --overwrite"
-    return head + "no checkpoint exists yet"
+        return head + f"{newest} holds them too and no earlier checkpoint is kept", False
+    return head + "no checkpoint exists yet", False
 
 def _parameters(state: tuple):
     for model in state[0].values():
