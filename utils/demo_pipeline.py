@@ -67,6 +67,7 @@ QUICK = {**DEMO, "num_images": 60, "image_size": 32,
 # long CPU run; `--scale F` shrinks every step count and the image count by F (for a trial run of the profile).
 FULL = {
     "num_images": 24000,
+    "workers": 4,  # DataLoader processes: decoding 224-px images in the training process would starve a GPU
     "image_size": 224,
     "encoder": "resnet50",
     "unet_width": 64,
@@ -246,8 +247,8 @@ def write_results(out: Path, results: dict) -> None:
 def common_flags(args, cfg: dict, data: Path, save_root: Path) -> list[str]:
     """The flags every step of one run shares; a demo run replaces the previous one (--overwrite)."""
     return ["--img_path", str(data), "--bfm", args.bfm, "--save_root", str(save_root), "--device", args.device,
-            "--workers", "0", "--image_size", str(cfg["image_size"]), "--encoder", cfg["encoder"],
-            "--unet_width", str(cfg["unet_width"]), "--overwrite"]
+            "--workers", str(cfg.get("workers", 0)), "--image_size", str(cfg["image_size"]),
+            "--encoder", cfg["encoder"], "--unet_width", str(cfg["unet_width"]), "--overwrite"]
 
 
 def evaluate_stage(args, data: Path, save_root: Path, stage: str, out: Path) -> dict:
