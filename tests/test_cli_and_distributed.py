@@ -119,3 +119,24 @@ def test_cli_main_passes_argv_and_status():
     assert info.value.code == 3
     with pytest.raises(ZeroDivisionError):  # programming errors keep their traceback
         cli.cli_main(lambda argv: 1 / 0)
+
+
+def test_nan_guard_skips_on_every_process_when_one_has_a_nan(monkeypatch):
+    """Under torch.distributed the skip decision is shared: a finite loss here, a NaN on another process (the
+    all-reduce returns 0) skips here too, so no process runs a backward the others never join."""
+    from utils.training.guards import NonFiniteGuard
+    reduced = []
+
+    def all_reduce(flag, op):
+        reduced.append((int(flag), op))
+        flag.zero_()  # the other process's loss was not finite
+
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "get_world_size", lambda: 2)
+    monkeypatch.setattr(dist, "all_reduce", all_reduce)
+    guard = NonFiniteGuard(patience=2)
+    assert guard.ok(torch.tensor(1.0), step=0) is False and reduced == [(1, dist.ReduceOp.MIN)]
+    monkeypatch.setattr(dist, "all_reduce", lambda flag, op: None)  # every process finite
+    assert guard.ok(torch.tensor(1.0), step=1) is True and guard.in_a_row == 0
+    monkeypatch.setattr(dist, "get_world_size", lambda: 1)
+    assert guard.ok(torch.tensor(float("nan")), step=2) is False and guard.skipped == 2

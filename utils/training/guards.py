@@ -34,12 +34,21 @@ class NonFiniteGuard:
     skipped: int = 0
 
     def ok(self, loss: torch.Tensor, step: int) -> bool:
-        if torch.isfinite(loss).all():
+        """True when every process's loss is finite. Under torch.distributed the processes agree (one all-reduce of
+        a flag): a process that skipped its backward while another ran one would leave DDP waiting forever."""
+        finite = torch.isfinite(loss).all()
+        if torch.distributed.is_available() and torch.distributed.is_initialized() and \
+                torch.distributed.get_world_size() > 1:
+            flag = finite.to(torch.int32)
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
+            finite = flag.bool()
+        if finite:
             self.in_a_row = 0
             return True
         self.in_a_row += 1
         self.skipped += 1
-        log.warning("step %d: non-finite loss (%s), update skipped (%d in a row)", step, loss.detach().cpu(),
+        where = "" if not torch.isfinite(loss).all() else " on another process"
+        log.warning("step %d: non-finite loss%s (%s), update skipped (%d in a row)", step, where, loss.detach().cpu(),
                     self.in_a_row)
         if self.in_a_row >= self.patience:
             raise NonFiniteLossError(f"the loss was non-finite for {self.in_a_row} steps in a row (last at step "
