@@ -152,10 +152,12 @@ def train(args) -> int:
     monitor = RunMonitor(run.out_dir, COLUMNS, start, end, run.is_main, desc="step4")
     alarm = CollapseAlarm()
 
-    def objective(batch, phase, enc, seg, skip=None):
-        """Forward one batch; ``phase`` picks the loss: 'unet' or 'mofa'. Terms weighted 0 are not computed in
-        training; validation (``skip`` = no term) logs them all."""
-        skip = {"unet": zero_weight_terms(w_unet), "mofa": zero_weight_terms(w_mofa)} if skip is None else skip
+    skipped = {"unet": zero_weight_terms(w_unet), "mofa": zero_weight_terms(w_mofa)}  # --drop_terms
+    every = {"unet": frozenset(), "mofa": frozenset()}
+
+    def objective(batch, phase, enc, seg, skip=skipped):
+        """Forward one batch; ``phase`` picks the loss: 'unet' or 'mofa'. Terms weighted 0 are skipped in training;
+        validation (``skip=every``) logs them all."""
         images, lms = batch["image"].to(device), batch["landmarks"].to(device)
         with torch.set_grad_enabled(phase == "mofa" and torch.is_grad_enabled()), run.autocast():
             coeffs = enc(images).float()
@@ -189,7 +191,6 @@ def train(args) -> int:
                 "residual": residual(images, out.image, out.mask)}
 
     def both_phases(batch):
-        every = {"unet": frozenset(), "mofa": frozenset()}
         t_unet, terms_unet, _ = objective(batch, "unet", mofa.encoder, unet, every)
         t_mofa, terms_mofa, _ = objective(batch, "mofa", mofa.encoder, unet, every)
         return t_unet + t_mofa, {**terms_unet, **terms_mofa, "total_unet": t_unet, "total_mofa": t_mofa}

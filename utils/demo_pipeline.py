@@ -272,7 +272,7 @@ def run_ablation(args, cfg: dict, data: Path, save_root: Path, step4_flags: list
     """Train every ``ABLATIONS`` variant of Step 4 from the run's Step-1 and Step-3 models and evaluate it; returns
     the rows of the ablation table (Step 2, Step 3, the run's Step 4 and the variants), in results' format.
     ``checkpoint()`` is called after each variant (with its stage already in ``results``)."""
-    rows = {key: key for key in ("step2_prelim", "step3_unet", "step4_final")}
+    rows = ["step2_prelim", "step3_unet", "step4_final"]
     table = {"rows": {}, "seconds": {}}
     previous = ["--pretrained_MoFA", str(save_root / STEP_DIRS[1] / FINAL_NAME),
                 "--pretrained_unet", str(save_root / STEP_DIRS[3] / FINAL_NAME)]
@@ -283,10 +283,10 @@ def run_ablation(args, cfg: dict, data: Path, save_root: Path, step4_flags: list
              *previous])
         table["seconds"][name] = round(time.time() - t, 1)
         record_stage(results, f"step4_{name}", evaluate_stage(args, data, variant_root, "step4", out / name / "eval"))
-        rows[f"step4_{name}"] = f"step4_{name}"
+        rows.append(f"step4_{name}")
         checkpoint()
-    for row, key in rows.items():
-        table["rows"][row] = {"overall": {m: results[key][m] for m in ("iou", "f1")},
+    for key in rows:
+        table["rows"][key] = {"overall": {m: results[key][m] for m in ("iou", "f1")},
                               "per_appearance": {n: v["iou"] for n, v in results["per_appearance"][key].items()},
                               "per_category": {n: v["iou"] for n, v in results["per_category"][key].items()}}
     table["flags"] = {name: overrides for name, overrides in ABLATIONS.items()}

@@ -36,18 +36,18 @@ class NonFiniteGuard:
     def ok(self, loss: torch.Tensor, step: int) -> bool:
         """True when every process's loss is finite. Under torch.distributed the processes agree (one all-reduce of
         a flag): a process that skipped its backward while another ran one would leave DDP waiting forever."""
-        finite = torch.isfinite(loss).all()
+        finite = own = bool(torch.isfinite(loss).all())
         if torch.distributed.is_available() and torch.distributed.is_initialized() and \
                 torch.distributed.get_world_size() > 1:
-            flag = finite.to(torch.int32)
+            flag = torch.tensor(int(own), dtype=torch.int32, device=loss.device)
             torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
-            finite = flag.bool()
+            finite = bool(flag)
         if finite:
             self.in_a_row = 0
             return True
         self.in_a_row += 1
         self.skipped += 1
-        where = "" if not torch.isfinite(loss).all() else " on another process"
+        where = "" if not own else " on another process"
         log.warning("step %d: non-finite loss%s (%s), update skipped (%d in a row)", step, where, loss.detach().cpu(),
                     self.in_a_row)
         if self.in_a_row >= self.patience:

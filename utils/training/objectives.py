@@ -3,7 +3,8 @@
 Each function returns a dict ``name -> scalar tensor or None`` whose keys are exactly the fields of the matching
 weights dataclass in ``utils.losses``; the step script applies the weights with ``weighted_sum`` in one place.
 A term is None when it cannot be computed (the identity terms with --identity none) or when it is in ``skip``: the
-step passes ``zero_weight_terms(weights)``, so a term that --drop_terms weighs 0 costs no computation.
+step passes ``zero_weight_terms(weights)`` in training, and the costly terms in it (the identity network's calls,
+the neighbour search) are not computed at all; the cheap ones are computed and dropped.
 """
 from __future__ import annotations
 
@@ -49,12 +50,12 @@ def _without(terms: dict, skip: frozenset[str]) -> dict:
     return {name: None if name in skip else value for name, value in terms.items()}
 
 
-def _prior_terms(out, landmarks_gt: torch.Tensor, setup: LossSetup, skip: frozenset[str] = frozenset()) -> dict:
+def _prior_terms(out, landmarks_gt: torch.Tensor, setup: LossSetup) -> dict:
     parts = setup.layout.split(out.coeffs)
     return {
-        "landmark": None if "landmark" in skip else losses.landmark_loss(
-            out.landmarks, landmarks_gt, setup.landmark_weights.to(out.coeffs), scale=setup.landmark_scale),
-        "reg": None if "reg" in skip else losses.coeff_regulariser(parts.shape, parts.exp, parts.tex),
+        "landmark": losses.landmark_loss(out.landmarks, landmarks_gt, setup.landmark_weights.to(out.coeffs),
+                                         scale=setup.landmark_scale),
+        "reg": losses.coeff_regulariser(parts.shape, parts.exp, parts.tex),
     }
 
 
@@ -71,7 +72,7 @@ def step1_terms(out, images: torch.Tensor, landmarks_gt: torch.Tensor, setup: Lo
                 skip: frozenset[str] = frozenset()):
     """Step 1 terms and the robust loss's inlier mask (B,1,H,W), for visualisation (computed even if skipped)."""
     photo, inliers = losses.robust_photometric(images, out.image, out.mask, sigma=setup.sigma)
-    terms = {"photo": photo, **_prior_terms(out, landmarks_gt, setup, skip),
+    terms = {"photo": photo, **_prior_terms(out, landmarks_gt, setup),
              "identity": None if "identity" in skip else _identity(identity, out, images, landmarks_gt)}
     return _without(terms, skip), inliers
 
@@ -124,6 +125,6 @@ def step4_mofa_terms(U: torch.Tensor, out, images: torch.Tensor, landmarks_gt: t
     return _without({
         "rec": losses.masked_reconstruction(images, out.image, M),
         "identity": None if "identity" in skip else _identity(identity, out, images, landmarks_gt),
-        **_prior_terms(out, landmarks_gt, setup, skip),
+        **_prior_terms(out, landmarks_gt, setup),
         "area": losses.area_loss(out.mask, U),
     }, skip)
