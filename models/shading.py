@@ -231,6 +231,92 @@ def sh_basis(normals: torch.Tensor) -> torch.Tensor:
     ], dim=-1)
 
 
+def _basis_scale(like: torch.Tensor) -> torch.Tensor:
+    """`(9,)` with `Y_k = scale[k] * q_k`, `q = (1, y, z, x, xy, yz, z^2, xz, x^2 - y^2)` (the `sh_basis` order; the
+    constant part of Y_20 is left out); dtype and device of `like`, built there (no host copy)."""
+    scale = like.new_empty(N_SH_BASIS)
+    for k, value in enumerate((SH_C00, *_MONOMIAL_SCALE)):
+        scale[k] = value
+    return scale
+
+
+def _to_plane_order(values: torch.Tensor) -> torch.Tensor:
+    """`(..., 9)` in the `sh_basis` order (1, y, z, x, ...) -> the order of `_Shade`'s planes (1, x, y, z, ...)."""
+    return torch.cat([values[..., :1], values[..., 3:4], values[..., 1:3], values[..., 4:]], dim=-1)
+
+
+def _to_basis_order(values: torch.Tensor) -> torch.Tensor:
+    """`(..., 9)` in the order of `_Shade`'s planes -> the `sh_basis` order (the inverse of `_to_plane_order`)."""
+    return torch.cat([values[..., :1], values[..., 2:4], values[..., 1:2], values[..., 4:]], dim=-1)
+
+
+class _Shade(torch.autograd.Function):
+    """`colour_c = albedo_c * E_c` on `(3, B, N)` planes, irradiance `E_c = sum_k W_ck q_k`, analytic backward.
+
+    `q (9, B, N)`: the planes `(1, x, y, z, xy, yz, z^2, xz, x^2 - y^2)`; `W (B, 3, 9)`: the light times
+    `_basis_scale` in that order, with the constant part of Y_20 (`-_C20 sh[9c + 6]`) added to the DC weight. One
+    `bmm` does the sums over k; the rest is element-wise on `(B, N)` planes, with no stack of monomials and no
+    autograd graph. Backward, with `G` the upstream gradient and `G_E = G * albedo`: d/d albedo = `G * E`;
+    d/d sh = `scale * sum_n G_E q` (one `bmm`; Y_20's constant is taken back from the DC sum); d/d normals =
+    `sum_k (W^T G_E)_k dq_k/dn` (one `bmm` for `W^T G_E`, then the monomials' derivatives, accumulated in place
+    into its x, y, z planes). Only the gradients asked for are computed; `q` and `E` are kept for the backward.
+    """
+
+    @staticmethod
+    def forward(ctx, albedo: torch.Tensor, normals: torch.Tensor, sh: torch.Tensor) -> torch.Tensor:
+        """`albedo`, `normals`: `(3, B, N)` planes; `sh`: `(B, 27)`. Returns the `(3, B, N)` colour planes."""
+        x, y, z = normals
+        q = normals.new_empty(N_SH_BASIS, *x.shape)
+        q[0].fill_(1.0)
+        q[1:4].copy_(normals)
+        torch.mul(normals[:2], normals[1:], out=q[4:6])  # xy, yz
+        torch.mul(z, z, out=q[6])
+        torch.mul(x, z, out=q[7])
+        torch.mul(x, x, out=q[8]).addcmul_(y, y, value=-1.0)
+        light = sh.reshape(-1, 3, N_SH_BASIS)
+        scale = _basis_scale(sh)
+        weight = light * scale
+        weight[..., 0] -= light[..., 6] * _C20
+        weight = _to_plane_order(weight)  # (B, 3, 9)
+        irradiance = q.new_empty(3, *x.shape)
+        torch.bmm(weight, q.transpose(0, 1), out=irradiance.transpose(0, 1))
+        needs_albedo, needs_normals, needs_sh = ctx.needs_input_grad
+        ctx.save_for_backward(albedo if needs_normals or needs_sh else None, irradiance if needs_albedo else None,
+                              q if needs_normals or needs_sh else None, weight if needs_normals else None,
+                              scale if needs_sh else None)
+        return albedo * irradiance
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+        """`grad (3, B, N)` -> d loss / d (albedo `(3, B, N)`, normals `(3, B, N)`, sh `(B, 27)`); None where not
+        needed."""
+        albedo, irradiance, q, weight, scale = ctx.saved_tensors
+        needs_albedo, needs_normals, needs_sh = ctx.needs_input_grad
+        grad_albedo = grad_normals = grad_sh = None
+        if needs_albedo:
+            grad_albedo = torch.mul(grad, irradiance, out=torch.empty_like(irradiance))
+        if not (needs_normals or needs_sh):
+            return grad_albedo, None, None
+        grad_e = torch.mul(grad, albedo, out=torch.empty_like(albedo))  # (3, B, N) d loss / d E
+        if needs_sh:
+            sums = _to_basis_order(torch.bmm(grad_e.transpose(0, 1), q.permute(1, 2, 0)))  # (B, 3, 9) sum_n G_E q
+            grad_light = sums * scale
+            grad_light[..., 6] -= sums[..., 0] * _C20
+            grad_sh = grad_light.view(-1, N_LIGHT)
+        if needs_normals:
+            # d loss / d q_k = (W^T G_E)_k for k = x, y, z, xy, yz, z^2, xz, x^2 - y^2
+            grad_q = q.new_empty(N_SH_BASIS - 1, *q.shape[1:])
+            torch.bmm(weight[..., 1:].transpose(1, 2), grad_e.transpose(0, 1), out=grad_q.transpose(0, 1))
+            g_x, g_y, g_z, g_xy, g_yz, g_zz, g_xz, g_d = grad_q
+            x, y, z = q[1:4]
+            g_x.addcmul_(y, g_xy).addcmul_(z, g_xz).addcmul_(x, g_d, value=2.0)
+            g_y.addcmul_(x, g_xy).addcmul_(z, g_yz).addcmul_(y, g_d, value=-2.0)
+            g_z.addcmul_(y, g_yz).addcmul_(x, g_xz).addcmul_(z, g_zz, value=2.0)
+            grad_normals = grad_q[:3]  # a view: the buffer's five other planes are freed with it
+        return grad_albedo, grad_normals, grad_sh
+
+
 def shade(albedo: torch.Tensor, normals: torch.Tensor, sh: torch.Tensor) -> torch.Tensor:
     """Shaded colour `albedo_c * sum_k sh[9c + k] * Y_k(n)`, nothing clamped.
 
@@ -246,10 +332,4 @@ def shade(albedo: torch.Tensor, normals: torch.Tensor, sh: torch.Tensor) -> torc
                          f"{tuple(normals.shape)}")
     if sh.shape != (albedo.shape[0], N_LIGHT):
         raise ValueError(f"sh must be (B, {N_LIGHT}) with B={albedo.shape[0]}, got {tuple(sh.shape)}")
-    x, y, z = normals.permute(2, 0, 1)  # (B, N) each
-    monomials = torch.stack([y, z, x, x * y, y * z, z * z, x * z, (x - y) * (x + y)], dim=1)  # (B, 8, N)
-    light = sh.view(-1, 3, N_SH_BASIS)
-    scale = torch.tensor(_MONOMIAL_SCALE, dtype=sh.dtype, device=sh.device)
-    constant = light[..., :1] * SH_C00 - light[..., 6:7] * _C20  # (B, 3, 1)
-    irradiance = torch.baddbmm(constant, light[..., 1:] * scale, monomials)  # (B, 3, N)
-    return (albedo.permute(2, 0, 1) * irradiance.transpose(0, 1)).permute(1, 2, 0)
+    return _Shade.apply(planes(albedo), planes(normals), sh).permute(1, 2, 0)

@@ -237,21 +237,72 @@ def test_dc_only_light_scales_albedo():
     assert_close(shade(albedo, normals, sh), albedo * const, atol=1e-5, msg="DC-only shading")
 
 
-def test_shade_matches_the_sh_basis_formula_with_gradients():
-    gen = torch.Generator().manual_seed(2)
-    normals = torch.nn.functional.normalize(torch.randn(3, 40, 3, generator=gen, dtype=torch.float64), dim=-1)
-    albedo = torch.rand(3, 40, 3, generator=gen, dtype=torch.float64)
-    sh = torch.randn(3, 27, generator=gen, dtype=torch.float64)
-    ours_in = [t.clone().requires_grad_() for t in (albedo, normals, sh)]
-    ref_in = [t.clone().requires_grad_() for t in (albedo, normals, sh)]
-    ours = shade(*ours_in)
-    ref = ref_in[0] * torch.einsum("bnk,bck->bnc", sh_basis(ref_in[1]), ref_in[2].view(3, 3, 9))
+def _shade_inputs(batch: int, n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """float64 `(albedo (B, N, 3), unit normals (B, N, 3), sh (B, 27))`."""
+    gen = torch.Generator().manual_seed(seed)
+    normals = torch.nn.functional.normalize(torch.randn(batch, n, 3, generator=gen, dtype=torch.float64), dim=-1)
+    albedo = torch.rand(batch, n, 3, generator=gen, dtype=torch.float64)
+    return albedo, normals, torch.randn(batch, 27, generator=gen, dtype=torch.float64)
+
+
+def _reference_shade(albedo: torch.Tensor, normals: torch.Tensor, sh: torch.Tensor) -> torch.Tensor:
+    """`albedo_c * sum_k sh[9c + k] Y_k(n)` straight from `sh_basis`, differentiated by autograd."""
+    return albedo * torch.einsum("bnk,bck->bnc", sh_basis(normals), sh.view(sh.shape[0], 3, 9))
+
+
+@pytest.mark.parametrize("needs", [(True, True, True), (True, False, False), (False, True, False),
+                                   (False, False, True), (False, True, True), (True, True, False)])
+def test_shade_matches_the_sh_basis_formula_with_gradients(needs):
+    """Colours and d loss / d (albedo, normals, sh) against autograd through `sh_basis`, for every input and for
+    subsets of them (the backward skips the gradients nobody asked for)."""
+    inputs = _shade_inputs(3, 40, seed=2)
+    ours_in = [t.clone().requires_grad_(need) for t, need in zip(inputs, needs)]
+    ref_in = [t.clone().requires_grad_(need) for t, need in zip(inputs, needs)]
+    ours, ref = shade(*ours_in), _reference_shade(*ref_in)
     assert_close(ours, ref, atol=1e-12, msg="colours")
-    upstream = torch.randn(ours.shape, generator=gen, dtype=torch.float64)
+    assert ours.permute(2, 0, 1).is_contiguous(), "the colours are a view of (3, B, N) planes"
+    upstream = torch.randn(ours.shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
     (ours * upstream).sum().backward()
     (ref * upstream).sum().backward()
-    for name, a, b in zip(("albedo", "normals", "sh"), ours_in, ref_in):
-        assert_close(a.grad, b.grad, atol=1e-10, msg=f"d loss / d {name}")
+    for name, a, b, need in zip(("albedo", "normals", "sh"), ours_in, ref_in, needs):
+        if need:
+            assert_close(a.grad, b.grad, atol=1e-10, msg=f"d loss / d {name}")
+            assert bool(a.grad.abs().gt(0).any()), f"d loss / d {name} is all zero"
+        else:
+            assert a.grad is None
+
+
+def test_shade_gradcheck():
+    """Finite differences of the analytic backward in float64, for all three inputs, in both input layouts."""
+    albedo, normals, sh = _shade_inputs(2, 5, seed=4)
+    normals = normals * 1.3  # any vector, not only unit ones: the shading is a polynomial in n
+    assert torch.autograd.gradcheck(shade, tuple(t.clone().requires_grad_() for t in (albedo, normals, sh)))
+    plane_in = [t.permute(2, 0, 1).contiguous().requires_grad_() for t in (albedo, normals)]  # (3, B, N) leaves
+    assert torch.autograd.gradcheck(lambda a, n, s: shade(a.permute(1, 2, 0), n.permute(1, 2, 0), s),
+                                    (*plane_in, sh.clone().requires_grad_()))
+
+
+def test_shade_accepts_any_memory_layout_and_float32():
+    albedo, normals, sh = _shade_inputs(2, 30, seed=5)
+    planar = [t.permute(2, 0, 1).contiguous().permute(1, 2, 0) for t in (albedo, normals)]  # views of planes
+    assert_close(shade(*planar, sh), shade(albedo, normals, sh), atol=0, rtol=0, msg="layout")
+    single = shade(albedo.float(), normals.float(), sh.float())
+    assert single.dtype == torch.float32
+    assert_close(single, _reference_shade(albedo, normals, sh), atol=1e-5, msg="float32")
+
+
+@requires_cuda
+def test_shade_and_gradients_on_cuda_match_cpu():
+    inputs = _shade_inputs(3, 40, seed=6)
+    upstream = torch.randn(3, 40, 3, dtype=torch.float64)
+    results = []
+    for device in ("cpu", "cuda"):
+        leaves = [t.to(device).requires_grad_() for t in inputs]
+        colours = shade(*leaves)
+        (colours * upstream.to(device)).sum().backward()
+        results.append([colours.detach().cpu()] + [t.grad.cpu() for t in leaves])
+    for name, a, b in zip(("colours", "d albedo", "d normals", "d sh"), results[1], results[0]):
+        assert_close(a, b, atol=1e-10, msg=f"{name} on CUDA")
 
 
 def test_shade_uses_index_9c_plus_k():
