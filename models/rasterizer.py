@@ -332,7 +332,7 @@ def _coverage(pix_to_face: torch.Tensor, faces: torch.Tensor, n_verts: int) -> C
     flat = pix_to_face.view(-1)
     pixels = torch.nonzero(flat >= 0).view(-1)  # host synchronisation: the number of covered pixels
     face = flat.index_select(0, pixels)
-    vertex = gather_rows(faces.t().contiguous(), face)  # (3, K) long, as scatter_add_ needs
+    vertex = gather_rows(faces.t().contiguous(), face)  # (3, K) long
     return Coverage(pixels, vertex + (pixels // (height * width)) * n_verts, n_verts)
 
 

@@ -233,10 +233,11 @@ def sh_basis(normals: torch.Tensor) -> torch.Tensor:
 
 def _basis_scale(like: torch.Tensor) -> torch.Tensor:
     """`(9,)` with `Y_k = scale[k] * q_k`, `q = (1, y, z, x, xy, yz, z^2, xz, x^2 - y^2)` (the `sh_basis` order; the
-    constant part of Y_20 is left out); dtype and device of `like`, built there (no host copy)."""
+    constant part of Y_20 is left out); dtype and device of `like`, filled there (`fill_` runs on the device:
+    assigning a Python number to a CUDA element would copy it from the host and synchronise)."""
     scale = like.new_empty(N_SH_BASIS)
     for k, value in enumerate((SH_C00, *_MONOMIAL_SCALE)):
-        scale[k] = value
+        scale[k].fill_(value)
     return scale
 
 
@@ -313,7 +314,7 @@ class _Shade(torch.autograd.Function):
             g_x.addcmul_(y, g_xy).addcmul_(z, g_xz).addcmul_(x, g_d, value=2.0)
             g_y.addcmul_(x, g_xy).addcmul_(z, g_yz).addcmul_(y, g_d, value=-2.0)
             g_z.addcmul_(y, g_yz).addcmul_(x, g_xz).addcmul_(z, g_zz, value=2.0)
-            grad_normals = grad_q[:3]  # a view: the buffer's five other planes are freed with it
+            grad_normals = grad_q[:3]  # a view of the 8-plane buffer (the renderer's normals consume it at once)
         return grad_albedo, grad_normals, grad_sh
 
 
@@ -332,4 +333,7 @@ def shade(albedo: torch.Tensor, normals: torch.Tensor, sh: torch.Tensor) -> torc
                          f"{tuple(normals.shape)}")
     if sh.shape != (albedo.shape[0], N_LIGHT):
         raise ValueError(f"sh must be (B, {N_LIGHT}) with B={albedo.shape[0]}, got {tuple(sh.shape)}")
+    if not albedo.dtype == normals.dtype == sh.dtype:
+        raise ValueError(f"albedo, normals and sh must share one dtype, got {albedo.dtype}, {normals.dtype}, "
+                         f"{sh.dtype}")
     return _Shade.apply(planes(albedo), planes(normals), sh).permute(1, 2, 0)

@@ -259,14 +259,14 @@ def test_shade_matches_the_sh_basis_formula_with_gradients(needs):
     ours_in = [t.clone().requires_grad_(need) for t, need in zip(inputs, needs)]
     ref_in = [t.clone().requires_grad_(need) for t, need in zip(inputs, needs)]
     ours, ref = shade(*ours_in), _reference_shade(*ref_in)
-    assert_close(ours, ref, atol=1e-12, msg="colours")
+    assert_close(ours, ref, atol=1e-12, rtol=0, msg="colours")
     assert ours.permute(2, 0, 1).is_contiguous(), "the colours are a view of (3, B, N) planes"
     upstream = torch.randn(ours.shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
     (ours * upstream).sum().backward()
     (ref * upstream).sum().backward()
     for name, a, b, need in zip(("albedo", "normals", "sh"), ours_in, ref_in, needs):
         if need:
-            assert_close(a.grad, b.grad, atol=1e-10, msg=f"d loss / d {name}")
+            assert_close(a.grad, b.grad, atol=1e-10, rtol=0, msg=f"d loss / d {name}")
             assert bool(a.grad.abs().gt(0).any()), f"d loss / d {name} is all zero"
         else:
             assert a.grad is None
@@ -291,18 +291,31 @@ def test_shade_accepts_any_memory_layout_and_float32():
     assert_close(single, _reference_shade(albedo, normals, sh), atol=1e-5, msg="float32")
 
 
+def test_shade_refuses_mixed_dtypes():
+    albedo, normals, sh = _shade_inputs(1, 4, seed=7)
+    with pytest.raises(ValueError, match="one dtype"):
+        shade(albedo.float(), normals, sh)
+
+
 @requires_cuda
 def test_shade_and_gradients_on_cuda_match_cpu():
+    """Same values on CUDA, and no host synchronisation inside the forward and backward."""
     inputs = _shade_inputs(3, 40, seed=6)
     upstream = torch.randn(3, 40, 3, dtype=torch.float64)
     results = []
     for device in ("cpu", "cuda"):
         leaves = [t.to(device).requires_grad_() for t in inputs]
-        colours = shade(*leaves)
-        (colours * upstream.to(device)).sum().backward()
+        weight = upstream.to(device)
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            colours = shade(*leaves)
+            (colours * weight).sum().backward()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
         results.append([colours.detach().cpu()] + [t.grad.cpu() for t in leaves])
     for name, a, b in zip(("colours", "d albedo", "d normals", "d sh"), results[1], results[0]):
-        assert_close(a, b, atol=1e-10, msg=f"{name} on CUDA")
+        assert_close(a, b, atol=1e-10, rtol=0, msg=f"{name} on CUDA")
 
 
 def test_shade_uses_index_9c_plus_k():
