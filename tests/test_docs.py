@@ -11,7 +11,7 @@
 from __future__ import annotations
 
 import re
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 
 import pytest
@@ -97,7 +97,7 @@ class Doc:
         return self.items.get(DEFECT_SECTION, set())
 
 
-@lru_cache(maxsize=None)
+@cache
 def doc(name: str) -> Doc | None:
     path = REPO / "docs" / name
     return Doc(path) if path.is_file() else None
