@@ -2,7 +2,7 @@
 
     python Step1_Pretrain_MoFA.py --img_path ./image_root [--bfm basel_3DMM/model2017-1_bfm_nomouth.h5]
 
-Loss (reference 8.1): photo * robust photometric + reg * coefficient prior + landmark * landmark loss
+Loss (docs/method.md §8.1): photo * robust photometric + reg * coefficient prior + landmark * landmark loss
 + identity * identity loss (--identity arcface|dlib|none, see utils/identity.py). Adadelta, StepLR(5000, 0.99) per step.
 Writes <save_root>/pretrain_mofa/: ckpt_NNNNNN.pt, latest.pt, final.pt, config.json, loss CSVs, TensorBoard, vis/.
 """

@@ -3,7 +3,7 @@
     python Step2_UNet_trainset_generation.py --img_path ./image_root
 
 With the Step-1 encoder (eval, no grad) every image of the chosen splits is reconstructed; its preliminary mask is
-the robust loss's inlier mask (reference 9): inside the rendered face and ||I - R||_RGB < 3 sigma (0.129).
+the robust loss's inlier mask (docs/method.md §9): inside the rendered face and ||I - R||_RGB < 3 sigma (0.129).
 Writes <save_root>/UNet_trainset/: X_org.png, X_raster.png, X_mask.png for every image X (its path relative to
 IMAGE_ROOT/Dataset, extension kept, so names are unique; PNG keeps masks binary) and <split>_list.csv for each
 split (what Step 3 reads). A folder holding an earlier Step-2 output is refused unless --overwrite is given.

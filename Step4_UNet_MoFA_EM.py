@@ -4,8 +4,8 @@
 
 Starts from Step 1's encoder and Step 3's UNet. Step counter ct: if ct % em_cycle > unet_iters a MoFA step
 (encoder trained, UNet frozen), else a UNet step; the first of every 30 000 steps are the 5 001 UNet steps
-(reference 10). Both schedulers step every iteration (StepLR(--lr_step, --lr_gamma_mofa / --lr_gamma_unet)); the
-learning rates continue Step 1's decay, read from its checkpoint. Losses and weights: reference 8.3
+(docs/method.md §10). Both schedulers step every iteration (StepLR(--lr_step, --lr_gamma_mofa / --lr_gamma_unet)); the
+learning rates continue Step 1's decay, read from its checkpoint. Losses and weights: docs/method.md §8.3
 (utils/training/objectives.py; --loss_preset, utils/losses.PRESETS).
 After every UNet phase the UNet's BatchNorm statistics are re-estimated with dropout off (--bn_recalibration;
 0 = the original), so the MoFA phase and the final model see the masks the UNet was trained to give.
@@ -65,7 +65,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--lr_gamma_unet", type=float, default=0.95, help="StepLR decay of the UNet learning rate")
     p.add_argument("--dist_landmarks", choices=("predicted", "gt"), default="predicted",
                    help="landmarks that align the masked render for the dist term: predicted (G2) or gt, the "
-                        "alignment of the masked image it is compared with (README, Faithfulness)")
+                        "alignment of the masked image it is compared with (docs/faithfulness.md)")
     add_recalibration_arg(p, "after every UNet phase")
     return resolve_identity_flag(cli.resolve_paths(p.parse_args(argv)))
 
@@ -91,7 +91,7 @@ def learning_rates(args, preset: losses.LossPreset, step1: dict, step1_path) -> 
 
 
 def em_phase(step: int, em_cycle: int, unet_iters: int) -> str:
-    """'unet' for the first unet_iters + 1 steps of every cycle of em_cycle steps, else 'mofa' (reference 10)."""
+    """'unet' for the first unet_iters + 1 steps of every cycle of em_cycle steps, else 'mofa' (docs/method.md §10)."""
     return "mofa" if step % em_cycle > unet_iters else "unet"
 
 
@@ -120,7 +120,7 @@ def build(args, run):
 
 
 def train(args) -> int:
-    # Both schedulers step every iteration (reference 10) although only one optimizer steps: expected here.
+    # Both schedulers step every iteration (docs/method.md §10) although only one optimizer steps: expected here.
     warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)` before")
     run = start_run(args, step=4)
     device = run.device

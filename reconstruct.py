@@ -45,7 +45,7 @@ from utils.training.checkpoint import CheckpointError
 
 log = logging.getLogger("reconstruct")
 
-# NoW-challenge landmarks (reference 2.5): full BFM2017 mesh vertex ids, valid only for that mesh.
+# NoW-challenge landmarks (docs/method.md §2.5): full BFM2017 mesh vertex ids, valid only for that mesh.
 NOW_LANDMARK_IDS = (2735, 6088, 10263, 13746, 8165, 5394, 11116)
 BFM2017_N_VERTICES = 53149
 VISIBLE_TINT = (0.0, 1.0, 0.0)

@@ -1,4 +1,4 @@
-"""Encoders: image -> post-scaled face coefficients (section 5 of the reference design).
+"""Encoders: image -> post-scaled face coefficients (docs/method.md §5).
 
 `ResNetEncoder` is the paper's torchvision ResNet (random or local ImageNet weights). `DlibTrunkEncoder` starts from
 the convolutional trunk of dlib's pretrained face-recognition network (`models/dlib_face.py`), the one pretrained

@@ -3,7 +3,7 @@
 0-based indices: jaw 0-16, brows 17-26, nose 27-35, eyes 36-47 (36-41 the subject's right eye, on the image left),
 outer mouth 48-59, inner mouth 60-67.
 
-The five alignment points follow the G2 code (reference 3.2 step 2 and 8.1 item 4): each eye centre is the mean of
+The five alignment points follow the G2 code (docs/method.md §3.2 step 2, §8.1 item 4): each eye centre is the mean of
 its two corners (36 and 39, 42 and 45), then the nose tip 30 and the mouth corners 48 and 54. The ArcFace warp and
 ``utils.prepare.detect_landmarks`` both use this one definition.
 """

@@ -1,4 +1,4 @@
-"""UNet occlusion segmenter (section 7 of the reference design), returning logits.
+"""UNet occlusion segmenter (docs/method.md §7), returning logits.
 
 Input `cat([render, image], 1)`: `(B, 6, H, W)` in [0, 1]; output logits `(B, 1, H, W)`; the face/occlusion mask
 is `mask_from_logits(logits)` (1 = fit this pixel, 0 = occluder). H and W divisible by 16 reproduce the original

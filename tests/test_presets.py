@@ -1,4 +1,4 @@
-"""The G1 and G2 values behind --loss_preset (reference 8.1 item 5, 8.3 and 10), and the one switch that picks them."""
+"""The G1 and G2 values behind --loss_preset (docs/method.md §8.1, §8.3, §10), and the one switch that picks them."""
 from __future__ import annotations
 
 import argparse

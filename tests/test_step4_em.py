@@ -1,6 +1,6 @@
 """Step 4's EM schedule, its learning rates and schedulers, and its exact resume (real Step-4 runs on a tiny set).
 
-Phase rule (reference 10): step ct is a MoFA step when ct % em_cycle > unet_iters, else a UNet step. With
+Phase rule (docs/method.md §10): step ct is a MoFA step when ct % em_cycle > unet_iters, else a UNet step. With
 ``--em_cycle 3 --unet_iters 1`` steps 0 and 1 are UNet steps, 2 is a MoFA step, 3 starts the next cycle (UNet).
 """
 from __future__ import annotations
@@ -73,7 +73,7 @@ def test_both_schedulers_step_every_iteration_from_step_1s_decayed_rate(em_run):
 
 
 def test_learning_rates_follow_step_1s_recorded_schedule_and_the_preset():
-    """Reference 10: after 300k Step-1 steps of StepLR(5000, 0.99), G2 (learning rate 0.1) starts Step 4 at
+    """docs/method.md §10: after 300k Step-1 steps of StepLR(5000, 0.99), G2 (learning rate 0.1) starts Step 4 at
     0.043773 / 0.0026264 and G1 (its learning rate 0.06) at 0.032829 / 0.0019698."""
     step1 = {"step": 300000, "config": {"lr_step": 5000, "lr_gamma": 0.99}}
     g2, g1 = losses.PRESETS["g2"], losses.PRESETS["g1"]

@@ -44,7 +44,7 @@ REPO = repo_root()
 # Step 1 runs without identity features: with dlib's network they cost +0.28 s per step (0.64 against 0.36 s), 8 of
 # the demo's 20 minutes. Step 4's EM cycle: UNet phases of unet_iters + 1 steps, then MoFA steps; the run ends inside
 # a MoFA phase, as the original's 130 epochs end with ~25k MoFA steps. Step 4's identity and preserve terms use dlib's
-# network; its dist term is dropped (README, "Demo results": `make ablation` trains Step 4 with it too).
+# network; its dist term is dropped (docs/results.md §4: `make ablation` trains Step 4 with it too).
 DEMO = {
     "num_images": 1200,
     "image_size": 96,

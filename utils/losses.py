@@ -1,4 +1,4 @@
-"""Loss terms of the four training steps (reference section 8), as pure functions of tensors.
+"""Loss terms of the four training steps (docs/method.md §8), as pure functions of tensors.
 
 Notation used in every docstring:
     I  image,            (B, 3, H, W) RGB in [0, 1]
@@ -27,7 +27,7 @@ import torch.nn.functional as F
 NORM_EPS = 1e-12
 
 # Landmark weights per iBUG-68 point, already SQUARED. The original multiplied the residual by w_j inside the
-# square (effective weight w_j^2, defect 13); ``landmark_loss`` applies its weights outside the square, so these
+# square (docs/method.md, defect 13: w_j^2); ``landmark_loss`` applies its weights outside the square, so these
 # constants are the squares of the original weights and the loss value equals the original's.
 # G1: jaw 0-16 -> 0.2^2, brows 17-26 -> 0.1^2, everything else 1.
 LANDMARK_WEIGHTS_G1: tuple[float, ...] = (0.2 ** 2,) * 17 + (0.1 ** 2,) * 10 + (1.0,) * 41
@@ -59,7 +59,7 @@ def _rgb_norm(x: torch.Tensor) -> torch.Tensor:
 # --------------------------------------------------------------------------------------------------------------
 
 def inlier_mask(I: torch.Tensor, R: torch.Tensor, F_mask: torch.Tensor, sigma: float = 0.043) -> torch.Tensor:
-    """Hard inlier mask of the robust photometric model (also Step 2's preliminary mask, reference section 9).
+    """Hard inlier mask of the robust photometric model (also Step 2's preliminary mask, docs/method.md §9).
 
     O = F * [||I - R||^2_RGB < (3 sigma)^2]; with sigma = 0.043 the threshold is an RGB distance of 0.129.
     I, R: (B, 3, H, W); F_mask: (B, 1, H, W) 0/1. Returns (B, 1, H, W) float 0/1, detached (no gradient).
@@ -73,7 +73,7 @@ def inlier_mask(I: torch.Tensor, R: torch.Tensor, F_mask: torch.Tensor, sigma: f
 
 def robust_photometric(I: torch.Tensor, R: torch.Tensor, F_mask: torch.Tensor,
                        sigma: float = 0.043) -> tuple[torch.Tensor, torch.Tensor]:
-    """Occlusion-robust photometric loss of Step 1 (reference section 8.1 item 1).
+    """Occlusion-robust photometric loss of Step 1 (docs/method.md §8.1 item 1).
 
     Per pixel, LL_fg = -||I - R||^2 / (2 sigma^2) + C with C = -1.5 ln(2 pi) - 3 ln(sigma) (about 6.683 for
     sigma = 0.043); the background likelihood is the constant LL_bg = C - 4.5. The inlier mask
@@ -109,7 +109,7 @@ def landmark_loss(pred: torch.Tensor, gt: torch.Tensor, weights: torch.Tensor | 
 
 def coeff_regulariser(shape: torch.Tensor, exp: torch.Tensor, tex: torch.Tensor,
                       norm: float = 224.0) -> torch.Tensor:
-    """Statistical regulariser (sum alpha^2 + sum delta^2 + sum beta^2) / B / norm (reference section 8.1 item 3).
+    """Statistical regulariser (sum alpha^2 + sum delta^2 + sum beta^2) / B / norm (docs/method.md §8.1 item 3).
 
     shape (B, n_shape), exp (B, n_exp), tex (B, n_tex): post-scaled coefficients. B is the actual batch size
     (the original divided by the CLI batch size); ``norm`` = 224 reproduces the original's extra division.
@@ -135,7 +135,7 @@ def identity_loss(f_rec: torch.Tensor, f_gt: torch.Tensor) -> torch.Tensor:
 # --------------------------------------------------------------------------------------------------------------
 
 def masked_reconstruction(I: torch.Tensor, R: torch.Tensor, M: torch.Tensor) -> torch.Tensor:
-    """Pooled masked L2,1 reconstruction loss (reference section 8.3).
+    """Pooled masked L2,1 reconstruction loss (docs/method.md §8.3).
 
     sum over (b, pixels) of ||M * (I - R)||_RGB / max(sum M, 1): one scalar for the whole batch.
     M: (B, 1, H, W) in [0, 1], so ||M (I - R)|| = M ||I - R||; the norm has NORM_EPS inside its square root,
@@ -164,7 +164,7 @@ def binary_loss(M: torch.Tensor) -> torch.Tensor:
 
 
 def neighbour_loss(M: torch.Tensor, R: torch.Tensor, I: torch.Tensor, radius: int = 2) -> torch.Tensor:
-    """Neighbour loss (reference section 8.3): a misalignment-tolerant data term for the UNet.
+    """Neighbour loss (docs/method.md §8.3): a misalignment-tolerant data term for the UNet.
 
     For each pixel p at least ``radius`` pixels from the border,
     L(p) = min over offsets d in [-r, r]^2 of ||M(p) R(p) - M(p + d) I(p + d)||_RGB; returns the mean of L over
@@ -193,11 +193,11 @@ def feature_cosine_loss(fa: torch.Tensor, fb: torch.Tensor, width_normalise: boo
 
     Preserve loss: fa = phi(I), fb = phi(I * M). Dist loss: fa = phi(R * M), fb = phi(I * M); phi = the identity
     network's shallow map (``IdentityEncoder.shallow``, ArcFace layer 1). ``width_normalise`` (default, G2,
-    reference section 8.3): each map is first L2-normalised along its LAST axis (the width: every (b, c, row) is
+    docs/method.md §8.3): each map is first L2-normalised along its LAST axis (the width: every (b, c, row) is
     divided by its norm over w, ``F.normalize(dim=-1)``), as G2 does. This is not a no-op: the cosine over channels
     is invariant to one scale per pixel, but this rescales every channel by a different, per-row factor, so it
-    changes which channels dominate the cosine (measured: preserve x1.05-1.1, dist x1.2-1.6, see the README's
-    Faithfulness section). False gives the plain channel cosine.
+    changes which channels dominate the cosine (measured: preserve x1.05-1.1, dist x1.2-1.6, see
+    docs/faithfulness.md). False gives the plain channel cosine.
     """
     if fa.ndim != 4 or fa.shape != fb.shape:
         raise ValueError(f"feature_cosine_loss: expected two (B, C, h, w) maps of the same shape, got "
@@ -211,7 +211,7 @@ def unet_bce_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Step 3 loss: binary cross-entropy of the UNet LOGITS (B, 1, H, W) against a soft target in [0, 1].
 
     The logits are what ``UNet.forward`` returns, i.e. G2's 5 * head output, so this is G2's BCE on 5 * logits.
-    The sigmoid is applied exactly once, inside the loss (the original applied it twice, defect 7).
+    The sigmoid is applied exactly once, inside the loss (the original applied it twice, docs/method.md, defect 7).
     """
     if logits.shape != target.shape:
         raise ValueError(f"unet_bce_loss: logits {tuple(logits.shape)} and target {tuple(target.shape)} differ")
@@ -219,7 +219,7 @@ def unet_bce_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 
 # --------------------------------------------------------------------------------------------------------------
-# Weights: defaults are G2's, ``g1()`` gives G1's (reference sections 8.1 item 5 and 8.3)
+# Weights: defaults are G2's, ``g1()`` gives G1's (docs/method.md §8.1 item 5 and §8.3)
 # --------------------------------------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
@@ -270,7 +270,7 @@ class Step4MoFAWeights:
 
 @dataclass(frozen=True)
 class LossPreset:
-    """Everything ``--loss_preset`` selects, in one place (Steps 1 and 4 read it; reference 8.1, 8.3 and 10).
+    """Everything ``--loss_preset`` selects, in one place (Steps 1 and 4 read it; docs/method.md §8.1, §8.3 and §10).
 
     step1 / step4_unet / step4_mofa: the weights of each step's terms; landmark_weights: the (68,) per-point
     weights (squared constants, see LANDMARK_WEIGHTS_G1); neighbour_radius: 1 = G1's 3x3 window, 2 = G2's 5x5;

@@ -8,7 +8,7 @@ the CSV's filename). Keeping the whole relative path and the extension makes the
 (``x.png`` and ``x.jpg``, ``a b.png`` and ``a_b.png``, ``日本.png`` and ``中国.png`` stay apart); two images whose names
 would still meet (they differ only in letter case, which a case-insensitive file system merges) are refused
 (``check_unique``). Step 3 reads the lists back with ``UNetTrainset``. The original wrote no lists and derived
-names by string replacement that broke for files not called ``*_org.jpg`` (defects 5, 6, 17).
+names by string replacement that broke for files not called ``*_org.jpg`` (docs/method.md, defects 5, 6, 17).
 """
 from __future__ import annotations
 

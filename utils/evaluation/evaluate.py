@@ -1,4 +1,4 @@
-"""Evaluation of occlusion masks and reconstructions on a split of an image root (reference section 11).
+"""Evaluation of occlusion masks and reconstructions on a split of an image root (docs/method.md §11).
 
 Stages (what produces the estimated mask E; the region F is always the rendered face of the stage's encoder):
     step2  the robust loss's inlier mask of the Step-1 encoder (Step 2's preliminary masks, no UNet);

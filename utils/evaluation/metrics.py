@@ -1,7 +1,7 @@
 """Evaluation metrics: occlusion-segmentation scores, landmark error, and 3D vertex error after rigid alignment.
 
 Masks are (B, 1, H, W) with 1 = visible face (the positive class), 0 = occluder. Following the paper's protocol
-(reference section 11) only pixels inside the rendered face ``region`` are counted.
+(docs/method.md §11) only pixels inside the rendered face ``region`` are counted.
 
 Empty denominators: a ratio whose denominator is 0 is 1.0 when nothing in the metric's scope is wrong and 0.0
 otherwise. Concretely, with tp, fp, tn, fn the counts of one image:

@@ -17,7 +17,7 @@ the same way. Output::
     IMAGE_ROOT/no_face_found.txt                        skipped images and why (one bad image never stops the run)
 
 dlib is an optional extra: ``pip install -r requirements-landmarks.txt``. Its jaw points follow the 2D
-face outline; the original authors recommend 3D-FAN contour points for the jaw (original_design.md 3.1).
+face outline; the original authors recommend 3D-FAN contour points for the jaw (docs/method.md §3.1).
 `align_face` and the helpers above it are pure numpy/OpenCV and need no dlib.
 """
 

@@ -6,7 +6,7 @@ basis is a few hand-made localised deformations (mouth open, smile, pucker, brow
 random localised fields. It lets the pipeline run end to end without the licensed BFM2017 file; numbers obtained
 with it say nothing about face reconstruction quality.
 
-Layout (original_design.md section 4.1; N vertices, F triangles, K components):
+Layout (docs/method.md §4.1; N vertices, F triangles, K components):
 
 | key | shape | dtype |
 |---|---|---|
@@ -24,7 +24,7 @@ component moves the face by a few mm; colour variances give a few percent up to 
 Geometry: millimetres, BFM2017 frame (x to the subject's left = image right, y up, z toward the viewer, origin
 near the head centre; face surface at z ~ 80-128). The mesh is a regular (rows = height, columns = azimuth)
 grid wrapped around the head, symmetric in x, with forehead, neck and head sides that the G1 analytic crop
-(section 4.3) removes while it keeps the whole face and all 68 landmarks. `shape mean + expression mean` is the
+(docs/method.md §4.3) removes while it keeps the whole face and all 68 landmarks. `shape mean + expression mean` is the
 designed head; the landmark vertices are chosen on it.
 
 CLI: `python -m utils.synthetic.demo_face_model --out basel_3DMM/demo_face_model.h5 [--target_vertices N] [--seed S]`.

@@ -1,6 +1,6 @@
 """The UNet's train/eval gap: measure it without side effects, and close it by re-estimating BatchNorm statistics.
 
-The UNet (reference section 7) ends its two deepest encoder blocks with Dropout(0.5), and the next layers start
+The UNet (docs/method.md §7) ends its two deepest encoder blocks with Dropout(0.5), and the next layers start
 with BatchNorm. During training BatchNorm normalises with the statistics of dropped-out activations, and its running
 statistics are averages of those; at evaluation dropout is off, the activations have a smaller variance than the
 running variance says, and the output shifts. In Step 4 this shift made the eval-mode UNet keep 0.05 of the face

@@ -1,4 +1,4 @@
-"""The loss terms of each step, computed from model outputs (reference section 8).
+"""The loss terms of each step, computed from model outputs (docs/method.md §8).
 
 Each function returns a dict ``name -> scalar tensor or None`` whose keys are exactly the fields of the matching
 weights dataclass in ``utils.losses``; the step script applies the weights with ``weighted_sum`` in one place.
@@ -78,7 +78,7 @@ def step1_terms(out, images: torch.Tensor, landmarks_gt: torch.Tensor, setup: Lo
 
 
 def unet_input(out, images: torch.Tensor) -> torch.Tensor:
-    """The UNet's input ``cat([render, image])`` (B,6,H,W); the render is not detached (section 7)."""
+    """The UNet's input ``cat([render, image])`` (B,6,H,W); the render is not detached (docs/method.md §7)."""
     return torch.cat([out.image, images], dim=1)
 
 
@@ -97,7 +97,7 @@ def mask_in_face(U: torch.Tensor, region: torch.Tensor) -> torch.Tensor:
 
 def step4_unet_terms(U: torch.Tensor, out, images: torch.Tensor, landmarks_gt: torch.Tensor, setup: LossSetup,
                      identity=None, skip: frozenset[str] = frozenset()) -> dict:
-    """Step 4 UNet-phase terms (reference 8.3): binary, area, preserve, dist, neighbour."""
+    """Step 4 UNet-phase terms (docs/method.md §8.3): binary, area, preserve, dist, neighbour."""
     M = out.mask * U
     preserve = dist = None
     if identity is not None and not {"preserve", "dist"} <= skip:
@@ -120,7 +120,7 @@ def step4_unet_terms(U: torch.Tensor, out, images: torch.Tensor, landmarks_gt: t
 
 def step4_mofa_terms(U: torch.Tensor, out, images: torch.Tensor, landmarks_gt: torch.Tensor, setup: LossSetup,
                      identity=None, skip: frozenset[str] = frozenset()) -> dict:
-    """Step 4 MoFA-phase terms (reference 8.3): masked reconstruction, identity, regulariser, landmark, area."""
+    """Step 4 MoFA-phase terms (docs/method.md §8.3): masked reconstruction, identity, regulariser, landmark, area."""
     M = out.mask * U
     return _without({
         "rec": losses.masked_reconstruction(images, out.image, M),
