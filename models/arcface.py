@@ -14,8 +14,8 @@ embedding, or the layer1 feature map for the Step-4 preserve / dist losses.
 """
 from __future__ import annotations
 
-from pathlib import Path
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
