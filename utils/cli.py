@@ -91,8 +91,8 @@ def cli_main(fn: Callable[[list[str] | None], int | None], argv: list[str] | Non
 
     Sets up INFO logging to stderr (message only) unless logging is already configured. A project error
     (MofaError, ModelInputError) prints ``error: <message>`` as ONE line to stderr and exits 2 (a missing optional
-    extra, `ExtraMissing`, with `EXTRAS_HINT`); Ctrl-C that
-    ``fn`` did not handle prints ``error: interrupted`` and exits 130. Otherwise exits with fn's return
+    extra, `ExtraMissing`, followed by `EXTRAS_HINT`); Ctrl-C that ``fn`` did not handle prints ``error:
+    interrupted`` and exits 130. Otherwise exits with fn's return
     value (None = 0). Freed host memory is kept for reuse (``utils.host_memory``: no page faults every step).
     """
     retain_freed_memory()
