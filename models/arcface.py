@@ -6,26 +6,24 @@ stem conv1 (3x3, stride 1) - bn1 - prelu; stages layer1..4 of IBasicBlocks (64, 
 first block of each stage has stride 2 and a 1x1-conv + BN ``downsample``); head bn2 - flatten - dropout -
 fc(512*7*7 -> 512) - features (BatchNorm1d). A 112x112 input gives layer1 56x56, ..., layer4 7x7.
 
-``IdentityEncoder`` warps a face image to the 112x112 ArcFace crop with a least-squares similarity from five
-points (eye centres = means of the eye corners as in G2, nose tip, mouth corners) to the ArcFace template, in
-torch (differentiable w.r.t. the image and the landmarks), maps it to [-1, 1] and returns the L2-normalised 512-d
-embedding, or the layer1 feature map for the Step-4 preserve / dist losses. Its weights are frozen and it stays
-in eval mode.
+``IdentityEncoder`` (a `models.identity_encoder.FrozenIdentityEncoder`: frozen, always in eval mode, unit
+embedding) warps a face image to the 112x112 ArcFace crop with a least-squares similarity from five points (eye
+centres = means of the eye corners as in G2, nose tip, mouth corners) to the ArcFace template, in torch
+(differentiable w.r.t. the image and the landmarks), maps it to [-1, 1] and returns the L2-normalised 512-d
+embedding, or the layer1 feature map for the Step-4 preserve / dist losses.
 """
 from __future__ import annotations
 
-import logging
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.errors import WeightsError
+from models.identity_encoder import FrozenIdentityEncoder
 from models.landmarks68 import five_points
-
-log = logging.getLogger(__name__)
+from models.state import load_weights_file
 
 R50_LAYERS = (3, 4, 14, 3)
 ARCFACE_SIZE = 112
@@ -136,69 +134,26 @@ def warp_to_template(images: torch.Tensor, landmarks: torch.Tensor, size: int = 
     return F.grid_sample(images, grid, mode="bilinear", padding_mode="zeros", align_corners=True)
 
 
-class IdentityEncoder(nn.Module):
-    """Frozen ArcFace (iresnet) identity encoder; always in eval mode, no parameter requires grad.
+class IdentityEncoder(FrozenIdentityEncoder):
+    """Frozen ArcFace (iresnet) identity encoder (`models.identity_encoder.FrozenIdentityEncoder`): the 112x112
+    ArcFace crop, then iresnet; D = 512, ``shallow`` = layer1 (B, 64, 56, 56).
 
     images: (B, 3, H, W) RGB in [0, 1]; landmarks: (B, 68, 2) or (B, 5, 2) pixels of those images.
-    Gradients flow to the images (and landmarks) through the warp and the network.
+    ``weights_path`` None builds random weights (tests); else insightface's ``backbone.pth``, loaded strictly.
     """
 
     def __init__(self, weights_path: str | Path | None = None, layers: Sequence[int] = R50_LAYERS):
-        super().__init__()
-        self.net = IResNet(layers)
+        net = IResNet(layers)
         if weights_path is not None:
-            load_arcface_weights(self.net, weights_path)
-        self.net.requires_grad_(False)
-        self.train(False)
+            load_arcface_weights(net, weights_path)
+        super().__init__(net)
 
-    def train(self, mode: bool = True) -> "IdentityEncoder":
-        """Ignore ``mode``: BatchNorm statistics and dropout stay frozen even under a parent's .train()."""
-        return super().train(False)
-
-    def align(self, images: torch.Tensor, landmarks: torch.Tensor) -> torch.Tensor:
+    def crop(self, images: torch.Tensor, landmarks: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) in [0, 1] -> (B, 3, 112, 112) ArcFace crop in [-1, 1] (outside the image: -1)."""
-        if images.ndim != 4 or images.shape[1] != 3 or landmarks.shape[0] != images.shape[0]:
-            raise ValueError(f"IdentityEncoder: expected (B, 3, H, W) images and (B, 68|5, 2) landmarks, got "
-                             f"{tuple(images.shape)} and {tuple(landmarks.shape)}")
         return warp_to_template(images, landmarks) * 2.0 - 1.0
-
-    def forward(self, images: torch.Tensor, landmarks: torch.Tensor) -> torch.Tensor:
-        """L2-normalised identity embedding (B, 512)."""
-        return F.normalize(self.net(self.align(images, landmarks)), dim=1)
-
-    def shallow(self, images: torch.Tensor, landmarks: torch.Tensor) -> torch.Tensor:
-        """ArcFace layer1 feature map (B, 64, 56, 56) of the aligned crop (preserve / dist losses)."""
-        return self.net.shallow(self.align(images, landmarks))
 
 
 def load_arcface_weights(net: IResNet, path: str | Path) -> None:
     """Load an insightface ``backbone.pth`` state dict into ``net`` strictly; WeightsError on any problem."""
-    path = Path(path)
-    hint = "pass the backbone.pth of insightface's ms1mv3_arcface_r50_fp16 with --arcface_weights"
-    if not path.is_file():
-        raise WeightsError(f"ArcFace weights {path} not found: {hint}")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # truncated or foreign files raise several types
-        raise WeightsError(f"ArcFace weights {path} are unreadable ({type(exc).__name__}): {hint}") from None
-    if not isinstance(state, dict):
-        raise WeightsError(f"ArcFace weights {path} hold a {type(state).__name__}, not a state dict: {hint}")
-    expected, got = set(net.state_dict()), set(state)
-    missing, unexpected = sorted(expected - got), sorted(got - expected)
-    if missing or unexpected:
-        raise WeightsError(f"ArcFace weights {path} do not match iresnet: missing keys {missing[:5]} "
-                           f"({len(missing)}), unexpected keys {unexpected[:5]} ({len(unexpected)}): {hint}")
-    try:
-        net.load_state_dict(state, strict=True)
-    except RuntimeError as exc:
-        detail = " ".join(str(exc).split())
-        raise WeightsError(f"ArcFace weights {path} do not match iresnet: {detail}") from None
-
-
-def load_identity_encoder(path: str | Path | None, device: torch.device | str,
-                          layers: Sequence[int] = R50_LAYERS) -> IdentityEncoder | None:
-    """The frozen identity encoder on ``device``, or None (with one log line) when ``path`` is None."""
-    if path is None:
-        log.warning("identity losses disabled: pass --arcface_weights")
-        return None
-    return IdentityEncoder(path, layers).to(device)
+    load_weights_file(net, path, "ArcFace weights file",
+                      hint="pass the backbone.pth of insightface's ms1mv3_arcface_r50_fp16 with --arcface_weights")

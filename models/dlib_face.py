@@ -2,8 +2,9 @@
 
 The network is ``dlib_face_recognition_resnet_model_v1.dat`` (Davis King; 128-d descriptors, 99.38 % on LFW;
 public domain / CC0 1.0), shipped by the ``face-recognition-models`` package. `load_dlib_face_net` reads that file
-with the pure-Python reader below (numpy, no compiler, no dlib) into `DlibFaceNet`; `DlibIdentityEncoder` gives it
-the interface of `models.arcface.IdentityEncoder`.
+with the pure-Python reader below (numpy, no compiler, no dlib) into `DlibFaceNet`; `DlibIdentityEncoder` puts it
+behind dlib's face chip as a `models.identity_encoder.FrozenIdentityEncoder` (the interface of
+`models.arcface.IdentityEncoder`).
 
 **Architecture** (dlib's ``anet_type`` in ``dnn_face_recognition_ex.cpp``). Input a 150x150 RGB chip. Stem: conv
 7x7/2 (no padding) -> affine -> relu -> max-pool 3x3/2 (no padding): 35x35. Residual blocks
@@ -45,12 +46,13 @@ from torch import nn
 
 from models.arcface import similarity_to_template
 from models.errors import ExtraMissing, WeightsError
+from models.identity_encoder import FrozenIdentityEncoder
+from models.state import load_strict
 
 log = logging.getLogger(__name__)
 
 MODEL_FILE = "dlib_face_recognition_resnet_model_v1.dat"
 PACKAGE = "face_recognition_models"
-INSTALL_HINT = "pip install -r requirements-landmarks.txt (or: pip install face-recognition-models)"
 CHIP_SIZE = 150
 CHIP_PADDING = 0.25
 # (filters, downsampling) of every residual block, innermost (first applied) first: alevel4 ... alevel0.
@@ -79,14 +81,15 @@ class DlibFormatError(WeightsError):
 
 def dlib_model_path(name: str = MODEL_FILE) -> Path:
     """Path of one of the model files of the installed ``face-recognition-models`` package
-    (``<package>/models/<name>``), or `ExtraMissing` naming the pip command."""
+    (``<package>/models/<name>``), or `ExtraMissing` naming the package (the command line adds how to install it:
+    `utils.cli.cli_main`)."""
     spec = importlib.util.find_spec(PACKAGE)
     for folder in (list(spec.submodule_search_locations or []) if spec else []):
         path = Path(folder) / "models" / name
         if path.is_file():
             return path
     what = "is not installed" if spec is None else f"has no models/{name}"
-    raise ExtraMissing(f"the dlib model {name}: package face-recognition-models {what}: {INSTALL_HINT}")
+    raise ExtraMissing(f"the dlib model {name}: package face-recognition-models {what}")
 
 
 def dlib_models_available(name: str = MODEL_FILE) -> bool:
@@ -113,7 +116,7 @@ class _Reader:
 
     def fail(self, what: str) -> DlibFormatError:
         return DlibFormatError(f"dlib model {self.path}: {what} at byte {self.pos}: the file is damaged or not "
-                               f"{MODEL_FILE}; reinstall it: {INSTALL_HINT}")
+                               f"{MODEL_FILE} (it comes with the package face-recognition-models)")
 
     def take(self, n: int) -> bytes:
         if self.pos + n > len(self.data):
@@ -310,18 +313,19 @@ def read_dlib_face_file(path: str | Path) -> dict:
     """Parse ``dlib_face_recognition_resnet_model_v1.dat`` into numpy arrays.
 
     Returns {"mean": (3,) RGB input means, "convs": [{"weight": (O, I, k, k), "bias": (O,)}] * 29 with each affine
-    layer folded in (innermost first: stem, then two per block), "fc": (128, 256), "margin", "threshold"}
-    (the loss's margin and dlib's same-person distance threshold). `DlibFormatError` on anything unexpected.
+    layer folded in (innermost first: stem, then two per block), "fc": (128, 256)}. The loss layer's training
+    margin and distance threshold are read past, not kept. `DlibFormatError` on anything unexpected.
     """
     path = Path(path)
     try:
         data = path.read_bytes()
     except OSError as exc:
-        raise WeightsError(f"dlib model {path}: cannot read it ({exc.strerror}): {INSTALL_HINT}") from None
+        raise WeightsError(f"dlib model {path}: cannot read it ({exc.strerror})") from None
     r = _Reader(data, path)
     r.version((1,), "add_loss_layer")
     loss = r.tag(("loss_metric_", "loss_metric_2"), "loss layer")
-    margin, threshold = (r.scalar(), r.scalar()) if loss == "loss_metric_2" else (0.1, 0.75)
+    if loss == "loss_metric_2":  # its margin and distance threshold: training settings, unused here
+        r.scalar(), r.scalar()
     spec = _network_spec()
     versions = []
     for i, layer in enumerate(spec):  # wrapper headers, outermost first
@@ -358,7 +362,7 @@ def read_dlib_face_file(path: str | Path) -> dict:
         elif layer.kind == "fc":
             fc = fields["weight"]
     r.end()
-    return {"mean": mean, "convs": convs, "fc": fc, "margin": margin, "threshold": threshold}
+    return {"mean": mean, "convs": convs, "fc": fc}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -401,7 +405,6 @@ class DlibFaceNet(nn.Module):
     def __init__(self):
         super().__init__()
         self.register_buffer("mean", torch.zeros(3))
-        self.threshold = 0.6
         self.stem = nn.Conv2d(3, STEM_FILTERS, 7, stride=2)
         blocks, ch = [], STEM_FILTERS
         for n, down in BLOCKS:
@@ -436,7 +439,7 @@ class DlibFaceNet(nn.Module):
 
     def forward(self, chips: torch.Tensor) -> torch.Tensor:
         """(B, 3, 150, 150) RGB in [0, 1] -> (B, 128), the raw dlib descriptor (not normalised; dlib calls two faces
-        the same person below Euclidean distance ``self.threshold`` = 0.6)."""
+        the same person below Euclidean distance 0.6)."""
         x = self.shallow(chips)
         for block in self.blocks[SHALLOW_BLOCKS:]:
             x = block(x)
@@ -447,12 +450,13 @@ def load_dlib_face_net(path: str | Path | None = None) -> DlibFaceNet:
     """dlib's face-recognition ResNet from ``path`` (default: the file in the installed face-recognition-models
     package), frozen, in eval mode, on the CPU; move it with ``.to(device)``.
 
-    `ExtraMissing` (one line with the pip command) when ``path`` is None and the package is absent;
+    `ExtraMissing` (one line naming the package) when ``path`` is None and the package is absent;
     `WeightsError` / `DlibFormatError` for an unreadable or foreign file. Reading takes ~0.1 s (numpy).
     """
     path = dlib_model_path() if path is None else Path(path)
     if not path.is_file():
-        raise WeightsError(f"dlib model {path} not found: pass the path of {MODEL_FILE} or {INSTALL_HINT}")
+        raise WeightsError(f"dlib model {path} not found: pass the path of {MODEL_FILE}, or none to use the one of "
+                           "the package face-recognition-models")
     t0 = time.perf_counter()
     parsed = read_dlib_face_file(path)
     with torch.device("meta"):  # no random initialisation: every tensor is assigned from the file
@@ -461,11 +465,7 @@ def load_dlib_face_net(path: str | Path | None = None) -> DlibFaceNet:
     state = {"mean": torch.from_numpy(parsed["mean"]), "fc.weight": torch.from_numpy(parsed["fc"])}
     for name, p in zip(convs, parsed["convs"], strict=True):
         state[f"{name}.weight"], state[f"{name}.bias"] = torch.from_numpy(p["weight"]), torch.from_numpy(p["bias"])
-    try:
-        net.load_state_dict(state, strict=True, assign=True)
-    except RuntimeError as exc:
-        raise DlibFormatError(f"dlib model {path} does not fit the network: {' '.join(str(exc).split())}") from None
-    net.threshold = parsed["threshold"]
+    load_strict(net, state, f"dlib model {path}", error=DlibFormatError, assign=True)
     net.requires_grad_(False)
     net.train(False)
     log.debug("read %s in %.2f s", path, time.perf_counter() - t0)
@@ -534,35 +534,20 @@ def extract_face_chips(images: torch.Tensor, points5: torch.Tensor, size: int = 
     return chips * inside.reshape(B, 1, size, size).to(chips.dtype)
 
 
-class DlibIdentityEncoder(nn.Module):
-    """Frozen dlib face-recognition identity encoder with the interface of `models.arcface.IdentityEncoder`.
+class DlibIdentityEncoder(FrozenIdentityEncoder):
+    """Frozen dlib face-recognition identity encoder (`models.identity_encoder.FrozenIdentityEncoder`, the
+    interface of `models.arcface.IdentityEncoder`): dlib's 150x150 face chip, then `DlibFaceNet`; D = 128 (the
+    unit-length descriptor; the raw one is ``self.net(self.align(...))``), ``shallow`` = the first residual level
+    (B, 32, 35, 35) (`DlibFaceNet.shallow`).
 
     images: (B, 3, H, W) RGB in [0, 1]; landmarks: (B, 68, 2) iBUG points (or (B, 5, 2) dlib 5-point shapes) in
-    pixels of those images. The 150x150 chip is cut as dlib.get_face_chip(img, shape5, 150, 0.25) does, from the
-    five points `dlib_five_points` picks; gradients flow to the images and the landmarks.
+    pixels of those images. The chip is cut as dlib.get_face_chip(img, shape5, 150, 0.25) does, from the five points
+    `dlib_five_points` picks. ``net`` defaults to `load_dlib_face_net(path)`.
     """
 
     def __init__(self, path: str | Path | None = None, net: DlibFaceNet | None = None):
-        super().__init__()
-        self.net = load_dlib_face_net(path) if net is None else net
-        self.net.requires_grad_(False)
-        self.train(False)
+        super().__init__(load_dlib_face_net(path) if net is None else net)
 
-    def train(self, mode: bool = True) -> DlibIdentityEncoder:
-        """Ignore ``mode``: the encoder stays in eval mode even under a parent's .train()."""
-        return super().train(False)
-
-    def align(self, images: torch.Tensor, landmarks: torch.Tensor) -> torch.Tensor:
+    def crop(self, images: torch.Tensor, landmarks: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) in [0, 1] -> (B, 3, 150, 150) dlib face chip in [0, 1] (outside the image: 0)."""
-        if images.ndim != 4 or images.shape[1] != 3 or landmarks.shape[0] != images.shape[0]:
-            raise ValueError(f"DlibIdentityEncoder: expected (B, 3, H, W) images and (B, 68|5, 2) landmarks, got "
-                             f"{tuple(images.shape)} and {tuple(landmarks.shape)}")
         return extract_face_chips(images, dlib_five_points(landmarks))
-
-    def forward(self, images: torch.Tensor, landmarks: torch.Tensor) -> torch.Tensor:
-        """L2-normalised identity embedding (B, 128) (the raw descriptor is ``self.net(self.align(...))``)."""
-        return F.normalize(self.net(self.align(images, landmarks)), dim=1)
-
-    def shallow(self, images: torch.Tensor, landmarks: torch.Tensor) -> torch.Tensor:
-        """First residual level (B, 32, 35, 35) of the chip (`DlibFaceNet.shallow`; preserve / dist losses)."""
-        return self.net.shallow(self.align(images, landmarks))

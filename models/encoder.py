@@ -15,8 +15,8 @@ import torchvision
 from torch import nn
 
 from models.dlib_face import CHIP_SIZE, DlibFaceNet, load_dlib_face_net
-from models.errors import WeightsError
 from models.layout import CoeffLayout
+from models.state import load_weights_file
 
 logger = logging.getLogger(__name__)
 
@@ -75,27 +75,9 @@ class ResNetEncoder(nn.Module):
 
 def _load_backbone(backbone: nn.Module, path: Path, arch: str) -> None:
     """Load an ImageNet state dict into `backbone` strictly, except for its `fc.*` entries."""
-    if not path.is_file():
-        raise WeightsError(f"encoder weights file not found: {path} (expected a local torchvision {arch} "
-                           f"ImageNet state dict; give none to start from random weights)")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # torch.load raises many types for corrupt / foreign files
-        raise WeightsError(f"{path}: cannot be read as a torch state dict ({err})") from None
-    if not isinstance(state, dict):
-        raise WeightsError(f"{path}: expected a state dict, got {type(state).__name__}")
-    state = {k: v for k, v in state.items() if not k.startswith("fc.")}
-    expected = {k for k in backbone.state_dict() if not k.startswith("fc.")}
-    missing, unexpected = sorted(expected - state.keys()), sorted(state.keys() - expected)
-    if missing or unexpected:
-        raise WeightsError(f"{path}: not a torchvision {arch} state dict (missing {missing[:3]}, "
-                           f"unexpected {unexpected[:3]}, {len(missing)} / {len(unexpected)} in all)")
-    reference = backbone.state_dict()
-    for key in sorted(expected):
-        found, wanted = tuple(getattr(state[key], "shape", ())), tuple(reference[key].shape)
-        if found != wanted:
-            raise WeightsError(f"{path}: '{key}' has shape {found}, torchvision {arch} expects {wanted}")
-    backbone.load_state_dict(state, strict=False)
+    load_weights_file(backbone, path, f"torchvision {arch} weights file", skip=("fc.",),
+                      hint=f"expected a local torchvision {arch} ImageNet state dict; give none to start from random "
+                           "weights")
 
 
 class DlibTrunkEncoder(nn.Module):

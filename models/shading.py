@@ -28,7 +28,7 @@ NORMAL_EPS = 1e-12
 
 SH_C00 = 1.0 / math.sqrt(4.0 * math.pi)  # Y_00
 SH_C1 = math.sqrt(3.0 / (4.0 * math.pi))  # |Y_1m| / n-component
-"""The band-0 and band-1 constants of `sh_basis`, the only spelling of them (the synthetic benchmark uses them too)."""
+"""The band-0 and band-1 constants of `sh_basis`, the only spelling of them."""
 _C2 = math.sqrt(15.0 / (4.0 * math.pi))  # Y_2,-2 / (xy), -Y_2,+-1 / (yz | xz)
 _C20 = math.sqrt(5.0 / (16.0 * math.pi))  # Y_20 / (3 z^2 - 1)
 _MONOMIAL_SCALE = (-SH_C1, SH_C1, -SH_C1, _C2, -_C2, 3.0 * _C20, -_C2, 0.5 * _C2)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -10,11 +11,13 @@ import pytest
 import torch
 
 from models.camera import CameraConfig
-from models.layout import N_SH_BASIS, CoeffLayout
+from models.layout import N_SH_BASIS, CoeffLayout, light_with_offset
+from models.shading import sh_basis
 from utils.data.image_io import read_mask
 from utils.landmarks_csv import read_landmarks_csv
 from utils.synthetic import appearance as app
-from utils.synthetic.faces import RENDER_DTYPE, generate_dataset, render_batch
+from utils.synthetic import head as head_module
+from utils.synthetic.faces import RENDER_DTYPE, SceneRanges, generate_dataset, render_batch, sample_light
 from utils.synthetic.head import HeadRenderer
 from utils.synthetic.occluders import TextureBank, draw_occluder
 
@@ -58,13 +61,31 @@ def dressed(scene: dict, items: tuple[str, ...], seed: int, textures: TextureBan
     return image, {"background": background, "hair": hair}
 
 
-def test_key_light_recovers_the_direction_of_band_1() -> None:
-    for direction in ([0.3, -0.5, -0.81], [-0.7, 0.1, -0.7], [0.0, 0.0, -1.0]):
-        l_dir = np.asarray(direction) / np.linalg.norm(direction)
-        sh = np.zeros((3, N_SH_BASIS))
-        sh[:, 1:4] = 0.8 * np.array([-l_dir[1], l_dir[2], -l_dir[0]])  # basis order -y, z, -x
-        found = app.key_light(sh.reshape(-1), np.random.default_rng(0))
-        np.testing.assert_allclose(found, l_dir, atol=1e-9)
+def _sphere(count: int) -> np.ndarray:
+    """``(count, 3)`` unit directions spread evenly over the sphere (a Fibonacci lattice, ~1 deg apart at 40000)."""
+    k = np.arange(count) + 0.5
+    z = 1.0 - 2.0 * k / count
+    r, phi = np.sqrt(1.0 - z * z), np.pi * (1.0 + 5.0 ** 0.5) * k
+    return np.stack([r * np.cos(phi), r * np.sin(phi), z], -1)
+
+
+def test_key_light_round_trip_through_the_sampler_and_sh_basis() -> None:
+    """The generator's light sampler draws a light towards a direction; the renderer's SH basis, evaluated over
+    the sphere, finds where that light is brightest; the key light the generator derives (shadows, highlights)
+    must be that direction. With band 2 off the brightest direction is exactly the drawn one."""
+    ranges = replace(SceneRanges(), band2=0.0, directional=(0.3, 0.5))
+    directions = _sphere(40000)
+    basis = sh_basis(torch.from_numpy(directions)[None])[0].numpy()  # (M, 9)
+    for seed in range(12):
+        light = sample_light(np.random.default_rng(seed), ranges)
+        sh = light_with_offset(torch.from_numpy(light.astype(np.float64))[None])[0].numpy()
+        irradiance = (basis @ sh.reshape(3, N_SH_BASIS).T).mean(1)  # (M,) channel mean
+        brightest = directions[np.argmax(irradiance)]
+        key = app.key_light(light, np.random.default_rng(100 + seed))
+        angle = np.degrees(np.arccos(np.clip(key @ brightest, -1.0, 1.0)))
+        assert np.isclose(np.linalg.norm(key), 1.0) and angle < 1.5, (seed, key, brightest, angle)
+        assert -key[2] >= np.cos(np.radians(70.0)) - 0.02, "the sampler draws lights on the camera side"
+        assert irradiance.max() > irradiance.min() * 1.5, "not a directional light"
     weak = app.key_light(np.zeros(27), np.random.default_rng(1))  # no band 1: a random camera-side light
     assert np.isclose(np.linalg.norm(weak), 1.0) and weak[2] < 0.0
 
@@ -103,6 +124,57 @@ def test_each_item_is_present_and_changes_only_the_subject(item: str, scene: dic
         allowed |= face
         assert not (changed & ~allowed).any(), f"{item} (seed {seed}) changed pixels off the subject"
         assert (changed & face).sum() >= 3, f"{item} (seed {seed}) left the face unchanged"
+
+
+def _box(points: np.ndarray, grow: float) -> tuple[np.ndarray, np.ndarray]:
+    return points.min(0) - grow, points.max(0) + grow
+
+
+@pytest.mark.parametrize("item", ["lipstick", "eyeshadow"])
+def test_make_up_lands_where_it_belongs(item: str, scene: dict, textures: TextureBank) -> None:
+    """Lipstick only on the lips (landmarks 48-59), eyeshadow only between the eyes and the brows (17-26,
+    36-47): each painter is the one its item names."""
+    lms = scene["landmarks"]
+    home = lms[48:60] if item == "lipstick" else np.vstack([lms[17:27], lms[36:48]])
+    low, high = _box(home, grow=2.0)
+    for seed in range(3):
+        bare, _ = dressed(scene, (), seed=seed, textures=textures)
+        painted, _ = dressed(scene, (item,), seed=seed, textures=textures)
+        ys, xs = np.nonzero(np.abs(painted - bare).max(-1) > 1.0 / 255.0)
+        assert len(xs) >= 10, f"{item} (seed {seed}) painted almost nothing"
+        inside = (xs >= low[0]) & (xs <= high[0]) & (ys >= low[1]) & (ys <= high[1])
+        assert inside.all(), f"{item} (seed {seed}) painted {int((~inside).sum())} pixels away from its place"
+
+
+def test_heads_have_ears(scene: dict, textures: TextureBank, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The same head drawn with and without its ears differs beside the face at ear height (both sides over the
+    seeds: this face is turned, so the far ear often hides behind the head) and never on the face."""
+    face, lms = scene["face"], scene["landmarks"]
+    background = np.full((SIZE, SIZE, 3), 0.5, np.float32)
+
+    def draw(seed: int) -> np.ndarray:
+        return head_module.draw_head(background, face, scene["head"], lms, scene["light"], scene["camera"],
+                                     np.random.default_rng(seed), textures).image
+
+    real = head_module.draw_ears
+
+    def earless(*args, **kwargs):
+        rgb, alpha = real(*args, **kwargs)  # the same random draws, nothing shown
+        return rgb, np.zeros_like(alpha)
+
+    seen = {"left": 0, "right": 0}
+    for seed in range(4):
+        with_ears = draw(seed)
+        monkeypatch.setattr(head_module, "draw_ears", earless)
+        without = draw(seed)
+        monkeypatch.setattr(head_module, "draw_ears", real)
+        ys, xs = np.nonzero(np.abs(with_ears - without).max(-1) > 1.0 / 255.0)
+        assert len(xs) >= 10, f"seed {seed}: no ears drawn"
+        assert not face[ys, xs].any(), "an ear drawn over the face region"
+        assert ((ys > lms[19, 1] - 4) & (ys < lms[8, 1])).all(), "ears above the brows or below the chin"
+        seen["left"] += int((xs < lms[0, 0]).sum())
+        seen["right"] += int((xs > lms[16, 0]).sum())
+    assert seen["left"] > 0 and seen["right"] > 0, seen
 
 
 def test_cast_shadows_fall_away_from_the_light(scene: dict, demo_bfm_h5: Path) -> None:

@@ -1,5 +1,4 @@
 """ArcFace iresnet: insightface-compatible parameter names, strict weight loading, template warp, frozen encoder."""
-import logging
 import math
 
 import pytest
@@ -134,7 +133,7 @@ def test_frozen_under_parent_train_and_optimizer(small_encoder):
 def test_weights_round_trip_strict(tmp_path, small_encoder):
     path = tmp_path / "backbone.pth"
     torch.save(small_encoder.net.state_dict(), path)
-    loaded = af.load_identity_encoder(path, "cpu", layers=SMALL)
+    loaded = af.IdentityEncoder(path, layers=SMALL)
     images = torch.rand(1, 3, 112, 112)
     lm, _ = _landmarks_for(torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]]))
     assert torch.equal(loaded(images, lm), small_encoder(images, lm))
@@ -142,15 +141,21 @@ def test_weights_round_trip_strict(tmp_path, small_encoder):
     state = small_encoder.net.state_dict()
     del state["fc.bias"]
     torch.save(state, path)
-    with pytest.raises(WeightsError, match=r"missing keys \['fc.bias'\] \(1\)"):
-        af.load_identity_encoder(path, "cpu", layers=SMALL)
-    with pytest.raises(WeightsError, match="do not match"):  # an r50 net cannot take the small file
-        af.load_identity_encoder(path, "cpu")
-    with pytest.raises(WeightsError, match="not found: pass the backbone.pth"):
-        af.load_identity_encoder(tmp_path / "none.pth", "cpu")
-
-
-def test_no_weights_disables_with_one_log_line(caplog):
-    with caplog.at_level(logging.INFO, logger="models.arcface"):
-        assert af.load_identity_encoder(None, "cpu") is None
-    assert [r.getMessage() for r in caplog.records] == ["identity losses disabled: pass --arcface_weights"]
+    with pytest.raises(WeightsError, match=r"backbone.pth does not match IResNet: missing keys \[fc.bias\], "
+                                           r"unexpected keys \[\]: pass the backbone.pth"):
+        af.IdentityEncoder(path, layers=SMALL)
+    with pytest.raises(WeightsError, match="does not match IResNet: missing keys .*layer1.1"):  # r50 vs small file
+        af.IdentityEncoder(path)
+    state = small_encoder.net.state_dict()
+    state["fc.bias"] = torch.zeros(3)
+    torch.save(state, path)
+    with pytest.raises(WeightsError, match=r"size mismatch for 'fc.bias': \(3,\) given, \(512,\) expected"):
+        af.IdentityEncoder(path, layers=SMALL)
+    torch.save(torch.zeros(3), path)
+    with pytest.raises(WeightsError, match="holds a Tensor, not a state dict"):
+        af.IdentityEncoder(path, layers=SMALL)
+    path.write_text("junk")
+    with pytest.raises(WeightsError, match="backbone.pth is unreadable"):
+        af.IdentityEncoder(path, layers=SMALL)
+    with pytest.raises(WeightsError, match="none.pth not found: pass the backbone.pth"):
+        af.IdentityEncoder(tmp_path / "none.pth")

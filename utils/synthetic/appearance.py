@@ -26,10 +26,11 @@ from dataclasses import dataclass, field
 
 import cv2
 import numpy as np
+import torch
 
 from models.camera import CameraConfig
-from models.layout import N_SH_BASIS, SH_INIT
-from models.shading import SH_C00, SH_C1
+from models.layout import N_LIGHT, N_SH_BASIS, light_with_offset
+from models.shading import sh_basis
 from utils.synthetic.head import HeadSample, draw_head, sh_irradiance
 from utils.synthetic.occluders import (
     BROWS,
@@ -90,16 +91,29 @@ def appearance_label(items: tuple[str, ...]) -> str:
     return "+".join(items) if items else "none"
 
 
+def _band1_at_axes() -> np.ndarray:
+    """``(3, 3)``: row i holds the band-1 basis functions (`models.shading.sh_basis` entries 1-3) at the unit axis
+    e_i of the camera frame. Band 1 is linear in the normal, so band-1 coefficients ``c (3,)`` light a normal n with
+    ``n . (_band1_at_axes() @ c)``, whatever the basis's sign convention; the matrix is the band-1 constant times a
+    signed permutation."""
+    return sh_basis(torch.eye(3, dtype=torch.float64)[None])[0, :, 1:4].numpy()
+
+
 def key_light(light: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """``(3,)`` unit camera-frame direction towards the key light of an offset-free SH light ``(27,)``.
 
-    The band-1 terms of the shading are ``SH_C1 * (c1 (-n_y) + c2 n_z + c3 (-n_x))``, i.e. ``s n.l`` with
-    ``l ~ (-c3, -c1, c2)``; when their strength relative to the ambient term is below `MIN_KEY_STRENGTH` a
-    direction 25-70 deg off the view axis on the camera side is drawn instead.
+    The direction in which the band-1 part of the channel-mean light (with the renderer's offset,
+    `models.layout.light_with_offset`) is brightest (`_band1_at_axes`). When its strength relative to the ambient
+    (band-0) term is below `MIN_KEY_STRENGTH`, a direction 25-70 deg off the view axis on the camera side is drawn
+    instead.
     """
-    sh = (np.asarray(light, np.float64) + np.asarray(SH_INIT)).reshape(3, N_SH_BASIS).mean(0)
-    direction = np.array([-sh[3], -sh[1], sh[2]])
-    strength = np.linalg.norm(direction) * SH_C1 / max(abs(sh[0]) * SH_C00, 1e-9)
+    offset = light_with_offset(torch.from_numpy(np.asarray(light, np.float64).reshape(1, N_LIGHT)))
+    sh = offset.numpy().reshape(3, N_SH_BASIS).mean(0)
+    band1 = _band1_at_axes()
+    scale = float(np.linalg.norm(band1[0]))  # the band-1 constant: band1 / scale is a signed permutation
+    y00 = float(sh_basis(torch.zeros(1, 1, 3, dtype=torch.float64))[0, 0, 0])
+    direction = (band1 / scale) @ sh[1:4]
+    strength = np.linalg.norm(direction) * scale / max(abs(sh[0]) * y00, 1e-9)
     if strength >= MIN_KEY_STRENGTH:
         return direction / np.linalg.norm(direction)
     theta, phi = np.radians(rng.uniform(25.0, 70.0)), rng.uniform(0.0, 2.0 * np.pi)

@@ -34,10 +34,10 @@ import torch
 
 from models.camera import CameraConfig, euler_rotation
 from models.face_model import FaceModel
-from models.layout import N_SH_BASIS, SH_INIT, CoeffLayout
+from models.layout import N_LIGHT, CoeffLayout, light_with_offset
 from models.rasterizer import interpolate, rasterize
 from models.renderer import FaceRenderer
-from models.shading import sh_basis, vertex_normals
+from models.shading import shade, vertex_normals
 from utils.synthetic.occluders import (
     HAIR_COLOURS,
     FaceFrame,
@@ -58,13 +58,16 @@ SHADOW_BIAS_MM = 2.5
 
 
 def sh_irradiance(light: np.ndarray, normals: np.ndarray) -> np.ndarray:
-    """SH irradiance ``(..., 3)`` at unit camera-frame normals ``(..., 3)`` for offset-free light ``(27,)``.
+    """SH irradiance ``(..., 3)`` float32 at unit camera-frame normals ``(..., 3)`` for offset-free light ``(27,)``.
 
-    The same product as `models.shading.shade` without the albedo (the renderer adds `SH_INIT` to the light).
+    The face renderer's own shading, `models.shading.shade` of a white albedo with `light_with_offset(light)`,
+    run in float64 on the CPU (the generator's precision), so the head and the items are lit exactly as the face.
     """
-    sh = (np.asarray(light, np.float64) + np.asarray(SH_INIT)).reshape(3, N_SH_BASIS)
-    basis = sh_basis(torch.from_numpy(np.asarray(normals, np.float64).reshape(1, -1, 3)))[0].numpy()
-    return (basis @ sh.T).reshape(*np.shape(normals)[:-1], 3).astype(np.float32)
+    normals64 = torch.from_numpy(np.asarray(normals, np.float64).reshape(1, -1, 3))
+    sh = light_with_offset(torch.from_numpy(np.asarray(light, np.float64).reshape(1, N_LIGHT)))
+    irradiance = shade(torch.ones_like(normals64), normals64, sh)[0].contiguous()  # (N, 3) in C order: numpy's
+    # reductions over it (e.g. the specular tint's mean) sum in the same order as over any other (N, 3) array
+    return irradiance.numpy().reshape(*np.shape(normals)[:-1], 3).astype(np.float32)
 
 
 # ----- rendering the full head --------------------------------------------------------------------------------

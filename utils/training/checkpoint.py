@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from models.state import load_strict
 from utils.atomic_write import atomic_copy, atomic_write, temp_name
 from utils.errors import MofaError
 
@@ -212,24 +213,10 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu", 
     return payload
 
 
-def _short(keys: list[str], limit: int = 5) -> str:
-    shown = ", ".join(keys[:limit])
-    return shown + (f" (+{len(keys) - limit} more)" if len(keys) > limit else "")
-
-
 def load_model_state(model: nn.Module, state: Mapping[str, torch.Tensor], name: str) -> None:
-    """Load ``state`` into ``model`` (DDP unwrapped) with strict=True; CheckpointError on any mismatch."""
-    target = _unwrap(model)
-    expected, got = set(target.state_dict()), set(state)
-    missing, unexpected = sorted(expected - got), sorted(got - expected)
-    if missing or unexpected:
-        raise CheckpointError(f"model '{name}' does not match the checkpoint: missing keys [{_short(missing)}], "
-                              f"unexpected keys [{_short(unexpected)}]")
-    try:
-        target.load_state_dict(state, strict=True)
-    except RuntimeError as exc:
-        detail = " ".join(line.strip() for line in str(exc).splitlines()[1:3])
-        raise CheckpointError(f"model '{name}' does not match the checkpoint: {detail}") from None
+    """Load ``state`` into ``model`` (DDP unwrapped) strictly (`models.state.load_strict`); CheckpointError on any
+    mismatch."""
+    load_strict(_unwrap(model), state, f"checkpoint model '{name}'", error=CheckpointError)
 
 
 def _section(payload: dict, key: str, name: str) -> Any:
