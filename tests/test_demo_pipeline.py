@@ -185,8 +185,8 @@ def test_a_failing_step_is_one_line(tmp_path, demo_bfm_h5, capfd):
     from utils.cli import cli_main
     out, data = tmp_path / "out", tmp_path / "data"
     with pytest.raises(SystemExit) as exc:
-        cli_main(demo_pipeline.main, ["--profile", "quick", "--out", str(out), "--data", str(data), "--bfm", str(demo_bfm_h5),
-                                      "--device", "cpu", "--from_step", "4"])
+        cli_main(demo_pipeline.main, ["--profile", "quick", "--out", str(out), "--data", str(data), "--bfm",
+                                      str(demo_bfm_h5), "--device", "cpu", "--from_step", "4"])
     err = capfd.readouterr().err.strip().splitlines()
     assert exc.value.code == 2 and err[-1].startswith("error: Step4_UNet_MoFA_EM.py failed (exit status 2)"), err
     assert "Traceback" not in "\n".join(err)

@@ -1,3 +1,4 @@
+# ruff: noqa: F811  (the fixtures finished and image_root are imported from test_reliability, then requested)
 """Issue 21: the data tools protect the user's files, one run per folder, a real full disk, signals under wrappers.
 
 Failures run the command-line entry point in-process (``fails``: exit 2, one ``error:`` line, no traceback) and
@@ -27,7 +28,7 @@ import Step2_UNet_trainset_generation as step2
 from tests.test_reliability import FAST, clone, common, csv_rows, fails, finished, image_root, snapshot  # noqa: F401
 # (finished, image_root: the module fixtures of test_reliability, shared so the Step-1 run is trained once per module)
 from utils import demo_pipeline
-from utils.cli import cli_main, repo_root
+from utils.cli import repo_root
 from utils.data.image_io import write_image_rgb
 from utils.data.unet_trainset import check_unique
 from utils.errors import DataError

@@ -3,7 +3,8 @@
 
 Usage::
 
-    python -m utils.prepare.detect_landmarks --images RAW_DIR --out IMAGE_ROOT [--size 224] [--seed 0] [--split 0.8,0.1,0.1]
+    python -m utils.prepare.detect_landmarks --images RAW_DIR --out IMAGE_ROOT [--size 224] [--seed 0]
+        [--split 0.8,0.1,0.1] [--overwrite]
 
 For every image under RAW_DIR (recursively; ``*_visible_skin_mask.png`` files are not inputs) the largest
 face is found with dlib's HOG detector, its 68 iBUG landmarks with dlib's shape predictor (the model file

@@ -533,7 +533,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--size", type=int, default=REFERENCE_SIZE, help="image size in pixels (default: 224)")
     parser.add_argument("--batch", type=int, default=16, help="render batch size (default: 16)")
     parser.add_argument("--device", default="cpu", help="cpu (default), auto, cuda or cuda:<index>")
-    parser.add_argument("--overwrite", action="store_true", help="replace the set a previous run wrote in --out (only its own files; the new "
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace the set a previous run wrote in --out (only its own files; the new "
                         "set is built beside it and swapped in when complete)")
     return parser
 
