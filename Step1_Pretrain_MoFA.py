@@ -1,3 +1,4 @@
+# ruff: noqa: E402  (the imports follow the start-up Ctrl-C handler)
 """Step 1: pretrain MoFA (encoder + face model + renderer) with the occlusion-robust photometric loss.
 
     python Step1_Pretrain_MoFA.py --img_path ./image_root [--bfm basel_3DMM/model2017-1_bfm_nomouth.h5]
@@ -7,6 +8,10 @@ Loss (docs/method.md §8.1): photo * robust photometric + reg * coefficient prio
 Writes <save_root>/pretrain_mofa/: ckpt_NNNNNN.pt, latest.pt, final.pt, config.json, loss CSVs, TensorBoard, vis/.
 """
 from __future__ import annotations
+
+if __name__ == "__main__":  # Ctrl-C while torch is imported: one line, no traceback (utils/startup.py)
+    from utils.startup import quiet_interrupts
+    quiet_interrupts()
 
 import argparse
 import logging

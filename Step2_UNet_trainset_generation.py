@@ -1,3 +1,4 @@
+# ruff: noqa: E402  (the imports follow the start-up Ctrl-C handler)
 """Step 2: write the preliminary occlusion masks that pretrain the UNet in Step 3.
 
     python Step2_UNet_trainset_generation.py --img_path ./image_root
@@ -6,9 +7,15 @@ With the Step-1 encoder (eval, no grad) every image of the chosen splits is reco
 the robust loss's inlier mask (docs/method.md §9): inside the rendered face and ||I - R||_RGB < 3 sigma (0.129).
 Writes <save_root>/UNet_trainset/: X_org.png, X_raster.png, X_mask.png for every image X (its path relative to
 IMAGE_ROOT/Dataset, extension kept, so names are unique; PNG keeps masks binary) and <split>_list.csv for each
-split (what Step 3 reads). A folder holding an earlier Step-2 output is refused unless --overwrite is given.
+split (what Step 3 reads). A folder holding an earlier Step-2 output is refused unless --overwrite is given, which
+removes only the files that run's manifest lists (.mofa_manifest.json, written before the first sample).
 """
 from __future__ import annotations
+
+if __name__ == "__main__":  # Ctrl-C while torch is imported: one line, no traceback (utils/startup.py)
+    from utils.startup import quiet_interrupts
+    quiet_interrupts()
+
 
 import argparse
 import logging
@@ -21,7 +28,7 @@ from models.face_model import FaceModel
 from models.layout import CoeffLayout
 from utils import cli, losses
 from utils.data.datasets import FaceDataset, collate_faces
-from utils.data.unet_trainset import check_unique, stem_for, write_list, write_sample
+from utils.data.unet_trainset import SUFFIXES, check_unique, stem_for, write_list, write_sample
 from utils.errors import DataError
 from utils.training import flags
 from utils.training.builders import announce_spec, load_mofa, previous_checkpoint
@@ -66,7 +73,8 @@ def generate(args) -> int:
     if not datasets:
         raise DataError(f"--splits {args.splits!r}: name at least one split, e.g. train,val")
     check_unique((str(d.root.csv(split)), name) for split, d in datasets.items() for name in d.filenames)
-    run.claim()
+    planned = [f"{stem_for(name)}{suffix}" for d in datasets.values() for name in d.filenames for suffix in SUFFIXES]
+    run.claim(planned=planned + [f"{split}_list.csv" for split in datasets])  # its manifest: --overwrite removes these
     for split, dataset in datasets.items():
         rows = write_split(mofa, dataset, run, args, run.out_dir)
         run.barrier()

@@ -1,3 +1,4 @@
+# ruff: noqa: E402  (the imports follow the start-up Ctrl-C handler)
 """Step 3: pretrain the UNet on the Step-2 preliminary masks.
 
     python Step3_Pretrain_Unet.py [--save_root MoFA_UNet_Save]
@@ -8,6 +9,10 @@ original applied it twice). Adadelta, StepLR(5000, 0.99) per step. At the end th
 re-estimated with dropout off (--bn_recalibration; 0 = the original). Writes <save_root>/Pretrain_UNet/ like Step 1.
 """
 from __future__ import annotations
+
+if __name__ == "__main__":  # Ctrl-C while torch is imported: one line, no traceback (utils/startup.py)
+    from utils.startup import quiet_interrupts
+    quiet_interrupts()
 
 import argparse
 import contextlib

@@ -1,3 +1,4 @@
+# ruff: noqa: E402  (the imports follow the start-up Ctrl-C handler)
 """Step 4: joint EM-style training of the UNet (segmentation) and MoFA (reconstruction).
 
     python Step4_UNet_MoFA_EM.py --img_path ./image_root
@@ -12,6 +13,10 @@ After every UNet phase the UNet's BatchNorm statistics are re-estimated with dro
 Writes <save_root>/MoFA_UNet/ like Step 1; checkpoints hold both networks.
 """
 from __future__ import annotations
+
+if __name__ == "__main__":  # Ctrl-C while torch is imported: one line, no traceback (utils/startup.py)
+    from utils.startup import quiet_interrupts
+    quiet_interrupts()
 
 import argparse
 import contextlib

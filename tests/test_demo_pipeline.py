@@ -23,7 +23,7 @@ def quick_demo(tmp_path_factory, demo_bfm_h5):
     """One --quick demo run: (out, data) folders."""
     root = tmp_path_factory.mktemp("quick_demo")
     out, data = root / "out", root / "data"
-    assert demo_pipeline.main(["--quick", "--out", str(out), "--data", str(data), "--bfm", str(demo_bfm_h5),
+    assert demo_pipeline.main(["--profile", "quick", "--out", str(out), "--data", str(data), "--bfm", str(demo_bfm_h5),
                                "--device", "cpu"]) == 0
     return out, data
 
@@ -142,7 +142,7 @@ def test_ablation_trains_each_variant_from_the_demo_models(quick_demo, demo_bfm_
     save_root = out / "MoFA_UNet_Save"
     before = {p: p.stat().st_mtime_ns for p in save_root.rglob("*.pt")}
     demo_seconds = json.loads((out / "results.json").read_text())["step_seconds"]
-    assert demo_pipeline.main(["--quick", "--out", str(out), "--data", str(data), "--bfm", str(demo_bfm_h5),
+    assert demo_pipeline.main(["--profile", "quick", "--out", str(out), "--data", str(data), "--bfm", str(demo_bfm_h5),
                                "--device", "cpu", "--from_step", "5", "--ablation"]) == 0
     assert {p: p.stat().st_mtime_ns for p in save_root.rglob("*.pt")} == before, "the demo's own steps did not rerun"
     results = json.loads((out / "results.json").read_text())
@@ -185,8 +185,8 @@ def test_a_failing_step_is_one_line(tmp_path, demo_bfm_h5, capfd):
     from utils.cli import cli_main
     out, data = tmp_path / "out", tmp_path / "data"
     with pytest.raises(SystemExit) as exc:
-        cli_main(demo_pipeline.main, ["--quick", "--out", str(out), "--data", str(data), "--bfm", str(demo_bfm_h5),
-                                      "--device", "cpu", "--from_step", "4"])
+        cli_main(demo_pipeline.main, ["--profile", "quick", "--out", str(out), "--data", str(data), "--bfm",
+                                      str(demo_bfm_h5), "--device", "cpu", "--from_step", "4"])
     err = capfd.readouterr().err.strip().splitlines()
     assert exc.value.code == 2 and err[-1].startswith("error: Step4_UNet_MoFA_EM.py failed (exit status 2)"), err
     assert "Traceback" not in "\n".join(err)

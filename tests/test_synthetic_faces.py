@@ -69,7 +69,7 @@ def test_same_seed_gives_identical_files(mixed_root: Path, demo_bfm_h5: Path, te
     generate_dataset(demo_bfm_h5, again, NUM, seed=7, size=SIZE, batch=5, textures=textures)
     first = sorted(p.relative_to(mixed_root) for p in mixed_root.rglob("*") if p.is_file())
     second = sorted(p.relative_to(again) for p in again.rglob("*") if p.is_file())
-    assert first == second and len(first) == 2 * NUM + 6
+    assert first == second and len(first) == 2 * NUM + 7  # + the manifest (utils.output_dir)
     different = [str(p) for p in first if (mixed_root / p).read_bytes() != (again / p).read_bytes()]
     assert not different, f"files differ between two runs with the same seed: {different}"
     prefix = tmp_path / "prefix"
@@ -203,4 +203,4 @@ def test_cli_rejects_bad_input_in_one_line(demo_bfm_h5: Path, tmp_path: Path, ca
     (tmp_path / "Dataset" / "00000.png").write_bytes(b"old")
     with pytest.raises(SystemExit) as exit_info:
         cli_main(main, ["--bfm", str(demo_bfm_h5), "--out", str(tmp_path), "--num", "1", "--size", "32"])
-    assert exit_info.value.code == 2 and "--overwrite" in capsys.readouterr().err
+    assert exit_info.value.code == 2 and "did not write" in capsys.readouterr().err  # not its own: never replaced

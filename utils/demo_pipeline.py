@@ -1,11 +1,15 @@
+# ruff: noqa: E402  (the imports follow the start-up Ctrl-C handler)
 """`make demo`: the whole method on the synthetic default, end to end, on a CPU.
 
-    python -m utils.demo_pipeline [--out demo_output] [--data demo_data] [--profile demo|quick|full] [--scale F]
+    python -m utils.demo_pipeline [--out demo_output] [--data DIR] [--profile demo|quick|full] [--scale F]
                                   [--from_step N] [--ablation]
 
 1. writes the procedural demo face model (basel_3DMM/demo_face_model.h5) if it is missing;
-2. renders the synthetic occluded-face dataset into --data;
-3. runs Step 1 to Step 4 as a user would (the same scripts, in subprocesses) with demo-sized settings;
+2. renders the synthetic occluded-face dataset into --data (default demo_data, or demo_data_<profile>) when it is
+   missing or empty; a --data holding another set than the profile's (size, count, seed, face model: read from its
+   synthetic_config.json) is refused;
+3. runs Step 1 to Step 4 as a user would (the same scripts, in subprocesses, each in its own process group: a
+   Ctrl-C is forwarded once and the step writes its checkpoint) with demo-sized settings;
 4. evaluates the masks of every stage on the test split (the fit oracle, i.e. Step 2's rule on the render of the
    true coefficients; Step 2's preliminary masks, Step 3's UNet, Step 4's final masks), prints the tables overall,
    per appearance item and per occluder category, and writes <out>/results.json and <out>/figure.png (test faces
@@ -25,9 +29,15 @@ steps per step and a shortened EM cycle. They are listed in DEMO below and writt
 """
 from __future__ import annotations
 
+if __name__ == "__main__":  # Ctrl-C while torch is imported: one line, no traceback (utils/startup.py)
+    from utils.startup import quiet_interrupts
+    quiet_interrupts()
+
 import argparse
 import json
+import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -127,9 +137,31 @@ class DemoError(MofaError):
 
 
 def run(cmd: list[str]) -> None:
-    """Run one command of the pipeline with this Python, in the repository; DemoError when it fails."""
+    """Run one command of the pipeline with this Python, in the repository; DemoError when it fails.
+
+    The command runs in its own process group (a new session), so a Ctrl-C at the terminal reaches only the demo,
+    which forwards each SIGINT / SIGTERM once to the command's group and waits for it to end: a training step
+    finishes its step and writes a checkpoint (a second signal repeats its notice, a third aborts it). The demo then
+    stops with KeyboardInterrupt (one line, exit 130)."""
     print("+", " ".join(cmd), flush=True)
-    status = subprocess.run([sys.executable, *cmd], cwd=REPO).returncode
+    received: list[int] = []
+    child = subprocess.Popen([sys.executable, *cmd], cwd=REPO, start_new_session=True)
+
+    def forward(signum, frame) -> None:
+        received.append(signum)
+        try:
+            os.killpg(child.pid, signum)
+        except ProcessLookupError:  # it has just ended
+            pass
+
+    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        status = child.wait()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if received:
+        raise KeyboardInterrupt
     if status != 0:
         raise DemoError(f"{cmd[1] if cmd[0] == '-m' else cmd[0]} failed (exit status {status}); its messages are "
                         "above")
@@ -152,12 +184,14 @@ def with_flags(flags: list[str], overrides: dict[str, str]) -> list[str]:
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default=str(REPO / "demo_output"))
-    p.add_argument("--data", default=str(REPO / "demo_data"))
+    p.add_argument("--data", default=None,
+                   help="the synthetic image root (default: <repo>/demo_data for --profile demo, demo_data_<profile> "
+                        "for the others, with _x<scale> for a --scale other than 1); written when missing or empty, "
+                        "refused when it holds another set than the profile's")
     p.add_argument("--bfm", default=str(REPO / "basel_3DMM" / "demo_face_model.h5"))
     p.add_argument("--profile", choices=tuple(PROFILES), default="demo",
                    help="demo (default: make demo, ~20 min on 2 CPU cores), quick (a smoke run, numbers "
                         "meaningless) or full (224 px, ResNet-50: a GPU or a long CPU run, see README)")
-    p.add_argument("--quick", action="store_true", help="the same as --profile quick")
     p.add_argument("--scale", type=float, default=1.0,
                    help="multiply the profile's image count and step counts by this (e.g. 0.01 for a trial run)")
     p.add_argument("--from_step", type=int, choices=(1, 2, 3, 4, 5), default=1,
@@ -169,8 +203,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if not 0.0 < args.scale <= 1.0:
         raise DataError(f"--scale {args.scale}: expected a number in (0, 1]")
-    if args.quick:
-        args.profile = "quick"
+    if args.data is None:
+        name = "demo_data" if args.profile == "demo" else f"demo_data_{args.profile}"
+        args.data = str(REPO / (name + ("" if args.scale == 1.0 else f"_x{args.scale:g}")))
     return args
 
 
@@ -183,9 +218,7 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     if not Path(args.bfm).is_file():
         run(["-m", "utils.synthetic.demo_face_model", "--out", args.bfm])
-    if not (data / "ground_truth.csv").is_file():
-        run(["-m", "utils.synthetic.faces", "--bfm", args.bfm, "--out", str(data), "--num", str(cfg["num_images"]),
-             "--size", str(cfg["image_size"])])
+    data_info = prepare_data(args, cfg, data)
     periods = ["--vis_every", "200", "--eval_every", "500", "--log_every", "25", "--val_batches", "4"]
     step_flags = {"step1": cfg["step1"] + periods, "step2": [], "step3": cfg["step3"] + periods,
                   "step4": cfg["step4"] + periods}
@@ -205,6 +238,7 @@ def main(argv=None) -> int:
     results["step_seconds"] = timings
     results["settings"] = cfg
     results["profile"], results["scale"], results["from_step"] = args.profile, args.scale, args.from_step
+    results["data"] = data_info
     write_results(out, results)
     if args.ablation:  # results.json is rewritten after every variant, so a failed one loses nothing
         results["ablation"] = run_ablation(args, cfg, data, save_root, step_flags["step4"], out / "ablation",
@@ -215,6 +249,45 @@ def main(argv=None) -> int:
         print_ablation(results["ablation"])
     write_figure(out / "figure.png", data, out)
     return 0
+
+
+DATA_SEED = 0  # the demo's data: utils.synthetic.faces with its defaults (mixed occlusion and appearance, seed 0)
+
+
+def data_mismatch(config: dict, cfg: dict, face_model: dict | None) -> list[str]:
+    """How the set described by ``config`` (its synthetic_config.json) differs from what profile ``cfg`` needs."""
+    want = {"num": cfg["num_images"], "size": cfg["image_size"], "seed": DATA_SEED, "occlusion": "mixed",
+            "appearance": "mixed"}
+    found = [f"{key} {config.get(key)!r} (needs {value!r})" for key, value in want.items() if config.get(key) != value]
+    if face_model is not None and config.get("face_model") != face_model:
+        found.append("another face model than --bfm")
+    return found
+
+
+def prepare_data(args, cfg: dict, data: Path) -> dict:
+    """Make sure ``data`` holds the profile's synthetic set: write it into a missing or empty folder; refuse (one
+    line, nothing changed) a folder that holds anything else, a set of another size, count, seed or face model
+    included, so the models are trained on, and results.json reports, the profile's data. Returns what
+    results.json records about the data (path, images, size, seed)."""
+    from models.face_model import FaceModel
+    from models.layout import CoeffLayout
+
+    config_path = data / "synthetic_config.json"
+    if not data.exists() or (data.is_dir() and not any(data.iterdir())):
+        run(["-m", "utils.synthetic.faces", "--bfm", args.bfm, "--out", str(data), "--num", str(cfg["num_images"]),
+             "--size", str(cfg["image_size"]), "--seed", str(DATA_SEED)])
+    try:
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        raise DemoError(f"--data {data} is not a set written by utils.synthetic.faces (no readable "
+                        f"{config_path.name}); pass another --data, or an empty folder to have it written") from None
+    face_model = FaceModel.from_h5(args.bfm, CoeffLayout()).config() if Path(args.bfm).is_file() else None
+    differs = data_mismatch(config, cfg, face_model)
+    if differs:
+        raise DemoError(f"--data {data} holds another set than --profile {args.profile}"
+                        f"{'' if args.scale == 1.0 else f' --scale {args.scale:g}'} needs: {', '.join(differs)}; pass "
+                        "another --data (a missing or empty folder is written), or delete this one")
+    return {"path": str(data), "num_images": config["num"], "image_size": config["size"], "seed": config["seed"]}
 
 
 def reused_results(path: Path, args) -> dict:

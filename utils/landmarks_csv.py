@@ -10,6 +10,7 @@ accepted (the original parsed with ``int()`` and crashed on floats). Blank lines
 from __future__ import annotations
 
 import csv
+import io
 import math
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -17,6 +18,7 @@ from typing import Iterable, Sequence
 import numpy as np
 
 from models.landmarks68 import N_LANDMARKS
+from utils.data.image_root import unsafe_image_name
 from utils.errors import DataError
 
 N_FIELDS = 1 + 2 * N_LANDMARKS
@@ -52,19 +54,31 @@ def _parse_row(fields: Sequence[str], where: str) -> LandmarkRow:
         raise LandmarkCSVError(
             f"{where}: expected {N_FIELDS} fields (filename + {N_FIELDS - 1} numbers), found {len(fields)}"
         )
-    filename = fields[0].strip()
-    if not filename:
+    filename = fields[0]  # as written: a name may start or end with spaces (see `_check_images`)
+    if not filename.strip():
         raise LandmarkCSVError(f"{where}: empty filename in field 1")
     values = [_parse_number(text.strip(), column, where) for column, text in enumerate(fields[1:], start=1)]
     return filename, np.asarray(values, dtype=np.float32).reshape(N_LANDMARKS, 2)
 
 
-def _check_images(rows: list[tuple[int, LandmarkRow]], path: Path, image_dir: Path) -> None:
-    """Raise one error listing (up to 5 of) the rows whose image file does not exist."""
-    missing = [(line, name) for line, (name, _) in rows if not (image_dir / name).is_file()]
+def _check_images(rows: list[tuple[int, LandmarkRow]], path: Path, image_dir: Path) -> list[tuple[int, LandmarkRow]]:
+    """The rows with each filename as it names a file: as written, else without surrounding spaces (``a.png, 1, 2``
+    style); one error listing (up to 5 of) the rows whose name is absolute or leaves the image folder, else those
+    whose image file does not exist (names quoted as written, spaces visible)."""
+    unsafe = [(line, name, why) for line, (name, _) in rows if (why := unsafe_image_name(name))]
+    if unsafe:
+        line, name, why = unsafe[0]
+        more = f" (and {len(unsafe) - 1} more)" if len(unsafe) > 1 else ""
+        raise LandmarkCSVError(f"{path} line {line}: image name {name!r} {why}{more}; filenames must be relative to "
+                               "IMAGE_ROOT/Dataset/ and stay inside it")
+    found, missing = [], []
+    for line, (name, points) in rows:
+        if not (image_dir / name).is_file() and name.strip() != name and (image_dir / name.strip()).is_file():
+            name = name.strip()
+        (found if (image_dir / name).is_file() else missing).append((line, (name, points)))
     if not missing:
-        return
-    shown = "; ".join(f"line {line}: {name!r}" for line, name in missing[:5])
+        return found
+    shown = "; ".join(f"line {line}: {name!r}" for line, (name, _) in missing[:5])
     more = f" (and {len(missing) - 5} more)" if len(missing) > 5 else ""
     raise LandmarkCSVError(
         f"{path}: {len(missing)} image file(s) not found in {image_dir}: {shown}{more}; "
@@ -92,19 +106,27 @@ def read_landmarks_csv(
     if not path.is_file():
         raise LandmarkCSVError(f"landmark CSV not found: {path}")
     rows: list[tuple[int, LandmarkRow]] = []
-    with path.open(newline="", encoding="utf-8-sig") as handle:
-        reader = csv.reader(handle)
-        try:
-            for fields in reader:
-                if all(not field.strip() for field in fields):
-                    continue
-                rows.append((reader.line_num, _parse_row(fields, f"{path} line {reader.line_num}")))
-        except (csv.Error, UnicodeDecodeError) as err:
-            raise LandmarkCSVError(f"{path} line {reader.line_num + 1}: cannot parse CSV: {err}") from None
+    try:
+        data = path.read_bytes()
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as err:  # the line of the first bad byte, not the line the CSV reader had reached
+        line = data[:err.start].count(b"\n") + 1
+        raise LandmarkCSVError(f"{path} line {line}: not UTF-8 text (byte {data[err.start:err.start + 1]!r}); save "
+                               "the CSV as UTF-8") from None
+    except OSError as err:
+        raise LandmarkCSVError(f"cannot read {path}: {err.strerror or err}") from None
+    reader = csv.reader(io.StringIO(text, newline=""))
+    try:
+        for fields in reader:
+            if all(not field.strip() for field in fields):
+                continue
+            rows.append((reader.line_num, _parse_row(fields, f"{path} line {reader.line_num}")))
+    except csv.Error as err:
+        raise LandmarkCSVError(f"{path} line {reader.line_num + 1}: cannot parse CSV: {err}") from None
     if not rows and not allow_empty:
         raise LandmarkCSVError(f"{path}: no rows (expected one line per image: filename, x0, y0, ..., x67, y67)")
     if image_dir is not None:
-        _check_images(rows, path, Path(image_dir))
+        rows = _check_images(rows, path, Path(image_dir))
     return [row for _, row in rows]
 
 

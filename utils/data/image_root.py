@@ -34,6 +34,19 @@ def gt_mask_path(image_path: str | Path) -> Path:
     return image_path.with_name(image_path.stem + GT_MASK_SUFFIX)
 
 
+def unsafe_image_name(name: str) -> str | None:
+    """Why the CSV filename ``name`` may not be used (it must stay inside ``IMAGE_ROOT/Dataset``): "is absolute"
+    or "contains '..'" (with either separator, or a drive letter); None when it is fine. Step 1 and Step 2 read the
+    same names, so both refuse the same ones."""
+    posix = str(name).replace("\\", "/")
+    parts = posix.split("/")
+    if posix.startswith("/") or (len(parts[0]) == 2 and parts[0][1] == ":"):
+        return "is absolute"
+    if ".." in parts:
+        return "contains '..'"
+    return None
+
+
 def split_indices(n: int, fractions: tuple[float, float, float], seed: int) -> dict[str, list[int]]:
     """The project's one train/val/test split rule (synthetic benchmark and ``detect_landmarks``).
 

@@ -13,6 +13,7 @@ names by string replacement that broke for files not called ``*_org.jpg`` (docs/
 from __future__ import annotations
 
 import csv
+import os
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -42,15 +43,20 @@ def stem_for(filename: str) -> str:
 
 
 def check_unique(sources: Iterable[tuple[str, str]]) -> None:
-    """DataError naming both images when two different names give the same outputs (``sources``: ``(where, name)``
-    pairs, e.g. ``("train_landmarks_3D.csv", "a.png")``); the same name twice (one image in two splits) is fine."""
-    seen: dict[str, tuple[str, str]] = {}
+    """DataError naming both images when two different images would get the same outputs (``sources``: ``(where,
+    name)`` pairs, e.g. ``("train_landmarks_3D.csv", "a.png")``): names that differ only in letter case, or only in
+    the separator (``sub\\x.png``, one file name on POSIX, and ``sub/x.png``). The same image named twice (in two
+    splits, or as ``./a.png`` and ``a.png``) is fine."""
+    seen: dict[str, tuple[str, str, str]] = {}
     for where, name in sources:
         stem = stem_for(name)
-        first = seen.setdefault(stem.casefold(), (where, stem))
-        if first[1] != stem:
-            raise DataError(f"{where}: {name!r} and {first[1]!r} ({first[0]}) would get the same Step-2 output "
+        first_where, first_name, first_stem = seen.setdefault(stem.casefold(), (where, name, stem))
+        if first_stem != stem:
+            raise DataError(f"{where}: {name!r} and {first_stem!r} ({first_where}) would get the same Step-2 output "
                             "files (their names differ only in letter case); rename one of the images")
+        if os.path.normpath(first_name) != os.path.normpath(name):
+            raise DataError(f"{where}: {name!r} and {first_name!r} ({first_where}) are different files that would get "
+                            f"the same Step-2 output files ({stem}_*.png); rename one of the images")
 
 
 def write_sample(out_dir: Path, stem: str, image: torch.Tensor, raster: torch.Tensor, mask: torch.Tensor) -> None:

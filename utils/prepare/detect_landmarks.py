@@ -1,8 +1,10 @@
+# ruff: noqa: E402  (the imports follow the start-up Ctrl-C handler)
 """Detect 68 landmarks in raw photos, align and crop the faces, and write an image root.
 
 Usage::
 
-    python -m utils.prepare.detect_landmarks --images RAW_DIR --out IMAGE_ROOT [--size 224] [--seed 0] [--split 0.8,0.1,0.1]
+    python -m utils.prepare.detect_landmarks --images RAW_DIR --out IMAGE_ROOT [--size 224] [--seed 0]
+        [--split 0.8,0.1,0.1] [--overwrite]
 
 For every image under RAW_DIR (recursively; ``*_visible_skin_mask.png`` files are not inputs) the largest
 face is found with dlib's HOG detector, its 68 iBUG landmarks with dlib's shape predictor (the model file
@@ -16,6 +18,10 @@ the same way. Output::
     IMAGE_ROOT/{train,val,test,all}_landmarks_3D.csv   landmarks in crop pixels, seeded split
     IMAGE_ROOT/no_face_found.txt                        skipped images and why (one bad image never stops the run)
 
+A non-empty --out is refused unless it holds only an earlier output of this tool and --overwrite is given; the new
+image root is built beside it and swapped in when complete (`utils.output_dir`), so an interrupted run leaves the
+old one as it was.
+
 dlib is an optional extra: ``pip install -r requirements-landmarks.txt``. Its jaw points follow the 2D
 face outline; the original authors recommend 3D-FAN contour points for the jaw (docs/method.md §3.1).
 `align_face` and the helpers above it are pure numpy/OpenCV and need no dlib.
@@ -23,7 +29,12 @@ face outline; the original authors recommend 3D-FAN contour points for the jaw (
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # Ctrl-C while torch is imported: one line, no traceback (utils/startup.py)
+    from utils.startup import quiet_interrupts
+    quiet_interrupts()
+
 import argparse
+import math
 import sys
 from pathlib import Path
 from typing import Any
@@ -36,11 +47,12 @@ from tqdm import tqdm
 from models.dlib_face import dlib_model_path
 from models.errors import ExtraMissing
 from models.landmarks68 import five_points
-from utils.cli import cli_main
+from utils.cli import check_seed, cli_main
 from utils.data.image_io import read_image_rgb, read_mask, write_image_rgb, write_mask
 from utils.data.image_root import GT_MASK_SUFFIX, ImageRoot, gt_mask_path, split_indices
 from utils.errors import DataError
 from utils.landmarks_csv import write_landmarks_csv
+from utils.output_dir import build_beside, check_target
 
 # Target positions of the 5 alignment points as fractions of the crop side (x right, y down, 0 = left/top
 # edge, 1 = right/bottom edge), in the order of `models.landmarks68.five_points`: eye centre of corners 36, 39
@@ -56,6 +68,7 @@ DETECT_MAX_SIDE = 800
 
 
 LandmarkExtraMissing = ExtraMissing  # dlib or its model files are not installed
+TOOL = "utils.prepare.detect_landmarks"  # the owner recorded in the manifest of the image root it writes
 
 
 def template_points(size: int) -> np.ndarray:
@@ -175,7 +188,7 @@ def parse_split(text: str) -> tuple[float, float, float]:
         parts = tuple(float(v) for v in text.split(","))
     except ValueError:
         parts = ()
-    if len(parts) != 3 or min(parts) < 0 or abs(sum(parts) - 1.0) > 1e-6:
+    if len(parts) != 3 or not all(math.isfinite(v) and v >= 0 for v in parts) or abs(sum(parts) - 1.0) > 1e-6:
         raise DataError(f"--split {text!r}: expected three fractions >= 0 summing to 1, e.g. 0.8,0.1,0.1")
     return parts  # type: ignore[return-value]
 
@@ -213,7 +226,12 @@ def _check_args(args: argparse.Namespace) -> tuple[Path, ImageRoot, tuple[float,
         raise DataError(f"--size must be at least 16, got {args.size}")
     if root.dataset_dir.resolve() == image_dir.resolve():
         raise DataError(f"--out {args.out}: its Dataset/ folder is the --images folder; write to a new image root")
-    return image_dir, root, parse_split(args.split)
+    if image_dir.resolve().is_relative_to(root.root.resolve()):
+        raise DataError(f"--images {image_dir} lies inside --out {args.out}; write the image root elsewhere")
+    check_seed(args.seed)
+    fractions = parse_split(args.split)
+    check_target(root.root, TOOL, args.overwrite)
+    return image_dir, root, fractions
 
 
 def align_folder(args: argparse.Namespace) -> tuple[int, list[str]]:
@@ -223,6 +241,13 @@ def align_folder(args: argparse.Namespace) -> tuple[int, list[str]]:
     if not paths:
         raise DataError(f"--images {image_dir}: no image files ({', '.join(IMAGE_EXTENSIONS)})")
     models = load_dlib()
+    with build_beside(root.root, TOOL, args.overwrite) as building:
+        return _align_into(ImageRoot(building), paths, image_dir, models, args, fractions)
+
+
+def _align_into(root: ImageRoot, paths: list[Path], image_dir: Path, models, args, fractions
+                ) -> tuple[int, list[str]]:
+    """Align ``paths`` into the new image root ``root`` (built beside ``--out``, swapped in by the caller)."""
     rows, skipped, taken = [], [], set()
     for path in tqdm(paths, desc="detect_landmarks"):
         relative = path.relative_to(image_dir)
@@ -234,13 +259,11 @@ def align_folder(args: argparse.Namespace) -> tuple[int, list[str]]:
             taken.add(relative.with_suffix(".png"))
         except (DataError, cv2.error, RuntimeError) as err:
             skipped.append(f"{relative.as_posix()}: {err}")
+    if not rows:
+        raise DataError(f"no face found in any of the {len(paths)} images under {image_dir} ({'; '.join(skipped[:3])}"
+                        f"{' ...' if len(skipped) > 3 else ''}); --out was left as it was")
     root.root.mkdir(parents=True, exist_ok=True)
     (root.root / "no_face_found.txt").write_text("".join(line + "\n" for line in skipped))
-    if not rows:
-        raise DataError(
-            f"no face found in any of the {len(paths)} images under {image_dir} "
-            f"(see {root.root / 'no_face_found.txt'})"
-        )
     for split, split_rows_ in split_rows(rows, fractions, args.seed).items():
         write_landmarks_csv(root.root / f"{split}_landmarks_3D.csv", split_rows_)
     return len(rows), skipped
@@ -253,6 +276,9 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--size", type=int, default=224, help="side of the aligned crops (default 224)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the train/val/test split")
     parser.add_argument("--split", default="0.8,0.1,0.1", help="train,val,test fractions (default 0.8,0.1,0.1)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace the image root an earlier run of this tool wrote in --out (only its own files; "
+                             "the new one is built beside it and swapped in when complete)")
     return parser.parse_args(argv)
 
 

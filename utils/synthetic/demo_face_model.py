@@ -1,3 +1,4 @@
+# ruff: noqa: E402  (the imports follow the start-up Ctrl-C handler)
 """Procedural demo face model written in exactly the Basel Face Model 2017 h5 layout.
 
 THIS IS A STAND-IN FOR DEMOS AND TESTS, NOT A RESEARCH FACE MODEL. The mean is a hand-built analytic head
@@ -31,7 +32,12 @@ CLI: `python -m utils.synthetic.demo_face_model --out basel_3DMM/demo_face_model
 """
 from __future__ import annotations
 
+if __name__ == "__main__":  # Ctrl-C while torch is imported: one line, no traceback (utils/startup.py)
+    from utils.startup import quiet_interrupts
+    quiet_interrupts()
+
 import argparse
+import os
 from pathlib import Path
 
 import numpy as np
@@ -40,7 +46,8 @@ from scipy.interpolate import CubicSpline
 
 from models import shading
 from models.face_model import analytic_crop_mask
-from utils.cli import cli_main, repo_path
+from utils.atomic_write import temp_name
+from utils.cli import check_seed, cli_main, repo_path
 from utils.errors import MofaError
 
 DEFAULT_OUT = repo_path("basel_3DMM/demo_face_model.h5")
@@ -561,23 +568,40 @@ def build_demo_face_model(target_vertices: int = DEFAULT_TARGET_VERTICES, seed: 
 
 
 def write_demo_face_model(path: str | Path = DEFAULT_OUT, target_vertices: int = DEFAULT_TARGET_VERTICES,
-                          seed: int = 0, n_shape: int = 199, n_exp: int = 100, n_color: int = 199) -> Path:
+                          seed: int = 0, n_shape: int = 199, n_exp: int = 100, n_color: int = 199,
+                          overwrite: bool = False) -> Path:
     """Write the demo face model (BFM2017 h5 layout) to `path`, creating parent folders; returns the path.
 
-    Raises `DemoFaceModelError` for out-of-range arguments or when `path` cannot be written.
+    An existing file is refused unless `overwrite` (it may be the licensed BFM2017, which the README puts under
+    basel_3DMM/). The file is written to a temporary name beside `path` and moved over it when complete
+    (`utils.atomic_write.temp_name`), so a failed or interrupted write leaves the old file as it was.
+    Raises `DemoFaceModelError` for out-of-range arguments, an existing file or when `path` cannot be written.
     """
     import h5py
 
     path = Path(path)
+    check_seed(seed)
+    if path.is_dir():
+        raise DemoFaceModelError(f"--out {path} is a folder; pass a file name such as {path / DEFAULT_OUT.name}")
+    if path.exists() and not overwrite:
+        raise DemoFaceModelError(f"--out {path} exists; pass --overwrite to replace it, or another --out")
     arrays = build_demo_face_model(target_vertices, seed, n_shape, n_exp, n_color)
+    tmp = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        with h5py.File(path, "w") as h5:
+        tmp = temp_name(path)
+        with h5py.File(tmp, "x") as h5:
             for key, value in arrays.items():
                 h5.create_dataset(key, data=value)
-    except OSError as err:
+        with open(tmp, "rb+") as handle:
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as err:  # h5py raises OSError, some HDF5 write failures RuntimeError
         raise DemoFaceModelError(f"cannot write the demo face model to {path} ({err}); "
                                  f"pass a writable file with --out") from None
+    finally:
+        if tmp is not None and tmp.exists():
+            tmp.unlink()
     return path
 
 
@@ -590,8 +614,9 @@ def main(argv: list[str] | None = None) -> int:
                         help=f"approximate vertex count of the full mesh (default {DEFAULT_TARGET_VERTICES}; "
                              f"{BFM_SIZE_VERTICES} gives a BFM-sized mesh)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random bases (default 0)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     args = parser.parse_args(argv)
-    path = write_demo_face_model(args.out, args.target_vertices, args.seed)
+    path = write_demo_face_model(args.out, args.target_vertices, args.seed, overwrite=args.overwrite)
     print(f"wrote {path}")
     return 0
 

@@ -1,3 +1,4 @@
+# ruff: noqa: E402  (the imports follow the start-up Ctrl-C handler)
 """Synthetic occluded-face benchmark: the project's embedded default dataset (demo, tests, evaluation).
 
 Faces are rendered with the project's `FaceRenderer` from random coefficients (identity, expression, albedo,
@@ -46,6 +47,10 @@ face model ``basel_3DMM/demo_face_model.h5`` is used (and written first if it do
 """
 from __future__ import annotations
 
+if __name__ == "__main__":  # Ctrl-C while torch is imported: one line, no traceback (utils/startup.py)
+    from utils.startup import quiet_interrupts
+    quiet_interrupts()
+
 import argparse
 import csv
 import json
@@ -65,11 +70,12 @@ from models.face_model import FaceModel
 from models.layout import N_SH_BASIS, SH_INIT, CoeffLayout
 from models.renderer import FaceRenderer
 from models.shading import sh_basis
-from utils.cli import RepoDefault, cli_main, resolve_cli_path, resolve_device
+from utils.cli import RepoDefault, check_seed, cli_main, resolve_cli_path, resolve_device
 from utils.data.image_io import write_image_rgb, write_mask
 from utils.data.image_root import GT_MASK_SUFFIX, SPLITS, ImageRoot, gt_mask_path, split_indices
 from utils.errors import DataError
 from utils.landmarks_csv import write_landmarks_csv
+from utils.output_dir import build_beside, check_target
 from utils.synthetic.appearance import (
     APPEARANCE_ITEMS,
     APPEARANCE_MODES,
@@ -408,38 +414,29 @@ def _check_arguments(num: int, occlusion: str, size: int, batch: int, appearance
         raise DataError(f"--batch must be a positive integer, got {batch!r}")
 
 
-def _foreign_files(root: ImageRoot) -> list[Path]:
-    """Entries of ``root`` that are not this generator's output (empty for a new folder or an earlier run's)."""
-    if not root.root.is_dir():
-        return []
-    own_top = {"Dataset", "ground_truth.csv", "synthetic_config.json", *(f"{s}_landmarks_3D.csv" for s in SPLITS)}
-    foreign = [p for p in root.root.iterdir() if p.name not in own_top]
-    if root.dataset_dir.is_dir():
-        foreign += [p for p in root.dataset_dir.iterdir() if not _OWN_FILE.match(p.name)]
-    tables = [p for p in root.root.iterdir() if p.name != "Dataset" and p.name in own_top]
-    if tables and not (root.root / "synthetic_config.json").is_file():
-        foreign += tables  # CSVs without the generator's config: the user's own
-    return sorted(foreign)
+TOOL = "utils.synthetic.faces"  # the owner recorded in the manifest of a set (utils.output_dir)
+
+
+def _legacy_set(folder: Path, files: list[str]) -> bool:
+    """True for a set written before sets carried a manifest: its synthetic_config.json names this generator and
+    every file has a name the generator gives (images and masks 00000.png.., the CSVs, the config)."""
+    try:
+        config = json.loads((folder / "synthetic_config.json").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        return False
+    own_top = {"ground_truth.csv", "synthetic_config.json", *(f"{s}_landmarks_3D.csv" for s in SPLITS)}
+    return isinstance(config, dict) and config.get("generator") == TOOL and all(
+        name in own_top or (name.startswith("Dataset/") and _OWN_FILE.match(name[len("Dataset/"):]))
+        for name in files)
 
 
 def prepare_output(out: str | Path, overwrite: bool) -> ImageRoot:
-    """Create ``out/Dataset``; refuse a folder holding files this generator did not write (a user's images or
-    CSVs, even with `overwrite`), and one that holds an earlier run's images unless `overwrite` (which removes the
-    images and masks a previous run wrote, so no stale ones remain)."""
+    """The image root ``out`` once it is known that a new set may go there (nothing is written): a new or empty
+    folder, or with ``overwrite`` a folder holding only a set this generator wrote (its manifest lists every file;
+    a user's own images or CSVs are refused, never deleted). The set is then built beside and swapped in
+    (`utils.output_dir.build_beside`)."""
     root = ImageRoot(out)
-    foreign = _foreign_files(root)
-    if foreign:
-        shown = ", ".join(p.relative_to(root.root).as_posix() for p in foreign[:3])
-        raise DataError(f"--out {root.root} holds files that utils.synthetic.faces did not write ({shown}"
-                        f"{' ...' if len(foreign) > 3 else ''}); choose an empty or new folder")
-    if root.dataset_dir.is_dir():
-        existing = [path for path in root.dataset_dir.iterdir() if _OWN_FILE.match(path.name)]
-        if existing and not overwrite:
-            raise DataError(f"--out {root.root}: {root.dataset_dir} already holds {len(existing)} generated "
-                            "image/mask file(s); choose an empty folder or pass --overwrite")
-        for path in existing:
-            path.unlink()
-    root.dataset_dir.mkdir(parents=True, exist_ok=True)
+    check_target(root.root, TOOL, overwrite, legacy_owned=_legacy_set)
     return root
 
 
@@ -475,6 +472,8 @@ def generate_dataset(bfm_path: str | Path, out: str | Path, num: int, seed: int 
         appearance_items (images per item, and 'none'), mean_occluded_fraction, texture_sources, seconds.
     """
     _check_arguments(num, occlusion, size, batch, appearance)
+    check_seed(seed)
+    root = prepare_output(out, overwrite)
     appearance_config = AppearanceConfig() if appearance_config is None else appearance_config
     start = time.perf_counter()
     ranges = SceneRanges() if ranges is None else ranges
@@ -484,7 +483,17 @@ def generate_dataset(bfm_path: str | Path, out: str | Path, num: int, seed: int 
     renderer = FaceRenderer(FaceModel.from_h5(bfm_path, layout), camera, layout).to(device, RENDER_DTYPE)
     head_renderer = None if appearance == "none" else HeadRenderer(bfm_path, layout, camera, device, RENDER_DTYPE)
     textures = TextureBank.from_skimage() if textures is None else textures
-    root = prepare_output(out, overwrite)
+    with build_beside(root.root, TOOL, overwrite, legacy_owned=_legacy_set) as building:
+        new = ImageRoot(building)
+        new.dataset_dir.mkdir()
+        summary = _render_set(new, bfm_path, renderer, num, seed, occlusion, size, batch, ranges, device,
+                                      progress, textures, appearance, head_renderer, appearance_config, layout)
+    return {**summary, "root": str(root.root), "seconds": time.perf_counter() - start}
+
+
+def _render_set(root: ImageRoot, bfm_path, renderer, num, seed, occlusion, size, batch, ranges, device, progress,
+                textures, appearance, head_renderer, appearance_config, layout) -> dict:
+    """Render the set into ``root`` (a new folder) and write its tables and config; returns the summary."""
     records: list[SampleRecord] = []
     with tqdm(total=num, desc="synthetic faces", unit="img", disable=not progress) as bar:
         for first in range(0, num, batch):
@@ -503,9 +512,9 @@ def generate_dataset(bfm_path: str | Path, out: str | Path, num: int, seed: int 
     config = {**{key: value for key, value in summary.items() if key != "root"}, "bfm": Path(bfm_path).name,
               "face_model": renderer.face_model.config(), "camera": "g2", "ranges": asdict(ranges),
               "appearance_config": asdict(appearance_config),
-              "generator": "utils.synthetic.faces"}
+              "generator": TOOL}
     (root.root / "synthetic_config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
-    return {**summary, "seconds": time.perf_counter() - start}
+    return summary
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -524,7 +533,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--size", type=int, default=REFERENCE_SIZE, help="image size in pixels (default: 224)")
     parser.add_argument("--batch", type=int, default=16, help="render batch size (default: 16)")
     parser.add_argument("--device", default="cpu", help="cpu (default), auto, cuda or cuda:<index>")
-    parser.add_argument("--overwrite", action="store_true", help="replace images a previous run wrote in --out")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace the set a previous run wrote in --out (only its own files; the new "
+                        "set is built beside it and swapped in when complete)")
     return parser
 
 

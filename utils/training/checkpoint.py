@@ -17,8 +17,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import random
-import re
 import os
+import re
+import shutil
 from argparse import Namespace
 from pathlib import Path
 from typing import Any, Mapping
@@ -133,18 +134,42 @@ def save_training_state(directory: str | Path, step: int, models: Mapping[str, n
         "extra": extra,
     }
     path = directory / f"ckpt_{int(step):06d}.pt"
+    _reject_modules(payload)
+    stage = "checkpoint"
     try:
         save_checkpoint(path, payload)
+        stage = "latest"
         if keep_latest:
             publish(path, directory / LATEST_NAME)
+        stage = "config"
         with atomic_write(directory / CONFIG_NAME, "w") as f:
             f.write(json.dumps(cfg, indent=2) + "\n")
-    except OSError as exc:
-        raise CheckpointWriteError(f"cannot write checkpoint {path} ({exc.strerror or exc}): the checkpoint written "
-                                   f"before it and {LATEST_NAME} are unchanged") from None
+    except Exception as exc:  # a full disk is OSError from Python, RuntimeError from torch.save's zip writer
+        reason = write_failure(exc, directory)
+        if stage == "checkpoint":
+            raise CheckpointWriteError(f"cannot write checkpoint {path} ({reason}): the checkpoint written before it "
+                                       f"and {LATEST_NAME} are unchanged") from None
+        if stage == "latest":
+            raise CheckpointWriteError(f"wrote {path} but cannot update {LATEST_NAME} ({reason}): it still names the "
+                                       "checkpoint written before") from None
+        raise CheckpointWriteError(f"wrote {path} and {LATEST_NAME} but cannot write {CONFIG_NAME} ({reason})") \
+            from None
     if keep > 0:
         prune_checkpoints(directory, keep)
     return path
+
+
+def write_failure(exc: BaseException, where: str | Path) -> str:
+    """Why a write into the folder ``where`` failed, in a few words, whatever the exception type: ``strerror`` of an
+    OSError, else the first line of the message (torch.save reports a full disk as ``RuntimeError: [enforce fail at
+    inline_container.cc] unexpected pos``), plus the free space when the disk is (nearly) full."""
+    text = getattr(exc, "strerror", None) or (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    text = re.sub(r"^\[enforce fail at [^\]]*\]\s*", "", text)
+    try:
+        free = shutil.disk_usage(where).free
+    except OSError:
+        return text
+    return f"{text}; {free / 2 ** 20:.1f} MiB free there" if free < 2 ** 30 else text
 
 
 def publish(src: Path, dst: Path) -> Path:
@@ -202,15 +227,45 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu", 
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} not found: {todo}")
     try:
+        with open(path, "rb") as handle:
+            head = handle.read(16)
+    except OSError as exc:
+        raise CheckpointError(f"checkpoint {path} cannot be read ({exc.strerror or exc}): {todo}") from None
+    if not head.startswith((b"PK\x03\x04", b"\x80")):  # torch.save's zip archive, or its legacy pickle format
+        raise CheckpointError(f"{path} is corrupt or not a PyTorch checkpoint at all (it starts with {head!r}): pass "
+                              f"a checkpoint written by this project's steps{_intact_beside(path)}")
+    try:
         payload = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:  # torch raises several types for truncated / foreign files
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CheckpointError(f"checkpoint {path} is corrupt or unreadable ({reason}): {todo}") from None
+        if "weights_only" in str(exc):  # never follow torch's advice to load with weights_only=False
+            reason = "it holds Python objects other than tensors and plain values, which this project never writes"
+        raise CheckpointError(f"checkpoint {path} is corrupt or unreadable ({reason}){_intact_beside(path)}: "
+                              f"{todo}") from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         found = payload.get("format") if isinstance(payload, dict) else type(payload).__name__
         raise CheckpointError(f"{path} is not a {FORMAT} checkpoint (format: {found!r}): pass a checkpoint "
                               "written by this project's steps")
     return payload
+
+
+def _intact_beside(path: Path) -> str:
+    """``"; <file> beside it loads ..."`` naming the newest checkpoint in ``path``'s folder that is another file and
+    loads, with what to do to resume from it; "" when there is none."""
+    try:
+        inode = path.stat().st_ino
+        candidates = [p for _, p in reversed(checkpoint_steps(path.parent)) if p.stat().st_ino != inode]
+    except OSError:
+        return ""
+    for other in candidates:
+        try:
+            payload = torch.load(other, map_location="cpu", weights_only=True)
+        except Exception:
+            continue
+        if isinstance(payload, dict) and payload.get("format") == FORMAT:
+            todo = f": copy it to {LATEST_NAME} to resume from there" if path.name == LATEST_NAME else ""
+            return f"; {other.name} beside it (step {payload.get('step')}) is intact{todo}"
+    return ""
 
 
 def load_model_state(model: nn.Module, state: Mapping[str, torch.Tensor], name: str) -> None:

@@ -1,4 +1,10 @@
-"""The process group: one process or many under torchrun, the device each uses, and per-rank seeding."""
+"""The process group: one process or many under torchrun, the device each uses, and per-rank seeding.
+
+Also a torchrun that ends in one line: ``python -m utils.training.distributed --nproc_per_node=N StepX.py ...`` takes
+torchrun's arguments and runs it; a Ctrl-C (or SIGTERM) reaches the workers, which checkpoint and exit, and the
+launcher then says ``error: interrupted`` and exits 130 (plain torchrun prints its own traceback and exits 1); a
+worker that failed gives one line naming its rank and exit status (its own message is above it).
+"""
 from __future__ import annotations
 
 import os
@@ -60,3 +66,41 @@ def cleanup_distributed() -> None:
     """Leave the process group if one was initialised (safe to call in single-process runs)."""
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def launch(argv: list[str] | None = None) -> int:
+    """Run ``torchrun`` with ``argv`` (its own flags, the script and the script's flags); see the module doc.
+
+    Returns 0, or exits 130 (interrupted: every failed worker stopped on the signal, exit 130) or 1 (a worker failed)
+    with one line on stderr. torchrun's agent forwards the signal it got to the workers, a second one for a worker
+    that the terminal signalled too: the steps' ``StopFlag`` only repeats its notice then."""
+    import logging
+    import signal
+    import sys
+
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import main as torchrun_main
+
+    # the agent's WARNING lines about forwarding a signal: the workers say what they do, and this says how it ended
+    for name in ("torch.distributed.elastic.agent.server.api", "torch.distributed.elastic.multiprocessing.api"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+    try:
+        torchrun_main(argv)
+    except (SignalException, KeyboardInterrupt):
+        print("error: interrupted", file=sys.stderr)
+        raise SystemExit(130) from None
+    except ChildFailedError as exc:
+        codes = {rank: failure.exitcode for rank, failure in exc.failures.items()}
+        if all(code in (130, -signal.SIGINT, -signal.SIGTERM) for code in codes.values()):
+            print("error: interrupted", file=sys.stderr)
+            raise SystemExit(130) from None
+        failed = ", ".join(f"rank {rank} exit status {code}" for rank, code in sorted(codes.items()))
+        print(f"error: {exc.name} failed ({failed}); its messages are above", file=sys.stderr)
+        raise SystemExit(1) from None
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(launch())

@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import math
 
-from utils.cli import DEFAULT_BFM, DEFAULT_SAVE_ROOT, RepoDefault
+from utils.cli import DEFAULT_BFM, DEFAULT_SAVE_ROOT, RepoDefault, check_seed
 from utils.losses import PRESETS
 from utils.errors import MofaError
 
@@ -57,6 +57,8 @@ def check_flags(args: argparse.Namespace) -> None:
         value = getattr(args, name, None)
         if value is not None and not (math.isfinite(value) and value > 0):
             raise FlagError(f"--{name} {value}: must be a positive number")
+    if hasattr(args, "seed"):
+        check_seed(args.seed)
     if getattr(args, "resume", False) and getattr(args, "overwrite", False):
         raise FlagError("--resume continues the run in the folder, --overwrite replaces it: pass one of them")
 

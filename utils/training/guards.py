@@ -76,10 +76,17 @@ class CollapseAlarm:
         return False
 
 class StopFlag:
-    """Turns the first Ctrl-C (SIGINT) or SIGTERM into a flag so the loop can checkpoint and exit cleanly."""
+    """Turns Ctrl-C (SIGINT) or SIGTERM into a flag so the loop can checkpoint and exit cleanly.
+
+    The first signal sets the flag; a second one only repeats the notice (``timeout``, ``torchrun`` and ``docker
+    stop`` send SIGTERM right after SIGINT, and an impatient user presses Ctrl-C twice); a third gives up at once
+    (KeyboardInterrupt)."""
+
+    ABORT_AT = 3
 
     def __init__(self) -> None:
         self.requested = False
+        self.count = 0
         self._previous = {}
 
     def __enter__(self) -> "StopFlag":
@@ -91,10 +98,12 @@ class StopFlag:
         return self
 
     def _handle(self, signum, frame) -> None:
-        if self.requested:  # second Ctrl-C: give up immediately
+        self.count += 1
+        if self.count >= self.ABORT_AT:
             raise KeyboardInterrupt
         self.requested = True
-        log.warning("interrupt received: finishing this step, writing a checkpoint and exiting")
+        again = "" if self.count == 1 else " (already stopping; one more signal aborts without a checkpoint)"
+        log.warning("interrupt received: finishing this step, writing a checkpoint and exiting%s", again)
 
     def __exit__(self, *exc) -> None:
         for sig, handler in self._previous.items():

@@ -18,12 +18,16 @@ from utils.training.builders import FINAL_NAME, mark_final, spec_mismatches, ste
 from utils.training.checkpoint import (LATEST_NAME, CheckpointError, config_to_dict, find_latest, load_checkpoint,
                                        restore_training_state, save_training_state)
 from utils.training.flags import check_flags
-from utils.training.run_folder import RunFolderError, check_output, claim_output
+from utils.training.run_folder import RunFolderError, check_output, claim_output, hold_lock, release_lock
 
 log = logging.getLogger(__name__)
 # Flags a resumed run may change without a word (how long, how often, on what hardware).
 RESUME_FREE = {"resume", "overwrite", "max_iters", "epochs", "device", "workers", "keep_ckpts", "log_every",
                "vis_every", "eval_every", "ckpt_every", "val_batches", "amp", "bfm", "save_root"}
+# Flags whose values a resumed run does not use: the optimizer and scheduler states restored from the checkpoint
+# carry the learning rates and the StepLR period and decay. A changed one is put back to the checkpoint's value, so
+# run_config.json and the new checkpoints record what the run uses (Step 4 reads Step 1's schedule from there).
+RESTORED_BY_STATE = ("learning_rate", "lr_step", "lr_gamma", "lr_mofa", "lr_unet", "lr_gamma_mofa", "lr_gamma_unet")
 
 
 def make_optimizer(name: str, params, lr: float) -> torch.optim.Optimizer:
@@ -97,18 +101,28 @@ class Run:
                                   "start a new run with --overwrite or another --save_root")
         # the checkpoint holds the config as JSON (tuples became lists, paths strings): compare like with like
         before, now = payload.get("config") or {}, config_to_dict(self.args)
-        changed = [f"--{k} {now[k]} (was {before[k]})" for k in sorted(set(before) & set(now) - RESUME_FREE)
-                   if before[k] != now[k]]
-        if changed:
-            log.warning("--resume: %s; the weights, optimizer and scheduler states (learning rates included) "
-                        "continue from the checkpoint", ", ".join(changed))
+        changed = [k for k in sorted(set(before) & set(now) - RESUME_FREE) if before[k] != now[k]]
+        ignored = [k for k in changed if k in RESTORED_BY_STATE]
+        for key in ignored:
+            setattr(self.args, key, before[key])
+        if ignored:
+            log.warning("--resume: %s ignored: the optimizer and scheduler states (learning rates, StepLR period and "
+                        "decay) continue from the checkpoint, so the run keeps %s",
+                        ", ".join(f"--{k} {now[k]}" for k in ignored),
+                        ", ".join(f"--{k} {before[k]}" for k in ignored))
+        used = [f"--{k} {now[k]} (was {before[k]})" for k in changed if k not in RESTORED_BY_STATE]
+        if used:
+            log.warning("--resume: %s; the weights, optimizer and scheduler states continue from the checkpoint",
+                        ", ".join(used))
 
-    def claim(self, replace: bool = True) -> None:
-        """Make the output folder this run's (see ``run_folder.claim_output``): ``replace`` removes an old run's
-        files, which only happens with --overwrite or a --resume that found no checkpoint."""
+    def claim(self, replace: bool = True, planned: list[str] | None = None) -> None:
+        """Make the output folder this run's (see ``run_folder.claim_output``; it takes the folder's lock first):
+        ``replace`` removes an old run's files, which only happens with --overwrite or a --resume that found no
+        checkpoint; ``planned`` (Step 2) lists the files the run will write."""
         if self.is_main:
             claim_output(self.out_dir, self.pipeline_step, self.args, replace=replace and (
-                bool(getattr(self.args, "overwrite", False)) or bool(getattr(self.args, "resume", False))))
+                bool(getattr(self.args, "overwrite", False)) or bool(getattr(self.args, "resume", False))),
+                planned=planned)
         self.barrier()
 
     def barrier(self) -> None:
@@ -122,12 +136,17 @@ def start_run(args: argparse.Namespace, step: int) -> Run:
     out_dir = step_dir(args.save_root, step)
     check_output(out_dir, step, args)
     dist = distributed.init_distributed(args.device)
+    if dist.is_main:  # a live run in the folder (its lock file exists) is refused now, before any work
+        hold_lock(out_dir, create=False)
     distributed.seed_everything(args.seed + dist.rank)
     run = Run(args=args, dist=dist, device=dist.device, out_dir=out_dir, pipeline_step=step)
     run.barrier()  # every process has looked at the folder before the main one claims it
     return run
 
 def finish_run(run: Run) -> None:
+    """The end of a run: give up the run folder's lock and leave the process group."""
+    if run.is_main:
+        release_lock(run.out_dir)
     distributed.cleanup_distributed()
 
 def conclude(run: Run, step: int, end: int, interrupted: bool, state: tuple, spec: dict, monitor) -> int:
