@@ -24,19 +24,12 @@ from utils import cli
 from utils.data.datasets import FaceDataset
 from utils.data.image_io import write_image_rgb, write_mask
 from utils.errors import DataError
-from utils.evaluation.evaluate import (
-    COUNT_NAMES,
-    EvalOptions,
-    GroundTruthTable,
-    evaluate_split,
-    image_scores,
-    load_stage,
-    predict_masks,
-    read_ground_truth,
-    run_evaluation,
-    summarise_rows,
-    true_landmarks,
-)
+from utils.data.benchmark_files import GroundTruthTable, read_ground_truth
+from utils.evaluation.command import run_evaluation
+from utils.evaluation.evaluate import EvalOptions, evaluate_split
+from utils.evaluation.reconstruction import true_landmarks
+from utils.evaluation.scoring import COUNT_NAMES, image_scores, summarise_rows
+from utils.evaluation.stages import load_stage, predict_masks
 from utils.evaluation.metrics import mask_metrics
 from utils.landmarks_csv import write_landmarks_csv
 from utils.training.builders import FINAL_NAME, build_mofa, build_unet, step_dir
@@ -153,14 +146,25 @@ def test_image_scores_count_inside_the_region_only():
     assert_close(soft["fn"], [1 + 0.4 + 0.6])  # sum of gt * (1 - est)
 
 
+def scored(row: dict) -> dict:
+    """A hand-made row with its metrics, and the all-face mask's counts and metrics (every pixel of the region called
+    visible: the GT's visible pixels are tp, its occluder pixels fp) as `image_scores` writes them."""
+    if not row["has_gt_mask"]:
+        return row
+    tp, fp, tn, fn = (row[c] for c in COUNT_NAMES)
+    for prefix, counts in (("", (tp, fp, tn, fn)), ("all_face_", (tp + fn, fp + tn, 0.0, 0.0))):
+        row.update({prefix + c: v for c, v in zip(COUNT_NAMES, counts)})
+        row.update({prefix + k: v.item() for k, v in mask_metrics(*(torch.tensor([c]) for c in counts)).items()})
+    return row
+
+
 def test_summarise_rows_pools_counts_and_skips_images_without_gt():
     rows = [{"filename": "x-1.png", "category": "neutral", "has_gt_mask": True,
              "tp": 9.0, "fp": 1.0, "tn": 0.0, "fn": 0.0},
             {"filename": "x-8.png", "category": "sunglasses", "has_gt_mask": True,
              "tp": 1.0, "fp": 0.0, "tn": 0.0, "fn": 1.0},
             {"filename": "x-9.png", "category": "sunglasses", "has_gt_mask": False}]
-    for r in rows[:2]:
-        r.update({k: v.item() for k, v in mask_metrics(*(torch.tensor([r[c]]) for c in COUNT_NAMES)).items()})
+    rows = [scored(r) for r in rows]
     s = summarise_rows(rows, "step4", "test")
     assert (s["n_images"], s["n_with_gt"]) == (3, 2)
     assert_close(s["paper_protocol"]["iou"]["mean"], (0.9 + 0.5) / 2)
@@ -320,8 +324,7 @@ def test_summarise_rows_counts_an_image_in_every_appearance_item():
     rows = [{**base, "filename": "a.png", "appearance": "beard+specular", "tp": 3.0, "fn": 1.0},
             {**base, "filename": "b.png", "appearance": "specular"},
             {**base, "filename": "c.png", "appearance": "none"}]
-    for r in rows:
-        r.update({k: v.item() for k, v in mask_metrics(*(torch.tensor([r[c]]) for c in COUNT_NAMES)).items()})
+    rows = [scored(r) for r in rows]
     s = summarise_rows(rows, "fit_oracle", "test")
     assert list(s["per_appearance"]) == ["beard", "specular", "none"]
     assert s["per_appearance"]["specular"]["n_images"] == 2 and s["per_appearance"]["beard"]["n_images"] == 1

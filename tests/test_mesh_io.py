@@ -126,13 +126,13 @@ def test_landmark_csv_aligns_a_larger_image(ckpt, tmp_path):
     aligned = read_image_rgb(tmp_path / "out" / "big_input.png")
     assert aligned.shape == (SIZE, SIZE, 3) and aligned.mean() > 5  # the face landed in the crop
     with pytest.raises(DataError, match="no row for face.png"):
-        run(ckpt, tmp_path / "out", "--landmarks", str(tmp_path / "lm.csv"))
+        run(ckpt, tmp_path / "out2", "--landmarks", str(tmp_path / "lm.csv"))
 
 
 @pytest.mark.parametrize("case", ["missing_checkpoint", "bad_image", "other_face_model"])
 def test_clear_one_line_errors(ckpt, tmp_path, capsys, case):
     argv = ["--image", str(ckpt["base"] / "face.png"), "--checkpoint", str(step_dir(ckpt["save"], 4)),
-            "--out", str(tmp_path), "--bfm", str(ckpt["bfm"]), "--device", "cpu"]
+            "--out", str(tmp_path / "out"), "--bfm", str(ckpt["bfm"]), "--device", "cpu"]
     expected = {"missing_checkpoint": "not found", "bad_image": "cannot decode", "other_face_model": "another face"}
     if case == "missing_checkpoint":
         argv[3] = str(tmp_path / "none.pt")

@@ -36,7 +36,7 @@ from pathlib import Path
 from utils.atomic_write import atomic_write
 from utils.cli import cli_main, repo_root
 from utils.errors import DataError, MofaError
-from utils.evaluation.evaluate import run_evaluation
+from utils.evaluation.command import run_evaluation
 from utils.training.builders import FINAL_NAME, STEP_DIRS, STEP_SCRIPTS
 
 REPO = repo_root()
