@@ -113,3 +113,22 @@ def test_a_full_disk_is_one_line_and_leaves_no_empty_file(setup, tiny_tmpfs, cap
 def test_report_names_every_output_file():
     assert (report.PER_IMAGE_NAME, report.SUMMARY_JSON_NAME, report.SUMMARY_MD_NAME) == (
         "per_image.csv", "summary.json", "summary.md")
+
+
+def test_a_mount_point_out_is_filled_in_place(setup, tmp_path, capsys):
+    """A folder that cannot be renamed (a mount point, as a container's volume) still gets its results, and a rerun
+    with --overwrite replaces them."""
+    mount = tmp_path / "volume"
+    mount.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mount)], capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    try:
+        main(argv(setup, mount, "--save_images"))
+        assert (mount / "images").is_dir() and (mount / MANIFEST_NAME).is_file()
+        main(argv(setup, mount, "--stage", "step4", "--overwrite"))
+        assert sorted(p.name for p in mount.iterdir()) == sorted([MANIFEST_NAME, "per_image.csv", "summary.json",
+                                                                   "summary.md"])
+        assert json.loads((mount / "summary.json").read_text())["stage"] == "step4"
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["volume"]
+    finally:
+        subprocess.run(["umount", str(mount)], check=False)

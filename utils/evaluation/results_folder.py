@@ -57,6 +57,8 @@ class ResultsFolder:
 
     def __init__(self, out: str | Path, tool: str, overwrite: bool = False) -> None:
         self.out, self.tool, self.overwrite = Path(out), tool, overwrite
+        if self.out.is_symlink() and self.out.is_dir():
+            self.out = self.out.resolve()  # results go where the link points, the link stays
         if self.out.exists() and not self.out.is_dir():
             raise DataError(f"--out {self.out} is a file: pass a folder (new or empty) for the results")
         if self.out.is_dir() and any(self.out.iterdir()):
@@ -105,15 +107,30 @@ class ResultsFolder:
             raise
 
     def _swap(self, tmp: Path) -> None:
-        old = None
-        if self.out.exists():
-            old = self.out.parent / f".{self.out.name}.old-{secrets.token_hex(4)}"
+        if not self.out.exists():
+            os.rename(tmp, self.out)
+            return
+        old = self.out.parent / f".{self.out.name}.old-{secrets.token_hex(4)}"
+        try:
             os.rename(self.out, old)
+        except OSError:  # a mount point (EBUSY) or a folder that may not be renamed: replace its entries instead
+            self._replace_entries(tmp)
+            return
         try:
             os.rename(tmp, self.out)
         except OSError:
-            if old is not None:
-                os.rename(old, self.out)
+            os.rename(old, self.out)
             raise
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        shutil.rmtree(old, ignore_errors=True)
+
+    def _replace_entries(self, tmp: Path) -> None:
+        """Fill ``--out`` in place: delete the old results (checked again: still only this tool's), then move the new
+        entries in, the manifest last (an interrupted move leaves no manifest, so nothing is taken for complete)."""
+        if any(self.out.iterdir()):
+            self._check_own()
+            (self.out / MANIFEST_NAME).unlink()
+            for entry in list(self.out.iterdir()):
+                shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
+        for entry in sorted(tmp.iterdir(), key=lambda p: p.name == MANIFEST_NAME):
+            shutil.move(str(entry), str(self.out / entry.name))
+        tmp.rmdir()
