@@ -22,17 +22,17 @@ from models.layout import CoeffLayout
 from tests.evaluate_segmentation import main
 from tests.helpers import assert_close
 from utils import cli
+from utils.data.benchmark_files import GroundTruthTable, read_ground_truth
 from utils.data.datasets import FaceDataset
 from utils.data.image_io import write_image_rgb, write_mask
 from utils.errors import DataError
-from utils.data.benchmark_files import GroundTruthTable, read_ground_truth
 from utils.evaluation.command import run_evaluation
 from utils.evaluation.evaluate import EvalOptions, evaluate_split
+from utils.evaluation.metrics import mask_metrics
 from utils.evaluation.reconstruction import true_landmarks
 from utils.evaluation.report import format_markdown
 from utils.evaluation.scoring import COUNT_NAMES, image_scores, summarise_rows
 from utils.evaluation.stages import load_stage, predict_masks
-from utils.evaluation.metrics import mask_metrics
 from utils.landmarks_csv import write_landmarks_csv
 from utils.training.builders import FINAL_NAME, build_mofa, build_unet, load_networks, step_dir
 from utils.training.checkpoint import CheckpointError, save_training_state

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import subprocess
 
 import numpy as np
 import pytest
@@ -217,3 +218,21 @@ def test_out_that_is_a_file_is_refused_before_any_work(ckpt, tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert exc.value.code == 2 and "is a file" in err and len(err.splitlines()) == 1, err  # not the missing file
     assert (tmp_path / "res").read_text() == "mine"
+
+
+def test_a_full_disk_is_one_line_and_leaves_nothing(ckpt, tmp_path, capsys):
+    """A real 8 kB tmpfs: the meshes do not fit; one line, and no partial file or folder on it."""
+    mount = tmp_path / "tmpfs"
+    mount.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8k", "tmpfs", str(mount)], capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    try:
+        argv = ["--image", str(ckpt["base"] / "face.png"), "--checkpoint", str(step_dir(ckpt["save"], 4)),
+                "--out", str(mount / "res"), "--bfm", str(ckpt["bfm"]), "--device", "cpu"]
+        with pytest.raises(SystemExit) as exc:
+            cli.cli_main(reconstruct.main, argv)
+        err = capsys.readouterr().err.strip()
+        assert exc.value.code == 2 and len(err.splitlines()) == 1 and "No space left" in err, err
+        assert list(mount.iterdir()) == []
+    finally:
+        subprocess.run(["umount", str(mount)], check=False)

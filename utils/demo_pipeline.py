@@ -350,9 +350,9 @@ def print_table(results: dict) -> None:
                             ("occluder_iou", "Occluder IoU")):
             if group == "per_appearance" and value.startswith("occluder"):
                 continue  # appearance items are visible face: their occluders are the categories'
-            count = "n_occluded" if value.startswith("occluder") else "n"
+            count, counted = ("n_occluded", "with occluder") if value.startswith("occluder") else ("n", "test images")
             print(f"\n{what} per {title}{note}:\n")
-            print(f"| {title} | test images | " + " | ".join(STAGES) + " |\n|---|---|" + "---|" * len(STAGES))
+            print(f"| {title} | {counted} | " + " | ".join(STAGES) + " |\n|---|---|" + "---|" * len(STAGES))
             for name in names:
                 n = results[group]["step2_prelim"][name][count]
                 values = [results[group].get(key, {}).get(name, {}).get(value) for key in STAGES]

@@ -61,7 +61,11 @@ class ResultsFolder:
             self.out = self.out.resolve()  # results go where the link points, the link stays
         if self.out.exists() and not self.out.is_dir():
             raise DataError(f"--out {self.out} is a file: pass a folder (new or empty) for the results")
-        if self.out.is_dir() and any(self.out.iterdir()):
+        try:
+            used = self.out.is_dir() and any(self.out.iterdir())
+        except OSError as exc:
+            raise DataError(f"--out {self.out}: cannot read it ({_reason(exc)})") from None
+        if used:
             if not overwrite:
                 raise DataError(f"--out {self.out} is not empty: choose a new or empty folder, or pass --overwrite "
                                 f"to replace the results {tool} wrote there")
