@@ -52,6 +52,7 @@ log = logging.getLogger("reconstruct")
 
 TOOL = "reconstruct.py"
 """The name the --out manifest records (`utils.evaluation.results_folder.ResultsFolder`)."""
+
 # NoW-challenge landmarks (reference 2.5): full BFM2017 mesh vertex ids, valid only for that mesh.
 NOW_LANDMARK_IDS = (2735, 6088, 10263, 13746, 8165, 5394, 11116)
 BFM2017_N_VERTICES = 53149
