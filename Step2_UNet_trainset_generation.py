@@ -44,7 +44,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="Step-1 checkpoint (default: <save_root>/pretrain_mofa/final.pt)")
     p.add_argument("--batch_size", type=int, default=32)
     p.add_argument("--splits", default="train,val", help="comma-separated splits to process (default %(default)s)")
-    p.add_argument("--sigma", type=float, default=0.043, help="robust-loss sigma; inliers are within 3 sigma")
+    p.add_argument("--sigma", type=float, default=losses.SIGMA, help="robust-loss sigma; inliers are within 3 sigma")
     return cli.resolve_paths(p.parse_args(argv))
 
 

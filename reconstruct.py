@@ -2,6 +2,7 @@
 
     python reconstruct.py --image PATH --checkpoint MoFA_UNet_Save/MoFA_UNet/final.pt --out DIR
         [--landmarks auto|CSV] [--bfm PATH] [--device auto|cpu|cuda] [--now] [--identity arcface|dlib|none]
+        [--overwrite]
 
 The checkpoint is a Step-4 one (encoder + UNet); a Step-1 one works too, the mask is then the robust loss's inlier
 mask (Step 2's preliminary mask). The network takes an aligned S x S face crop (S = the checkpoint's image size):
@@ -16,6 +17,9 @@ landmarks; only for the real BFM2017 mesh).
 With an identity network (--identity, default as in the training steps: see utils/identity.py) it also writes
 NAME_identity.json: the cosine similarity of the input's and the render's identity embeddings (both aligned with the
 fitted landmarks), a measure of how well the reconstruction keeps the person recognisable.
+DIR must be new or empty: --overwrite replaces what reconstruct.py wrote there before, all of it (so no file of
+another image, such as its NAME_identity.json, stays beside the new results), and nothing else. The results are
+built beside DIR and moved in only when complete (`utils/evaluation/results_folder.py`).
 """
 from __future__ import annotations
 
@@ -34,16 +38,20 @@ from models.unet import UNet
 from utils import cli
 from utils.data.image_io import read_image_rgb, resize_image, write_image_rgb, write_mask
 from utils.errors import DataError
-from utils.evaluation.evaluate import predict_masks
 from utils.evaluation.mesh_io import write_now_landmarks, write_obj, write_ply
+from utils.evaluation.results_folder import ResultsFolder, writing
+from utils.evaluation.stages import predict_masks
 from utils.evaluation.visuals import composite
 from utils.identity import add_identity_args, load_identity, resolve_identity_flag
 from utils.landmarks_csv import read_landmarks_csv
 from utils.prepare.detect_landmarks import align_face, detect_landmarks68, load_dlib
-from utils.training.builders import FINAL_NAME, load_mofa, load_unet
+from utils.training.builders import FINAL_NAME, load_networks
 from utils.training.checkpoint import CheckpointError
 
 log = logging.getLogger("reconstruct")
+
+TOOL = "reconstruct.py"
+"""The name the --out manifest records (`utils.evaluation.results_folder.ResultsFolder`)."""
 
 # NoW-challenge landmarks (docs/method.md §2.5): full BFM2017 mesh vertex ids, valid only for that mesh.
 NOW_LANDMARK_IDS = (2735, 6088, 10263, 13746, 8165, 5394, 11116)
@@ -58,13 +66,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--image", required=True, help="face image")
     p.add_argument("--landmarks", default=None, help="'auto' (dlib) or a landmark CSV holding the image's row")
     p.add_argument("--checkpoint", required=True, help="Step-4 (or Step-1) checkpoint, or its folder")
-    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--out", required=True, help="output folder (new or empty)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace what reconstruct.py wrote into --out before (other files are never deleted)")
     p.add_argument("--bfm", default=cli.RepoDefault(cli.DEFAULT_BFM),
                    help=f"face model the checkpoint was trained with (default: <repo>/{cli.DEFAULT_BFM})")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:<index> (default: auto)")
     p.add_argument("--now", action="store_true", help="also export the NoW-challenge mesh and 7 landmarks")
     add_identity_args(p)
-    return resolve_identity_flag(cli.resolve_paths(p.parse_args(argv), ("image", "bfm", "out", "checkpoint")))
+    args = resolve_identity_flag(cli.resolve_paths(p.parse_args(argv), ("image", "bfm", "out", "checkpoint")))
+    args.results = ResultsFolder(args.out, TOOL, args.overwrite)  # a file or a used folder: one line, no work done
+    return args
 
 
 def _csv_landmarks(csv_path: Path, image_path: Path) -> np.ndarray:
@@ -130,15 +142,14 @@ def find_checkpoint(path: Path) -> Path:
     return path
 
 
-def load_networks(args: argparse.Namespace, device: torch.device) -> tuple[MoFA, UNet | None, dict]:
+def load_stage_networks(args: argparse.Namespace, device: torch.device) -> tuple[MoFA, UNet | None, dict]:
     """The checkpoint's MoFA and, when it holds one, its UNet (else None: a Step-1 checkpoint)."""
     checkpoint = find_checkpoint(args.checkpoint)
     face_model = FaceModel.from_h5(args.bfm, CoeffLayout()).to(device)
-    mofa, payload, spec = load_mofa(checkpoint, face_model, device)
-    if "unet" not in payload.get("models", {}):
+    nets = load_networks(checkpoint, face_model, device)
+    if nets.unet is None:
         log.info("%s holds no UNet (a Step-1 checkpoint): the mask is the robust loss's inlier mask", checkpoint)
-        return mofa, None, spec
-    return mofa, load_unet(payload, spec["unet_width"], checkpoint, device), spec
+    return nets.mofa, nets.unet, nets.spec
 
 
 def write_outputs(out_dir: Path, name: str, images: torch.Tensor, est: torch.Tensor, region: torch.Tensor,
@@ -166,20 +177,22 @@ def identity_score(identity, images: torch.Tensor, out) -> float:
 
 def reconstruct(args: argparse.Namespace) -> int:
     device = cli.resolve_device(args.device)
-    mofa, unet, spec = load_networks(args, device)
+    mofa, unet, spec = load_stage_networks(args, device)
     size = spec["image_size"]
     image = torch.from_numpy(network_input(args.image, args.landmarks, size)).permute(2, 0, 1)
     images = image.float().div(255.0)[None].to(device)
     est, region, out = predict_masks("step2" if unet is None else "step4", mofa, unet, images)
     name = args.image.stem
-    write_outputs(args.out, name, images, est, region, out, mofa)
-    if args.now:
-        export_now(args.bfm, mofa.layout.split(out.coeffs).shape, args.out, name)
     identity = load_identity(args, device)
-    if identity is not None:
-        score = identity_score(identity, images, out)
-        (args.out / f"{name}_identity.json").write_text(json.dumps(
-            {"identity": args.identity, "cosine_input_vs_render": round(score, 6)}, indent=2) + "\n")
+    score = None if identity is None else identity_score(identity, images, out)
+    with args.results.building() as folder, writing(f"the results in {args.out}"):
+        write_outputs(folder, name, images, est, region, out, mofa)
+        if args.now:
+            export_now(args.bfm, mofa.layout.split(out.coeffs).shape, folder, name)
+        if score is not None:
+            (folder / f"{name}_identity.json").write_text(json.dumps(
+                {"identity": args.identity, "cosine_input_vs_render": round(score, 6)}, indent=2) + "\n")
+    if score is not None:
         log.info("identity (%s): cosine similarity of input and render %.3f", args.identity, score)
     log.info("wrote %s_{input,composite,mask,overlay}.png, %s.obj and %s.ply to %s", name, name, name, args.out)
     return 0

@@ -9,11 +9,13 @@ import cv2
 import numpy as np
 import pytest
 
+from tests.test_evaluation import _yardstick_rows
 from utils import demo_pipeline
+from utils.data.benchmark_files import APPEARANCE_ITEMS
 from utils.data.image_io import read_mask
 from utils.data.image_root import gt_mask_path
 from utils.data.unet_trainset import stem_for
-from utils.synthetic.appearance import APPEARANCE_ITEMS
+from utils.evaluation.scoring import summarise_rows
 
 FIT_ORACLE_IOU_FLOOR = 0.6  # the quick run measured 0.78 (6 test images at 32 px; per image 0.30-0.99)
 
@@ -43,6 +45,8 @@ def test_quick_demo_writes_results_for_every_stage(quick_demo):
             assert results[key][metric] == pytest.approx(summary["paper_protocol"][metric]["mean"])
             assert results[key][metric] == pytest.approx(per_image.mean(), abs=1e-6)  # the table is the image mean
             assert 0.0 <= per_image.min() and per_image.max() <= 1.0
+        assert results[key]["all_face"]["iou"] == pytest.approx(summary["all_face"]["paper_protocol"]["iou"]["mean"])
+        assert results[key]["occluders"] == summary["occluders"] and summary["occluders"]["n_images"] >= 1
     check_fit_oracle_scores(out / "fit_oracle", data)
     assert set(results["step_seconds"]) == {"step1", "step2", "step3", "step4"}
     assert results["wall_seconds"] >= sum(results["step_seconds"].values()) > 0
@@ -53,6 +57,31 @@ def test_quick_demo_writes_results_for_every_stage(quick_demo):
     figure = cv2.imread(str(out / "figure.png"))
     assert figure.shape[1] == 6 * size, "input, GT and the masks of the four stages side by side"
     assert figure.shape[0] > 2 * size
+
+
+def test_tables_and_results_carry_the_yardsticks(capsys):
+    """results.json and the printed table hold, beside each stage's metrics, the all-face mask's and the occluder
+    metrics pooled over the images with a GT occluder (hand-made masks of tests/test_evaluation.py: a hand found
+    by half, no occluder, a cup found whole)."""
+    summary = summarise_rows(_yardstick_rows(), "step4", "test")
+    results = {"wall_seconds": 1.0}
+    for key in demo_pipeline.STAGES:
+        demo_pipeline.record_stage(results, key, summary)
+    entry = results["step4_final"]
+    assert entry["iou"] == pytest.approx((0.8 + 11 / 12 + 1.0) / 3) and entry["all_face"]["iou"] == pytest.approx(0.75)
+    assert entry["occluders"]["n_images"] == 2 and entry["occluders"]["occluder_iou"] == pytest.approx(0.8)
+    assert entry["all_face"]["occluder_recall"] == 0.0
+    hand = results["per_category"]["step4_final"]["hand"]
+    assert (hand["n_occluded"], hand["all_face_iou"]) == (1, 0.75)
+    assert (hand["occluder_iou"], hand["occluder_recall"]) == (pytest.approx(0.5), pytest.approx(2 / 3))
+    json.dumps(results)  # results.json stays JSON
+    demo_pipeline.print_table(results)
+    text = capsys.readouterr().out
+    head = "| stage | iou | accuracy | precision | recall | f1 | all-face iou | occluder iou | occluder recall |"
+    assert head in text
+    assert "| step4_final | 0.906 | " in text and "| 0.750 | 0.800 | 0.889 | 0.889 |" in text
+    assert "Occluder recall per occluder category" in text and "| hand | 1 | 0.667 |" in text
+    assert "pooled over the 2 images with a GT occluder" in text
 
 
 def check_fit_oracle_scores(folder, data) -> None:

@@ -6,6 +6,7 @@ every image equals its GT mask (render minus squares) and the true landmarks and
 """
 from __future__ import annotations
 
+import argparse
 import csv
 import json
 import subprocess
@@ -21,25 +22,19 @@ from models.layout import CoeffLayout
 from tests.evaluate_segmentation import main
 from tests.helpers import assert_close
 from utils import cli
+from utils.data.benchmark_files import GroundTruthTable, read_ground_truth
 from utils.data.datasets import FaceDataset
 from utils.data.image_io import write_image_rgb, write_mask
 from utils.errors import DataError
-from utils.evaluation.evaluate import (
-    COUNT_NAMES,
-    EvalOptions,
-    GroundTruthTable,
-    evaluate_split,
-    image_scores,
-    load_stage,
-    predict_masks,
-    read_ground_truth,
-    run_evaluation,
-    summarise_rows,
-    true_landmarks,
-)
+from utils.evaluation.command import run_evaluation
+from utils.evaluation.evaluate import EvalOptions, evaluate_split
 from utils.evaluation.metrics import mask_metrics
+from utils.evaluation.reconstruction import true_landmarks
+from utils.evaluation.report import format_markdown
+from utils.evaluation.scoring import COUNT_NAMES, image_scores, summarise_rows
+from utils.evaluation.stages import load_stage, predict_masks
 from utils.landmarks_csv import write_landmarks_csv
-from utils.training.builders import FINAL_NAME, build_mofa, build_unet, step_dir
+from utils.training.builders import FINAL_NAME, build_mofa, build_unet, load_networks, step_dir
 from utils.training.checkpoint import CheckpointError, save_training_state
 
 REPO = Path(__file__).resolve().parents[1]
@@ -65,14 +60,25 @@ def tiny_spec(face_model: FaceModel) -> dict:
             "unet_width": UNET_WIDTH, "face_model": face_model.config()}
 
 
+UNET_BIAS = {3: 10.0, 4: -10.0}
+"""The head bias of each step's UNet: Step 3's calls every pixel visible face, Step 4's every pixel occluder (the
+logits are 5 (w x + b): a bias of 10 outweighs the random weights), so a stage that loads the wrong UNet, or
+ignores it, shows."""
+
+
 def make_checkpoints(save_root: Path, bfm: Path) -> tuple[FaceModel, dict]:
-    """Write Step-1, Step-3 and Step-4 ``final.pt`` files under ``save_root`` with the steps' payloads."""
+    """Write Step-1, Step-3 and Step-4 ``final.pt`` files under ``save_root`` with the steps' payloads; the two
+    UNets differ (`UNET_BIAS`)."""
     face_model = FaceModel.from_h5(bfm, CoeffLayout())
     spec = tiny_spec(face_model)
-    mofa, unet = build_mofa(spec, face_model), build_unet(spec)
+    mofa, unets = build_mofa(spec, face_model), {}
+    for step, bias in UNET_BIAS.items():
+        unets[step] = build_unet(spec)
+        with torch.no_grad():
+            unets[step].head.bias.fill_(bias)
     for step, models, model_spec in ((1, {"encoder": mofa.encoder}, spec),
-                                     (3, {"unet": unet}, {"unet_width": UNET_WIDTH}),
-                                     (4, {"encoder": mofa.encoder, "unet": unet}, spec)):
+                                     (3, {"unet": unets[3]}, {"unet_width": UNET_WIDTH}),
+                                     (4, {"encoder": mofa.encoder, "unet": unets[4]}, spec)):
         written = save_training_state(step_dir(save_root, step), 1, models, config={}, extra={"model": model_spec},
                                       keep_latest=False)
         written.replace(written.with_name(FINAL_NAME))  # what mark_final leaves, without copying 45 MB twice
@@ -153,14 +159,25 @@ def test_image_scores_count_inside_the_region_only():
     assert_close(soft["fn"], [1 + 0.4 + 0.6])  # sum of gt * (1 - est)
 
 
+def scored(row: dict) -> dict:
+    """A hand-made row with its metrics, and the all-face mask's counts and metrics (every pixel of the region called
+    visible: the GT's visible pixels are tp, its occluder pixels fp) as `image_scores` writes them."""
+    if not row["has_gt_mask"]:
+        return row
+    tp, fp, tn, fn = (row[c] for c in COUNT_NAMES)
+    for prefix, counts in (("", (tp, fp, tn, fn)), ("all_face_", (tp + fn, fp + tn, 0.0, 0.0))):
+        row.update({prefix + c: v for c, v in zip(COUNT_NAMES, counts)})
+        row.update({prefix + k: v.item() for k, v in mask_metrics(*(torch.tensor([c]) for c in counts)).items()})
+    return row
+
+
 def test_summarise_rows_pools_counts_and_skips_images_without_gt():
     rows = [{"filename": "x-1.png", "category": "neutral", "has_gt_mask": True,
              "tp": 9.0, "fp": 1.0, "tn": 0.0, "fn": 0.0},
             {"filename": "x-8.png", "category": "sunglasses", "has_gt_mask": True,
              "tp": 1.0, "fp": 0.0, "tn": 0.0, "fn": 1.0},
             {"filename": "x-9.png", "category": "sunglasses", "has_gt_mask": False}]
-    for r in rows[:2]:
-        r.update({k: v.item() for k, v in mask_metrics(*(torch.tensor([r[c]]) for c in COUNT_NAMES)).items()})
+    rows = [scored(r) for r in rows]
     s = summarise_rows(rows, "step4", "test")
     assert (s["n_images"], s["n_with_gt"]) == (3, 2)
     assert_close(s["paper_protocol"]["iou"]["mean"], (0.9 + 0.5) / 2)
@@ -190,6 +207,62 @@ def test_ground_truth_table_parses_flags_and_shape(tmp_path):
     assert isinstance(table, GroundTruthTable)
 
 
+# ----- yardsticks: the all-face mask and the pooled occluder metrics, on hand-made masks --------------------------
+
+def _yardstick_rows() -> list[dict]:
+    """Three 4x4 images, region = the top three rows (12 px), 1 = visible face:
+    a (hand): GT occluder (0,0) (0,1) (1,0); the estimate calls (0,0) (0,1) and the visible (2,3) occluder:
+       tp 8, fp 1 (missed occluder), tn 2, fn 1 (false occluder);
+    b (none): no GT occluder; the estimate calls (1,1) occluder: tp 11, fn 1 (left out of the occluder pool);
+    c (cup): GT occluder rows 0-1 cols 0-2 (6 px), all found: tp 6, tn 6.
+    Row 3 (outside the region) holds errors that must not count."""
+    gt, est = torch.ones(3, 1, 4, 4), torch.ones(3, 1, 4, 4)
+    region = torch.ones(3, 1, 4, 4)
+    region[:, :, 3] = 0
+    gt[0, 0, 0, 0] = gt[0, 0, 0, 1] = gt[0, 0, 1, 0] = 0
+    est[0, 0, 0, 0] = est[0, 0, 0, 1] = est[0, 0, 2, 3] = 0
+    est[1, 0, 1, 1] = 0
+    gt[2, 0, :2, :3] = 0
+    est[2, 0, :2, :3] = 0
+    gt[:, :, 3], est[:, :, 3] = 0, 1  # outside the region: ignored
+    scores = image_scores(gt, est, region)
+    return [{"filename": name, "category": category, "has_gt_mask": True, **{k: float(v[i]) for k, v in scores.items()}}
+            for i, (name, category) in enumerate((("a.png", "hand"), ("b.png", "none"), ("c.png", "cup")))]
+
+
+def test_all_face_yardstick_scores_every_region_pixel_as_visible():
+    rows = _yardstick_rows()
+    a = rows[0]
+    assert [a[k] for k in COUNT_NAMES] == [8, 1, 2, 1]
+    assert [a["all_face_" + k] for k in COUNT_NAMES] == [9, 3, 0, 0]  # GT visible 9, GT occluder 3, all "visible"
+    assert_close([a["all_face_iou"], a["all_face_accuracy"], a["all_face_precision"]], [0.75, 0.75, 0.75])
+    assert (a["all_face_recall"], a["all_face_occluder_iou"]) == (1.0, 0.0)
+    assert_close(a["all_face_f1"], 18 / 21)
+    s = summarise_rows(rows, "step4", "test")
+    ref = s["all_face"]
+    assert_close(ref["paper_protocol"]["iou"]["mean"], (9 / 12 + 1.0 + 6 / 12) / 3)
+    assert_close(ref["pooled"]["iou"], (9 + 12 + 6) / 36)
+    assert ref["occluders"] == {"n_images": 2, "occluder_iou": 0.0, "occluder_recall": 0.0, "occluder_precision": 0.0}
+    assert_close(s["per_category"]["hand"]["all_face"]["paper_protocol"]["iou"]["mean"], 0.75)
+
+
+def test_occluder_metrics_pool_counts_over_the_images_with_a_gt_occluder():
+    s = summarise_rows(_yardstick_rows(), "step4", "test")
+    occ = s["occluders"]
+    assert occ["n_images"] == 2  # b has no GT occluder: its false occluder pixel is left out
+    assert_close([occ["occluder_iou"], occ["occluder_recall"], occ["occluder_precision"]],
+                 [8 / 10, 8 / 9, 8 / 9])  # tn 2 + 6, fp 1, fn 1: pooled counts, not the mean of a's 0.5 and c's 1
+    hand, cup, none = (s["per_category"][c]["occluders"] for c in ("hand", "cup", "none"))
+    assert_close([hand["occluder_iou"], hand["occluder_recall"], hand["occluder_precision"]], [0.5, 2 / 3, 2 / 3])
+    assert (cup["occluder_iou"], cup["occluder_recall"], cup["occluder_precision"]) == (1.0, 1.0, 1.0)
+    assert none["n_images"] == 0 and np.isnan(none["occluder_iou"])
+    assert_close(s["paper_protocol"]["occluder_iou"]["mean"], (0.5 + 0.0 + 1.0) / 3)  # the per-image metric stays
+    text = format_markdown(s)
+    assert "pooled over the 2 images with a GT occluder" in text and "| all-face | 0.0000 | 0.0000 | 0.0000 |" in text
+    iou_line = next(line for line in text.splitlines() if line.startswith("| iou |"))
+    assert iou_line.startswith("| iou | 0.9056 |") and iou_line.endswith("| 0.8929 | 0.7500 | 0.7500 |"), iou_line
+
+
 # ----- models -----------------------------------------------------------------------------------------------------
 
 def test_load_stage_rebuilds_each_stage(setup):
@@ -202,6 +275,45 @@ def test_load_stage_rebuilds_each_stage(setup):
         load_stage("step4", setup["base"] / "nowhere", setup["bfm"], device)
     with pytest.raises(DataError, match="--stage"):
         load_stage("step5", setup["save_root"], setup["bfm"], device)
+
+
+def test_each_stage_masks_with_its_own_unet(setup):
+    """Step 3's UNet calls everything visible, Step 4's everything occluder (`UNET_BIAS`): a stage that loads the other
+    step's UNet, or returns the rendered face instead of the UNet's mask, fails here."""
+    images = mean_face_render(setup["face_model"], setup["spec"]).image.clamp(0, 1)
+    masks = {}
+    for stage in ("step3", "step4"):
+        mofa, unet, _ = load_stage(stage, setup["save_root"], setup["face_model"], torch.device("cpu"))
+        est, region, _ = predict_masks(stage, mofa, unet, images)
+        masks[stage] = est
+        assert region.sum() == setup["region_area"] > 0
+    assert torch.equal((masks["step3"] >= 0.5).float(), region)
+    assert masks["step4"].max() < 0.5
+
+
+def test_load_networks_is_step4s_loader(setup, caplog):
+    """Step 4 starts from the Step-1 MoFA and the Step-3 UNet (two files); a Step-4 file holds both."""
+    device, model = torch.device("cpu"), setup["face_model"]
+    step1, step3, step4 = (step_dir(setup["save_root"], k) / FINAL_NAME for k in (1, 3, 4))
+    nets = load_networks(step1, model, device, unet_path=step3, unet=True)
+    assert nets.spec["unet_width"] == UNET_WIDTH and nets.unet.head.bias.item() == UNET_BIAS[3]
+    assert (nets.mofa_path, nets.unet_path) == (step1, step3) and "encoder" in nets.mofa_payload["models"]
+    assert not nets.mofa.training and not nets.unet.training
+    assert load_networks(step4, model, device).unet.head.bias.item() == UNET_BIAS[4]
+    assert load_networks(step1, model, device).unet is None  # a Step-1 file: no UNet, none asked for
+    assert load_networks(step4, model, device, unet=False).unet is None
+    with pytest.raises(CheckpointError, match="holds no UNet: pass a Step-4"):
+        load_networks(step1, model, device, unet=True)
+    with pytest.raises(CheckpointError, match="holds no UNet: pass a Step-3"):
+        load_networks(step1, model, device, unet_path=step1, unet=True)
+    with pytest.raises(CheckpointError, match="holds no MoFA encoder"):
+        load_networks(step3, model, device)
+    flags = argparse.Namespace(encoder="resnet50", image_size=SIZE, camera="g2", unet_width=64)
+    with caplog.at_level("WARNING"):
+        nets.announce(flags, "the Step-1 checkpoint", "the Step-3 checkpoint")
+    assert f"--encoder resnet50 is ignored: using resnet18 from the Step-1 checkpoint {step1}" in caplog.text
+    assert f"--unet_width 64 is ignored: using {UNET_WIDTH} from the Step-3 checkpoint {step3}" in caplog.text
+    assert "--image_size" not in caplog.text
 
 
 def test_predict_masks_step2_flags_occluders_inside_the_face(setup):
@@ -320,8 +432,7 @@ def test_summarise_rows_counts_an_image_in_every_appearance_item():
     rows = [{**base, "filename": "a.png", "appearance": "beard+specular", "tp": 3.0, "fn": 1.0},
             {**base, "filename": "b.png", "appearance": "specular"},
             {**base, "filename": "c.png", "appearance": "none"}]
-    for r in rows:
-        r.update({k: v.item() for k, v in mask_metrics(*(torch.tensor([r[c]]) for c in COUNT_NAMES)).items()})
+    rows = [scored(r) for r in rows]
     s = summarise_rows(rows, "fit_oracle", "test")
     assert list(s["per_appearance"]) == ["beard", "specular", "none"]
     assert s["per_appearance"]["specular"]["n_images"] == 2 and s["per_appearance"]["beard"]["n_images"] == 1

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import subprocess
 
 import numpy as np
 import pytest
@@ -126,13 +127,13 @@ def test_landmark_csv_aligns_a_larger_image(ckpt, tmp_path):
     aligned = read_image_rgb(tmp_path / "out" / "big_input.png")
     assert aligned.shape == (SIZE, SIZE, 3) and aligned.mean() > 5  # the face landed in the crop
     with pytest.raises(DataError, match="no row for face.png"):
-        run(ckpt, tmp_path / "out", "--landmarks", str(tmp_path / "lm.csv"))
+        run(ckpt, tmp_path / "out2", "--landmarks", str(tmp_path / "lm.csv"))
 
 
 @pytest.mark.parametrize("case", ["missing_checkpoint", "bad_image", "other_face_model"])
 def test_clear_one_line_errors(ckpt, tmp_path, capsys, case):
     argv = ["--image", str(ckpt["base"] / "face.png"), "--checkpoint", str(step_dir(ckpt["save"], 4)),
-            "--out", str(tmp_path), "--bfm", str(ckpt["bfm"]), "--device", "cpu"]
+            "--out", str(tmp_path / "out"), "--bfm", str(ckpt["bfm"]), "--device", "cpu"]
     expected = {"missing_checkpoint": "not found", "bad_image": "cannot decode", "other_face_model": "another face"}
     if case == "missing_checkpoint":
         argv[3] = str(tmp_path / "none.pt")
@@ -156,3 +157,82 @@ def test_identity_score_is_written_with_an_identity_network(ckpt, tmp_path):
     assert score["identity"] == "dlib" and -1.0 <= score["cosine_input_vs_render"] <= 1.0
     run(ckpt, tmp_path / "none", "--identity", "none")
     assert not (tmp_path / "none" / "face_identity.json").exists()
+
+
+def test_the_step4_mask_is_the_unets(ckpt, tmp_path):
+    """The Step-4 file's UNet calls every pixel occluder (tests/test_evaluation.UNET_BIAS): the mask written must be
+    the UNet's, not the rendered face."""
+    run(ckpt, tmp_path / "out")
+    with torch.no_grad():
+        region = mean_face_render(ckpt["face_model"], tiny_spec(ckpt["face_model"])).mask[0, 0].numpy()
+    assert region.sum() > 0 and read_mask(tmp_path / "out" / "face_mask.png").max() == 0
+
+
+class ColourIdentity:
+    """A stand-in identity network: the unit mean colour of the image (B, 3)."""
+
+    def __call__(self, images: torch.Tensor, landmarks: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.normalize(images.mean(dim=(2, 3)), dim=1)
+
+
+def test_identity_score_is_the_cosine_of_input_and_render_embeddings():
+    images = torch.zeros(1, 3, 4, 4)
+    images[:, 0] = 1.0  # red: embedding (1, 0, 0)
+    render = torch.zeros(1, 3, 4, 4)
+    render[:, 0], render[:, 1] = 0.3, 0.4  # embedding (0.6, 0.8, 0)
+    out = type("Out", (), {"image": render, "landmarks": torch.zeros(1, 68, 2)})()
+    assert reconstruct.identity_score(ColourIdentity(), images, out) == pytest.approx(0.6, abs=1e-6)
+    assert reconstruct.identity_score(ColourIdentity(), render, out) == pytest.approx(1.0, abs=1e-6)
+
+
+def test_results_sharing_a_stem_never_mix(ckpt, tmp_path, monkeypatch, capsys):
+    """Two images named face.png: the second is refused from the used folder; with --overwrite it replaces all of the
+    first's results, so the first's face_identity.json does not stay beside them."""
+    other = tmp_path / "b" / "face.png"
+    write_image_rgb(other, ckpt["image"].flip(-1))
+    monkeypatch.setattr(reconstruct, "load_identity", lambda args, device: ColourIdentity())
+    run(ckpt, tmp_path / "out")
+    first = {p.name: p.read_bytes() for p in (tmp_path / "out").iterdir()}
+    score = json.loads(first["face_identity.json"])["cosine_input_vs_render"]
+    assert 0.5 < score < 1.0  # the render's mean colour is near the input's, not equal (the blue square)
+    with pytest.raises(SystemExit) as exc:
+        cli.cli_main(reconstruct.main, ["--image", str(other), "--checkpoint", str(step_dir(ckpt["save"], 4)),
+                                        "--out", str(tmp_path / "out"), "--bfm", str(ckpt["bfm"]), "--device", "cpu"])
+    err = capsys.readouterr().err.strip()
+    assert exc.value.code == 2 and "not empty" in err and "--overwrite" in err and len(err.splitlines()) == 1
+    assert {p.name: p.read_bytes() for p in (tmp_path / "out").iterdir()} == first
+    monkeypatch.setattr(reconstruct, "load_identity", lambda args, device: None)
+    run(ckpt, tmp_path / "out", "--overwrite", image=other)
+    names = {p.name for p in (tmp_path / "out").iterdir()}
+    assert "face_identity.json" not in names and "face_mask.png" in names
+    assert read_image_rgb(tmp_path / "out" / "face_input.png").tobytes() != first["face_input.png"]
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out.")]  # no partial or old folder left
+
+
+def test_out_that_is_a_file_is_refused_before_any_work(ckpt, tmp_path, capsys):
+    (tmp_path / "res").write_text("mine")
+    argv = ["--image", str(ckpt["base"] / "face.png"), "--checkpoint", str(tmp_path / "missing.pt"),
+            "--out", str(tmp_path / "res"), "--bfm", str(ckpt["bfm"]), "--device", "cpu"]
+    with pytest.raises(SystemExit) as exc:
+        cli.cli_main(reconstruct.main, argv)
+    err = capsys.readouterr().err.strip()
+    assert exc.value.code == 2 and "is a file" in err and len(err.splitlines()) == 1, err  # not the missing file
+    assert (tmp_path / "res").read_text() == "mine"
+
+
+def test_a_full_disk_is_one_line_and_leaves_nothing(ckpt, tmp_path, capsys):
+    """A real 8 kB tmpfs: the meshes do not fit; one line, and no partial file or folder on it."""
+    mount = tmp_path / "tmpfs"
+    mount.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8k", "tmpfs", str(mount)], capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    try:
+        argv = ["--image", str(ckpt["base"] / "face.png"), "--checkpoint", str(step_dir(ckpt["save"], 4)),
+                "--out", str(mount / "res"), "--bfm", str(ckpt["bfm"]), "--device", "cpu"]
+        with pytest.raises(SystemExit) as exc:
+            cli.cli_main(reconstruct.main, argv)
+        err = capsys.readouterr().err.strip()
+        assert exc.value.code == 2 and len(err.splitlines()) == 1 and "No space left" in err, err
+        assert list(mount.iterdir()) == []
+    finally:
+        subprocess.run(["umount", str(mount)], check=False)

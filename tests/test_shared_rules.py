@@ -3,6 +3,8 @@ atomic writes, the SH basis of the synthetic light, running means of loss terms,
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 import cv2
@@ -188,3 +190,30 @@ def test_models_never_import_utils_and_utils_never_import_tests():
     for path in (root / "utils").rglob("*.py"):
         assert not {n for n in _imports(path) if n.split(".")[0] == "tests"}, path
         assert "sys.path" not in path.read_text(), f"{path} edits sys.path"
+
+
+@pytest.mark.parametrize("modules", [
+    "reconstruct",
+    "tests.evaluate_segmentation, utils.evaluation.command, utils.evaluation.evaluate, utils.evaluation.scoring, "
+    "utils.evaluation.stages, utils.evaluation.report, utils.evaluation.reconstruction",
+])
+def test_readers_of_the_benchmark_import_no_generator(modules):
+    """reconstruct.py and the evaluation read the synthetic benchmark's files through `utils.data.benchmark_files`:
+    they import no module of utils/synthetic (the scene generator) nor the AR ground-truth builder, transitively."""
+    code = f"import sys, {modules}; print('\\n'.join(sorted(sys.modules)))"
+    done = subprocess.run([sys.executable, "-c", code], cwd=repo_root(), capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    loaded = done.stdout.split()
+    assert "utils.data.benchmark_files" in loaded or modules == "reconstruct"
+    forbidden = [m for m in loaded if m.startswith("utils.synthetic") or m == "utils.prepare.ar_gt"]
+    assert not forbidden, f"{modules} imports {forbidden}"
+
+
+def test_the_writers_use_the_benchmark_contract():
+    from utils.data import benchmark_files
+    from utils.prepare import ar_gt
+    from utils.synthetic import appearance
+
+    assert appearance.APPEARANCE_ITEMS is benchmark_files.APPEARANCE_ITEMS
+    assert ar_gt.ar_category is benchmark_files.ar_category
+    assert faces.RENDER_DTYPE is benchmark_files.RENDER_DTYPE

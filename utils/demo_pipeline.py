@@ -45,8 +45,9 @@ from pathlib import Path
 
 from utils.atomic_write import atomic_write
 from utils.cli import cli_main, repo_root
+from utils.data.benchmark_files import appearance_items, read_ground_truth_rows
 from utils.errors import DataError, MofaError
-from utils.evaluation.evaluate import run_evaluation
+from utils.evaluation.command import run_evaluation
 from utils.training.builders import FINAL_NAME, STEP_DIRS, STEP_SCRIPTS
 
 REPO = repo_root()
@@ -328,16 +329,31 @@ def evaluate_stage(args, data: Path, save_root: Path, stage: str, out: Path) -> 
     """The evaluation command's summary of ``stage`` on the test split (mask images saved for the figure)."""
     return run_evaluation(["--img_path", str(data), "--split", "test", "--save_root", str(save_root),
                            "--bfm", args.bfm, "--device", args.device, "--stage", stage, "--out", str(out),
-                           "--save_images"])
+                           "--save_images", "--overwrite"])
+
+
+OCCLUDER_KEYS = ("occluder_iou", "occluder_recall", "occluder_precision")
+
+
+def _group_record(s: dict) -> dict:
+    """One group's entry (a category or an appearance item): its image count, IoU / F1 / recall means, the all-face
+    mask's IoU, and the occluder metrics pooled over its images with a GT occluder (``n_occluded`` of them)."""
+    return {"n": s["n_with_gt"], **{m: s["paper_protocol"][m]["mean"] for m in ("iou", "f1", "recall")},
+            "all_face_iou": s["all_face"]["paper_protocol"]["iou"]["mean"],
+            "n_occluded": s["occluders"]["n_images"], **{m: s["occluders"][m] for m in OCCLUDER_KEYS}}
 
 
 def record_stage(results: dict, key: str, summary: dict) -> None:
-    """Put one stage's paper-protocol means (overall, per appearance item, per occluder category) into results."""
+    """Put one stage's paper-protocol means (overall, per appearance item, per occluder category) into results,
+    with the yardsticks: ``all_face`` (the same region, every pixel called visible: its metric means and pooled
+    occluder metrics) and ``occluders`` (occluder IoU / recall / precision pooled over the test images with a GT
+    occluder, and their count ``n_images``)."""
     results[key] = {m: v["mean"] for m, v in summary["paper_protocol"].items()}
+    results[key]["all_face"] = {**{m: v["mean"] for m, v in summary["all_face"]["paper_protocol"].items()},
+                                **{m: summary["all_face"]["occluders"][m] for m in OCCLUDER_KEYS}}
+    results[key]["occluders"] = dict(summary["occluders"])
     for group in ("per_appearance", "per_category"):
-        results.setdefault(group, {})[key] = {
-            name: {"n": s["n_with_gt"], **{m: s["paper_protocol"][m]["mean"] for m in ("iou", "f1", "recall")}}
-            for name, s in summary.get(group, {}).items()}
+        results.setdefault(group, {})[key] = {name: _group_record(s) for name, s in summary.get(group, {}).items()}
 
 
 def run_ablation(args, cfg: dict, data: Path, save_root: Path, step4_flags: list[str], out: Path,
@@ -381,23 +397,39 @@ def print_ablation(table: dict) -> None:
             print(f"| {row} | " + " | ".join(f"{values[group].get(n, float('nan')):.3f}" for n in names) + " |")
 
 
+def _cell(value) -> str:
+    return "n/a" if value is None or value != value else f"{value:.3f}"
+
+
 def print_table(results: dict) -> None:
-    """The overall table, then IoU per appearance item and per occluder category for every stage (Markdown)."""
+    """The overall table with the yardsticks (the all-face mask's IoU, the pooled occluder metrics), then IoU,
+    all-face IoU and occluder recall per appearance item and per occluder category for every stage (Markdown)."""
     metrics = ["iou", "accuracy", "precision", "recall", "f1"]
-    print("\n| stage | " + " | ".join(metrics) + " |\n|---|" + "---|" * len(metrics))
+    n_occluded = results[next(iter(STAGES))]["occluders"]["n_images"]
+    print(f"\nTest split, paper protocol; all-face = the same region with every pixel called visible; occluder "
+          f"metrics pooled over the {n_occluded} images with a GT occluder:\n")
+    head = [*metrics, "all-face iou", "occluder iou", "occluder recall", "occluder precision"]
+    print("| stage | " + " | ".join(head) + " |\n|---|" + "---|" * len(head))
     for key in STAGES:
-        print(f"| {key} | " + " | ".join(f"{results[key][m]:.3f}" for m in metrics) + " |")
+        r = results[key]
+        values = [r[m] for m in metrics] + [r["all_face"]["iou"]] + [r["occluders"][m] for m in OCCLUDER_KEYS]
+        print(f"| {key} | " + " | ".join(_cell(v) for v in values) + " |")
     for group, title, note in (("per_appearance", "appearance item", " (an image counts in every item it has)"),
                                ("per_category", "occluder category", "")):
         names = list(results.get(group, {}).get("step2_prelim", {}))
         if not names:
             continue
-        print(f"\nIoU per {title}{note}:\n")
-        print(f"| {title} | test images | " + " | ".join(STAGES) + " |\n|---|---|" + "---|" * len(STAGES))
-        for name in names:
-            n = results[group]["step2_prelim"][name]["n"]
-            values = [results[group].get(key, {}).get(name, {}).get("iou") for key in STAGES]
-            print(f"| {name} | {n} | " + " | ".join("n/a" if v is None else f"{v:.3f}" for v in values) + " |")
+        for value, what in (("iou", "IoU"), ("all_face_iou", "all-face IoU"), ("occluder_recall", "Occluder recall"),
+                            ("occluder_iou", "Occluder IoU")):
+            if group == "per_appearance" and value.startswith("occluder"):
+                continue  # appearance items are visible face: their occluders are the categories'
+            count, counted = ("n_occluded", "with occluder") if value.startswith("occluder") else ("n", "test images")
+            print(f"\n{what} per {title}{note}:\n")
+            print(f"| {title} | {counted} | " + " | ".join(STAGES) + " |\n|---|---|" + "---|" * len(STAGES))
+            for name in names:
+                n = results[group]["step2_prelim"][name][count]
+                values = [results[group].get(key, {}).get(name, {}).get(value) for key in STAGES]
+                print(f"| {name} | {n} | " + " | ".join(_cell(v) for v in values) + " |")
     print_recovered(results)
     print(f"\nwall time: {results['wall_seconds']:.0f} s")
 
@@ -428,14 +460,11 @@ def print_recovered(results: dict) -> None:
 def figure_picks(data: Path, rows: int = FIGURE_ROWS) -> list[dict]:
     """Test images for the figure: each new one adds an appearance item or occluder category not shown yet
     (then the rest in order), so the figure shows the variety of the benchmark."""
-    import csv
-
-    with (data / "ground_truth.csv").open(newline="") as handle:
-        test = [row for row in csv.DictReader(handle) if row["split"] == "test"]
+    test = read_ground_truth_rows(data, "test")
     shown: set[str] = set()
     picks: list[dict] = []
     for row in test:
-        labels = {f"occ:{row['category']}", *(f"app:{a}" for a in row.get("appearance", "none").split("+"))}
+        labels = {f"occ:{row['category']}", *(f"app:{a}" for a in appearance_items(row.get("appearance", "none")))}
         if labels - shown and len(picks) < rows:
             picks.append(row)
             shown |= labels

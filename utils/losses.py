@@ -24,6 +24,9 @@ import torch
 import torch.nn.functional as F
 
 # Squared norms get this added inside the square root so the gradient is finite where the norm is 0.
+SIGMA = 0.043
+"""The robust photometric model's sigma (docs/method.md §8.1): inliers lie within 3 sigma = 0.129 (RGB in [0, 1]).
+The one spelling of the value: the steps, the objectives and the evaluation take it from here."""
 NORM_EPS = 1e-12
 
 # Landmark weights per iBUG-68 point, already SQUARED. The original multiplied the residual by w_j inside the
@@ -58,7 +61,7 @@ def _rgb_norm(x: torch.Tensor) -> torch.Tensor:
 # Step 1 / Step 2
 # --------------------------------------------------------------------------------------------------------------
 
-def inlier_mask(I: torch.Tensor, R: torch.Tensor, F_mask: torch.Tensor, sigma: float = 0.043) -> torch.Tensor:
+def inlier_mask(I: torch.Tensor, R: torch.Tensor, F_mask: torch.Tensor, sigma: float = SIGMA) -> torch.Tensor:
     """Hard inlier mask of the robust photometric model (also Step 2's preliminary mask, docs/method.md §9).
 
     O = F * [||I - R||^2_RGB < (3 sigma)^2]; with sigma = 0.043 the threshold is an RGB distance of 0.129.
@@ -72,7 +75,7 @@ def inlier_mask(I: torch.Tensor, R: torch.Tensor, F_mask: torch.Tensor, sigma: f
 
 
 def robust_photometric(I: torch.Tensor, R: torch.Tensor, F_mask: torch.Tensor,
-                       sigma: float = 0.043) -> tuple[torch.Tensor, torch.Tensor]:
+                       sigma: float = SIGMA) -> tuple[torch.Tensor, torch.Tensor]:
     """Occlusion-robust photometric loss of Step 1 (docs/method.md §8.1 item 1).
 
     Per pixel, LL_fg = -||I - R||^2 / (2 sigma^2) + C with C = -1.5 ln(2 pi) - 3 ln(sigma) (about 6.683 for

@@ -12,6 +12,12 @@ otherwise. Concretely, with tp, fp, tn, fn the counts of one image:
     recall       = tp / (tp + fn)               0/0 -> 1 if fp == 0 (no predicted positives either) else 0
     f1           = 2 tp / (2 tp + fp + fn)      0/0 -> 1 (no positives anywhere)
 No count or ratio is clamped (the original clamped every count to >= 1, which biased degenerate images).
+
+Occluder metrics (`occluder_metrics`) take the occluder as the positive class (GT 0 inside the region; estimated
+occluder = estimate 0): occluder_iou = tn / (tn + fp + fn), occluder_recall = tn / (tn + fp) (the share of the GT
+occluder found), occluder_precision = tn / (tn + fn) (the share of the pixels called occluder that are occluder),
+with the same empty-denominator rule. The evaluation pools them over the images whose GT has an occluder inside
+the region (`has_occluder`).
 """
 from __future__ import annotations
 
@@ -21,6 +27,7 @@ from typing import Mapping, Sequence
 import torch
 
 METRIC_NAMES = ("iou", "occluder_iou", "accuracy", "precision", "recall", "f1")
+OCCLUDER_METRIC_NAMES = ("occluder_iou", "occluder_recall", "occluder_precision")
 
 
 def confusion_counts(gt: torch.Tensor, est: torch.Tensor, region: torch.Tensor | None = None,
@@ -66,6 +73,19 @@ def mask_metrics(tp: torch.Tensor, fp: torch.Tensor, tn: torch.Tensor, fn: torch
         "recall": _ratio(tp, tp + fn, torch.where(fp > 0, zero, one)),
         "f1": _ratio(2 * tp, 2 * tp + fp + fn, one),
     }
+
+
+def occluder_metrics(tp: torch.Tensor, fp: torch.Tensor, tn: torch.Tensor, fn: torch.Tensor
+                     ) -> dict[str, torch.Tensor]:
+    """{occluder_iou, occluder_recall, occluder_precision} from the visible-face counts (occluder = positive)."""
+    swapped = mask_metrics(tn, fn, tp, fp)
+    return {"occluder_iou": swapped["iou"], "occluder_recall": swapped["recall"],
+            "occluder_precision": swapped["precision"]}
+
+
+def has_occluder(tp: torch.Tensor, fp: torch.Tensor, tn: torch.Tensor, fn: torch.Tensor) -> torch.Tensor:
+    """(B,) bool: the GT has occluder pixels inside the region (tn + fp > 0, whatever the estimate says)."""
+    return (torch.as_tensor(tn, dtype=torch.float64) + torch.as_tensor(fp, dtype=torch.float64)) > 0
 
 
 def pooled_metrics(tp: torch.Tensor, fp: torch.Tensor, tn: torch.Tensor, fn: torch.Tensor) -> dict[str, float]:

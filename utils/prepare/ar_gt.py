@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import re
 from pathlib import Path
 from typing import Mapping
 
@@ -38,6 +37,7 @@ import numpy as np
 from tqdm import tqdm
 
 from utils.cli import cli_main
+from utils.data.benchmark_files import AR_CATEGORIES, ar_category  # noqa: F401 (re-exported)
 from utils.data.image_io import read_image_rgb
 from utils.data.image_root import ImageRoot
 from utils.errors import DataError
@@ -55,28 +55,6 @@ LABEL_COLOURS: dict[str, tuple[int, int, int]] = {
 OCCLUDERS = ("hair", "glasses", "scarf", "earring")
 DEFAULT_TOLERANCE = 40
 IMAGE_EXTENSIONS = (".bmp", ".png", ".jpg", ".jpeg", ".ppm", ".tif", ".tiff")
-
-# AR face database image numbers (the suffix of e.g. m-001-21): 1-13 first session, 14-26 second.
-AR_CATEGORIES = {
-    "neutral": (1, 5, 6, 7, 14, 18, 19, 20),  # neutral expression, any lighting
-    "sunglasses": (8, 9, 10, 21, 22, 23),
-    "scarf": (11, 12, 13, 24, 25, 26),
-}
-
-
-def ar_category(filename: str | Path) -> str:
-    """AR category from the file name: ``m-001-21.bmp`` -> "sunglasses".
-
-    Returns "neutral" (AR numbers 1, 5-7, 14, 18-20), "sunglasses" (8-10, 21-23), "scarf" (11-13, 24-26)
-    or "other" (expressions, or a name without an AR number).
-    """
-    match = re.search(r"-(\d+)$", Path(filename).stem)
-    number = int(match.group(1)) if match else -1
-    for category, numbers in AR_CATEGORIES.items():
-        if number in numbers:
-            return category
-    return "other"
-
 
 def colour_mask(label_rgb: np.ndarray, colour: tuple[int, int, int], tolerance: int) -> np.ndarray:
     """``(H, W)`` bool: pixels whose every channel is within `tolerance` of `colour`."""

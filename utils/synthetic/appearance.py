@@ -31,6 +31,7 @@ import torch
 from models.camera import CameraConfig
 from models.layout import N_LIGHT, N_SH_BASIS, light_with_offset
 from models.shading import sh_basis
+from utils.data.benchmark_files import APPEARANCE_ITEMS
 from utils.synthetic.head import HeadSample, draw_head, sh_irradiance
 from utils.synthetic.occluders import (
     BROWS,
@@ -45,9 +46,6 @@ from utils.synthetic.occluders import (
 )
 
 APPEARANCE_MODES = ("mixed", "none")
-APPEARANCE_ITEMS = ("stubble", "beard", "moustache", "eyeshadow", "lipstick", "blush", "moles", "freckles",
-                    "wrinkles", "specular", "cast_shadow")
-"""The items, in the order they are listed in ground_truth.csv."""
 FACIAL_HAIR = {"stubble": 0.35, "beard": 0.25, "moustache": 0.15, "beard+moustache": 0.25}
 MIN_KEY_STRENGTH = 0.15
 """Below this band-1 / ambient ratio the SH light has no usable direction and the key light is drawn at random."""

@@ -71,6 +71,7 @@ from models.layout import N_SH_BASIS, SH_INIT, CoeffLayout
 from models.renderer import FaceRenderer
 from models.shading import sh_basis
 from utils.cli import RepoDefault, check_seed, cli_main, resolve_cli_path, resolve_device
+from utils.data.benchmark_files import GROUND_TRUTH_NAME, RENDER_DTYPE, ground_truth_columns
 from utils.data.image_io import write_image_rgb, write_mask
 from utils.data.image_root import GT_MASK_SUFFIX, SPLITS, ImageRoot, gt_mask_path, split_indices
 from utils.errors import DataError
@@ -91,9 +92,6 @@ DEFAULT_DEMO_BFM = "basel_3DMM/demo_face_model.h5"
 OCCLUSION_MODES = ("mixed", "none", "ar", "celeba")
 SPLIT_FRACTIONS = (0.8, 0.1, 0.1)  # train, val, test
 REFERENCE_SIZE = 224
-RENDER_DTYPE = torch.float64
-"""Faces are rendered in float64 so that an image does not depend on the batch it was rendered in: in float32 the
-matrix products differ in the last bits with the batch composition (~1e-5 px), enough to flip a rounded digit."""
 _OWN_FILE = re.compile(r"^\d{5,}(" + re.escape(GT_MASK_SUFFIX) + r"|\.png)$")
 
 
@@ -373,11 +371,6 @@ def split_ids(num: int, seed: int) -> dict[str, list[int]]:
     return split_indices(num, SPLIT_FRACTIONS, seed)
 
 
-def coefficient_columns(layout: CoeffLayout) -> list[str]:
-    """Column names of the coefficients in ground_truth.csv, in layout order: ``shape_0, ..., light_26``."""
-    return [f"{name}_{k}" for name, size in layout.sizes().items() for k in range(size)]
-
-
 def _number(value: float) -> str:
     """Shortest text that reads back to the same float32."""
     return np.format_float_positional(np.float32(value), unique=True, trim="-")
@@ -385,14 +378,13 @@ def _number(value: float) -> str:
 
 def write_tables(root: Path, records: list[SampleRecord], splits: dict[str, list[int]], layout: CoeffLayout
                  ) -> None:
-    """Write the four landmark CSVs and ground_truth.csv of an image root."""
+    """Write the four landmark CSVs and ground_truth.csv of an image root (columns: `ground_truth_columns`)."""
     for split, ids in splits.items():
         write_landmarks_csv(root / f"{split}_landmarks_3D.csv",
                             [(records[i].filename, records[i].landmarks) for i in ids])
     split_of = {i: split for split in ("train", "val", "test") for i in splits[split]}
-    header = ["filename", "split", "category", "appearance", "occluded_fraction", *coefficient_columns(layout),
-              "visible_landmarks"]
-    with (root / "ground_truth.csv").open("w", newline="", encoding="utf-8") as handle:
+    header = ground_truth_columns(layout)
+    with (root / GROUND_TRUTH_NAME).open("w", newline="", encoding="utf-8") as handle:
         writer = csv.writer(handle, lineterminator="\n")
         writer.writerow(header)
         for index, record in enumerate(records):

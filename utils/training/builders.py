@@ -7,6 +7,7 @@ model's identity, which is checked against the ``--bfm`` file given now.
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -34,8 +35,8 @@ STEP_SCRIPTS = {1: "Step1_Pretrain_MoFA.py", 2: "Step2_UNet_trainset_generation.
                 4: "Step4_UNet_MoFA_EM.py"}
 FINAL_NAME = "final.pt"
 # The flag that sets each entry of a model spec (what a user changes to get a different network).
-SPEC_FLAGS = {"encoder": "--encoder", "image_size": "--image_size", "camera": "--camera", "layout": "the coefficient layout",
-              "unet_width": "--unet_width", "face_model": "--bfm"}
+SPEC_FLAGS = {"encoder": "--encoder", "image_size": "--image_size", "camera": "--camera",
+              "layout": "the coefficient layout", "unet_width": "--unet_width", "face_model": "--bfm"}
 MOFA_SPEC_KEYS = ("encoder", "image_size", "camera", "layout", "face_model")
 
 
@@ -120,6 +121,56 @@ def load_unet(payload: dict, width: int, path: Path, device: torch.device) -> UN
     unet = build_unet({"unet_width": int(width)}).to(device).eval()
     load_weights(unet, payload, "unet", path)
     return unet
+
+
+@dataclass(frozen=True)
+class Networks:
+    """The networks of a stage, in eval mode, with where they came from (`load_networks`).
+
+    spec: the MoFA checkpoint's model spec, with ``unet_width`` of the UNet loaded (when one is).
+    mofa_payload: the MoFA checkpoint's payload (Step 4 reads Step 1's learning-rate schedule from it).
+    """
+
+    mofa: MoFA
+    unet: UNet | None
+    spec: dict
+    mofa_path: Path
+    mofa_payload: dict
+    unet_path: Path | None
+
+    def announce(self, args, mofa_source: str = "the checkpoint", unet_source: str = "the checkpoint") -> None:
+        """`announce_spec` for both files: one warning per flag of ``args`` that the checkpoints override."""
+        mofa_spec = {k: v for k, v in self.spec.items() if k != "unet_width"}
+        announce_spec(args, mofa_spec, f"{mofa_source} {self.mofa_path}")
+        if self.unet is not None:
+            announce_spec(args, {"unet_width": self.spec["unet_width"]}, f"{unet_source} {self.unet_path}")
+
+
+def load_networks(mofa_path: Path, face_model: FaceModel, device: torch.device, unet_path: Path | None = None,
+                  unet: bool | None = None) -> Networks:
+    """The one loader of trained networks: MoFA from ``mofa_path`` and a UNet, in eval mode on ``device``.
+
+    unet_path None: the UNet is the MoFA checkpoint's own (a Step-4 file holds "encoder" and "unet"); a path: the
+    UNet of that checkpoint, whose width its ``extra["model"]["unet_width"]`` records (a Step-3 file).
+    unet: True requires a UNet, False loads none, None loads one when the file holds one (a Step-1 file holds none).
+    Step 4 (Step-1 MoFA + Step-3 UNet): ``load_networks(step1_path, fm, dev, unet_path=step3_path, unet=True)``;
+    the evaluation's stages and reconstruct.py call it too. Raises CheckpointError (missing weights, another face
+    model, a file that is no step's).
+    """
+    mofa, payload, spec = load_mofa(Path(mofa_path), face_model, device)
+    if unet is False:
+        return Networks(mofa, None, spec, Path(mofa_path), payload, None)
+    source, upayload = (Path(mofa_path), payload) if unet_path is None else (
+        Path(unet_path), load_checkpoint(unet_path, map_location=device))
+    width = spec.get("unet_width") if unet_path is None else ((upayload.get("extra") or {}).get("model") or {}).get(
+        "unet_width")
+    if "unet" not in upayload.get("models", {}) or width is None:
+        if unet is None and unet_path is None:
+            return Networks(mofa, None, spec, Path(mofa_path), payload, None)
+        expected = f"a Step-3 ({STEP_DIRS[3]}/)" if unet_path is not None else f"a Step-4 ({STEP_DIRS[4]}/)"
+        raise CheckpointError(f"{source} holds no UNet: pass {expected} checkpoint")
+    return Networks(mofa, load_unet(upayload, int(width), source, device), {**spec, "unet_width": int(width)},
+                    Path(mofa_path), payload, source)
 
 
 def spec_mismatches(theirs: dict, ours: dict) -> list[str]:

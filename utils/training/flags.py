@@ -47,7 +47,7 @@ def add_common_args(parser: argparse.ArgumentParser, img_path_required: bool = T
 
 def check_flags(args: argparse.Namespace) -> None:
     """One FlagError naming the flag for a value no step can run with (``--batch_size 0``, ``--max_iters -3``...);
-    the evaluation command (`utils.evaluation.evaluate.parse_args`) checks its flags with it too."""
+    the evaluation command (`utils.evaluation.command.parse_args`) checks its flags with it too."""
     for name, low in INT_MINIMA.items():
         value = getattr(args, name, None)
         if value is not None and value < low:

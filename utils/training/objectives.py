@@ -28,7 +28,7 @@ class LossSetup:
     layout: CoeffLayout
     landmark_weights: torch.Tensor
     landmark_scale: float = 1.0
-    sigma: float = 0.043
+    sigma: float = losses.SIGMA
     neighbour_radius: int = 2
     dist_landmarks: str = "predicted"
 
