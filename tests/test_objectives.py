@@ -78,7 +78,7 @@ def test_step4_unet_phase_terms(case):
 
 def test_neighbour_window_follows_the_preset(case):
     out, I, U, gt = case["out"], case["I"], case["U"], case["gt"]
-    g1 = LossSetup.from_preset(losses.PRESETS["g1"], case["layout"], S)
+    g1 = LossSetup.from_preset(losses.PRESETS["g1_weights"], case["layout"], S)
     torch.testing.assert_close(step4_unet_terms(U, out, I, gt, g1)["neighbour"],
                                losses.neighbour_loss(out.mask * U, out.image, I, radius=1))
 
