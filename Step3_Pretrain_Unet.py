@@ -31,7 +31,7 @@ from utils.training.objectives import mask_in_face
 from utils.training.run import make_optimizer, start_run
 
 log = logging.getLogger("step3")
-# What the collapse stop (--collapse) suggests: Step 3 learns Step 2's masks, so a collapse points at them or at the rate.
+# What the collapse stop (--collapse) suggests: Step 3 learns Step 2's masks, so a collapse points at them or the rate.
 COLLAPSE_HINTS = {
     "low": "Likely cause: Step 2's masks are (nearly) empty, or the learning rate is too high; check "
            "UNet_trainset/*_mask.png, lower --learning_rate",

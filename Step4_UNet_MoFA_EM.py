@@ -42,12 +42,13 @@ from utils.training.objectives import (LossSetup, mask_in_face, step4_mofa_terms
 from utils.training.run import make_optimizer, start_run
 
 log = logging.getLogger("step4")
-# Loss-log columns (both CSVs; the loop adds lr_encoder, lr_unet). ``total``: the loss of the step's phase (training
+# Loss-log columns of both CSVs (``train`` adds lr_encoder, lr_unet). ``total``: the loss of the step's phase (training
 # rows only: validation trains no phase); ``total_unet`` / ``total_mofa``: each phase's loss, in both files.
 COLUMNS = ["total", "total_unet", "total_mofa", "rec", "identity", "reg", "landmark", "area", "binary", "preserve",
            "dist", "neighbour", *GAP_COLUMNS]
-# What the collapse stop (--collapse) suggests, per direction (issue 19: with a rough fit the masked render, aligned
-# with the predicted landmarks, is offset from the masked image, so dist grows with the mask and the empty mask wins).
+# What the collapse stop (--collapse) suggests, per direction. To the empty mask: with a rough fit the masked render,
+# aligned with the predicted landmarks, is offset from the masked image, so dist grows with the mask's area, and at
+# M = 0 dist, neighbour and binary are 0: only area and preserve push back.
 COLLAPSE_HINTS = {
     "low": "Likely cause: the dist term on a rough fit (the masked render is aligned with the predicted landmarks, "
            "the image with the GT ones, so an empty mask costs least); try --dist_landmarks gt, or --drop_terms dist",
@@ -160,23 +161,21 @@ class EMTrainer:
         self.val_loader = make_eval_loader(FaceDataset(args.img_path, "val", size), args.batch_size, args.workers,
                                            collate_faces)
         self.vis_batch = next(iter(self.val_loader))
+        self.end = total_steps(args.max_iters, args.epochs, self.sampler.batches_per_epoch)  # the run's last step
         # optimisers and schedulers; both schedulers step every iteration (reference 10)
         lr_mofa, lr_unet = learning_rates(args, preset, *step1)
         optimizers = {"encoder": make_optimizer(args.optimizer, mofa.encoder.parameters(), lr_mofa),
                       "unet": make_optimizer(args.optimizer, unet.parameters(), lr_unet)}
         gammas = {"encoder": args.lr_gamma_mofa, "unet": args.lr_gamma_unet}
-        self.state = TrainState({"encoder": mofa.encoder, "unet": unet}, optimizers,
-                                {name: torch.optim.lr_scheduler.StepLR(opt, step_size=args.lr_step,
-                                                                       gamma=gammas[name])
-                                 for name, opt in optimizers.items()})
+        schedulers = {name: torch.optim.lr_scheduler.StepLR(opt, step_size=args.lr_step, gamma=gammas[name])
+                      for name, opt in optimizers.items()}
+        self.state = TrainState({"encoder": mofa.encoder, "unet": unet}, optimizers, schedulers)
         self.gap = GapProbe(unet, self.eval_mask_in_face)
         self.collapse = CollapseGuard(COLLAPSE_HINTS, args.collapse, args.collapse_patience, device=self.device)
-        self.end = None  # the run's last step, set by ``start``
 
     def start(self, spec: dict) -> int:
-        """Resume (with --resume) and return the first step; the run ends at ``self.end``."""
+        """Resume (with --resume: networks, optimisers, schedulers, RNG) and return the first step."""
         start = self.run.resume(*self.state.parts(), spec)
-        self.end = total_steps(self.args.max_iters, self.args.epochs, self.sampler.batches_per_epoch)
         self.collapse.last_step = start
         return start
 

@@ -148,15 +148,16 @@ def _check_columns(folder, seen: dict) -> dict:
 
 def test_every_logged_key_is_a_step4_csv_column_and_total_has_one_meaning(tmp_path, monkeypatch, inputs):
     """Step 4 logs lr_encoder / lr_unet (the scheduler names = the optimizer names) in training, total_unet and
-    total_mofa in both files; ``total`` is the loss the optimizer minimised: in training the phase's loss, and absent from
-    validation (no phase is trained there)."""
+    total_mofa in both files; ``total`` is the loss the optimizer minimised: in training the phase's loss, and
+    absent from validation (no phase is trained there)."""
     seen = _logged_keys(monkeypatch)
     save = tmp_path / "save"
     assert step4.main(_step4_args(inputs, save, "--max_iters", "3", "--em_cycle", "3", "--unet_iters", "1",
                                   "--eval_every", "3", "--identity", "dlib")) == 0
     rows = _check_columns(save / "MoFA_UNet", seen)
     train, val = rows["train"], rows["val"]
-    assert {"total_unet", "total_mofa"} <= seen["train"] & seen["val"] and {"lr_encoder", "lr_unet"} <= seen["train"]
+    assert {"total_unet", "total_mofa"} <= seen["train"] & seen["val"]
+    assert {"lr_encoder", "lr_unet"} <= seen["train"]
     for r, phase in zip(train, ("unet", "unet", "mofa")):  # one step per row: total is that phase's loss
         other = "mofa" if phase == "unet" else "unet"
         assert r["total"] == r[f"total_{phase}"] != "" and r[f"total_{other}"] == ""

@@ -11,7 +11,8 @@ Notation used in every docstring:
 No function holds weights. The weights of each step live in a frozen dataclass (``Step1Weights``,
 ``Step4UNetWeights``, ``Step4MoFAWeights``) whose defaults are the G2 (FOCUS-era) values and whose ``g1()``
 classmethod gives the G1 ("To fit or not to fit" release) values; ``PRESETS`` bundles them with the landmark weights
-and the other G1/G2 settings (``--loss_preset g2|g1_weights``); ``weighted_sum`` is the one place where they are applied.
+and the other G1/G2 settings (``--loss_preset g2|g1_weights``); ``weighted_sum`` is the one place where they are
+applied.
 """
 from __future__ import annotations
 

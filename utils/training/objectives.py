@@ -62,7 +62,8 @@ def _prior_terms(out, landmarks_gt: torch.Tensor, setup: LossSetup) -> dict:
 def _identity(identity, out, images: torch.Tensor, landmarks_gt: torch.Tensor):
     """Identity (cosine) loss between the render, aligned with its predicted landmarks, and the input, aligned
     with the GT landmarks. The predicted landmarks only place the crop: they are detached, as G2 warps with
-    detached landmarks (its util/preprocess.py), so the identity term trains the face's appearance, not its pose."""
+    detached landmarks (its util/preprocess.py), so the identity term trains the render through its pixels, not
+    through where the crop is placed."""
     if identity is None:
         return None
     f_rec = identity(out.image, out.landmarks.detach())
