@@ -27,7 +27,7 @@ from utils.identity import add_identity_args, load_identity, resolve_identity_fl
 from utils.training import flags
 from utils.training.builders import build_mofa, model_spec
 from utils.training.data_order import make_eval_loader, make_train_loader, total_steps
-from utils.training.loop import LoopHooks, train_loop, validate
+from utils.training.loop import LoopHooks, TrainState, train_loop, validate
 from utils.training.monitor import RunMonitor
 from utils.training.objectives import LossSetup, step1_terms, zero_weight_terms
 from utils.training.run import make_optimizer, start_run
@@ -71,10 +71,10 @@ def train(args) -> int:
 
     opt = make_optimizer(args.optimizer, mofa.encoder.parameters(), args.learning_rate)
     sched = torch.optim.lr_scheduler.StepLR(opt, step_size=args.lr_step, gamma=args.lr_gamma)
-    state = ({"encoder": mofa.encoder}, {"encoder": opt}, {"encoder": sched})
-    start = run.resume(*state, spec)
+    state = TrainState({"encoder": mofa.encoder}, {"encoder": opt}, {"encoder": sched})
+    start = run.resume(*state.parts(), spec)
     end = total_steps(args.max_iters, args.epochs, sampler.batches_per_epoch)
-    columns = ["total", "photo", "landmark", "reg", "identity"]
+    columns = ["total", "photo", "landmark", "reg", "identity", *state.lr_columns()]
     monitor = RunMonitor(run.out_dir, columns, start, end, run.is_main, desc="step1")
 
     def objective(batch, net, skip=skip):

@@ -6,7 +6,8 @@
 Input: cat([render, image]) (6 channels) from <save_root>/UNet_trainset/{train,val}_list.csv. Loss: binary
 cross-entropy on the UNet logits, which are G2's 5 * head output (models/unet.py; the sigmoid applied once, the
 original applied it twice). Adadelta, StepLR(5000, 0.99) per step. At the end the BatchNorm statistics are
-re-estimated with dropout off (--bn_recalibration; 0 = the original). Writes <save_root>/Pretrain_UNet/ like Step 1.
+re-estimated with dropout off (--bn_recalibration; 0 = the original). A mask that collapses to empty or full inside
+the face stops the run (--collapse). Writes <save_root>/Pretrain_UNet/ like Step 1.
 """
 from __future__ import annotations
 
@@ -15,7 +16,6 @@ if __name__ == "__main__":  # Ctrl-C while torch is imported: one line, no trace
     quiet_interrupts()
 
 import argparse
-import contextlib
 import logging
 from pathlib import Path
 
@@ -25,17 +25,24 @@ from models.unet import mask_from_logits
 from utils import cli, losses
 from utils.data.unet_trainset import UNetTrainset
 from utils.training import flags
-from utils.training.batchnorm import (add_recalibration_arg, recalibrate_batchnorm, recalibration_loader,
-                                      train_mode_probe)
+from utils.training.batchnorm import (GAP_COLUMNS, GapProbe, add_recalibration_arg, recalibrate_batchnorm,
+                                      recalibration_loader)
 from utils.training.builders import announce_spec, build_unet, step_dir
 from utils.training.data_order import make_eval_loader, make_train_loader, total_steps
-from utils.training.guards import CollapseAlarm
-from utils.training.loop import LoopHooks, train_loop, validate
+from utils.training.guards import CollapseGuard
+from utils.training.loop import LoopHooks, TrainState, train_loop, validate
 from utils.training.monitor import RunMonitor
 from utils.training.objectives import mask_in_face
 from utils.training.run import make_optimizer, start_run
 
 log = logging.getLogger("step3")
+# What the collapse stop (--collapse) suggests: Step 3 learns Step 2's masks, so a collapse points at them or the rate.
+COLLAPSE_HINTS = {
+    "low": "Likely cause: Step 2's masks are (nearly) empty, or the learning rate is too high; check "
+           "UNet_trainset/*_mask.png, lower --learning_rate",
+    "high": "Likely cause: Step 2's masks keep (nearly) the whole face, or the learning rate is too high; check "
+            "UNet_trainset/*_mask.png, lower --learning_rate",
+}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -46,6 +53,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--lr_step", type=int, default=5000)
     p.add_argument("--lr_gamma", type=float, default=0.99)
     add_recalibration_arg(p, "after the last step")
+    flags.add_collapse_args(p)
     return cli.resolve_paths(p.parse_args(argv))
 
 
@@ -65,13 +73,12 @@ def train(args) -> int:
 
     opt = make_optimizer(args.optimizer, unet.parameters(), args.learning_rate)
     sched = torch.optim.lr_scheduler.StepLR(opt, step_size=args.lr_step, gamma=args.lr_gamma)
-    state = ({"unet": unet}, {"unet": opt}, {"unet": sched})
-    start = run.resume(*state, spec)
+    state = TrainState({"unet": unet}, {"unet": opt}, {"unet": sched})
+    start = run.resume(*state.parts(), spec)
     end = total_steps(args.max_iters, args.epochs, sampler.batches_per_epoch)
-    columns = ["bce", "mask_in_face", "mask_in_face_train_mode", "val_mask_in_face_train_mode",
-               "val_mask_in_face_eval_mode"]
-    monitor = RunMonitor(run.out_dir, columns, start, end, run.is_main, desc="step3")
-    alarm = CollapseAlarm()
+    monitor = RunMonitor(run.out_dir, ["total", "bce", *GAP_COLUMNS, *state.lr_columns()], start, end, run.is_main,
+                         desc="step3")
+    collapse = CollapseGuard(COLLAPSE_HINTS, args.collapse, args.collapse_patience, device=device, last_step=start)
 
     def objective(batch, model):
         inputs, target = batch["input"].to(device), batch["target"].to(device)
@@ -81,7 +88,9 @@ def train(args) -> int:
         loss = losses.unet_bce_loss(logits, target)
         return loss, {"bce": loss.detach(), "mask_in_face": mask_in_face(mask_from_logits(logits), face)}, logits
 
-    def forward(step, batch):
+    gap = GapProbe(unet, lambda batch: objective(batch, unet)[1]["mask_in_face"])
+
+    def forward(index, batch):
         unet.train()
         loss, terms, _ = objective(batch, net)
         return loss, terms, ["unet"]
@@ -92,23 +101,10 @@ def train(args) -> int:
         return {"unet_input_render": vis_batch["input"][:, :3], "unet_input_image": vis_batch["input"][:, 3:],
                 "target": vis_batch["target"], "unet_mask": mask_from_logits(logits)}
 
-    def in_face(batch, train_mode: bool) -> torch.Tensor:
-        """mask_in_face of the UNet in train mode (dropout, batch statistics; no side effects) or eval mode."""
-        unet.eval()
-        with train_mode_probe(unet) if train_mode else contextlib.nullcontext():
-            return objective(batch, unet)[1]["mask_in_face"]
-
     def evaluate():
         unet.eval()
         val = validate(lambda b: objective(b, unet)[:2], val_loader, args.val_batches)
-        train_mode = validate(lambda b: (in_face(b, True), {}), val_loader, args.val_batches)
-        val["mask_in_face_train_mode"] = train_mode["total"]
-        alarm.update(val["mask_in_face"], sched.last_epoch)
-        return val
-
-    def probe():  # the train/eval gap on the first validation batch, at every log step
-        return {"val_mask_in_face_train_mode": in_face(vis_batch, True),
-                "val_mask_in_face_eval_mode": in_face(vis_batch, False)}
+        return {**val, **gap.over_split(val_loader, args.val_batches)}
 
     def after_step(step):
         if step == end and args.bn_recalibration > 0:
@@ -116,7 +112,8 @@ def train(args) -> int:
             n = recalibrate_batchnorm(unet, (b["input"].to(device) for b in batches), args.bn_recalibration)
             log.info("UNet BatchNorm statistics re-estimated with dropout off on %d training images", n)
 
-    hooks = LoopHooks(forward, visualise, evaluate, after_step=after_step, probe=probe)
+    hooks = LoopHooks(forward, visualise, evaluate, after_step=after_step, probe=lambda: gap.at_log_step(vis_batch),
+                      check=lambda step, means: collapse.update(means.get("mask_in_face"), step))
     return train_loop(run, loader, sampler, start, end, hooks, state, spec, monitor)
 
 

@@ -9,8 +9,10 @@ Starts from Step 1's encoder and Step 3's UNet. Step counter ct: if ct % em_cycl
 learning rates continue Step 1's decay, read from its checkpoint. Losses and weights: docs/method.md §8.3
 (utils/training/objectives.py; --loss_preset, utils/losses.PRESETS).
 After every UNet phase the UNet's BatchNorm statistics are re-estimated with dropout off (--bn_recalibration;
-0 = the original), so the MoFA phase and the final model see the masks the UNet was trained to give.
-Writes <save_root>/MoFA_UNet/ like Step 1; checkpoints hold both networks.
+0 = the original), so the MoFA phase and the final model see the masks the UNet was trained to give. A mask that
+collapses to empty or full inside the face stops the run (--collapse, utils/training/guards.CollapseGuard).
+`EMTrainer` is the whole EM step, top to bottom. Writes <save_root>/MoFA_UNet/ like Step 1; checkpoints hold both
+networks, their optimisers and schedulers under the names encoder and unet.
 """
 from __future__ import annotations
 
@@ -32,21 +34,32 @@ from utils.data.datasets import FaceDataset, collate_faces
 from utils.evaluation.visuals import composite, residual
 from utils.identity import add_identity_args, load_identity, resolve_identity_flag
 from utils.training import flags
-from utils.training.batchnorm import (add_recalibration_arg, recalibrate_batchnorm, recalibration_loader,
-                                      train_mode_probe)
-from utils.training.builders import STEP_DIRS, announce_spec, load_mofa, load_unet, previous_checkpoint
-from utils.training.checkpoint import CheckpointError, load_checkpoint
+from utils.training.batchnorm import (GAP_COLUMNS, GapProbe, add_recalibration_arg, recalibrate_batchnorm,
+                                      recalibration_loader)
+from utils.training.builders import load_networks, previous_checkpoint
+from utils.training.checkpoint import CheckpointError
 from utils.training.data_order import make_eval_loader, make_train_loader, total_steps
-from utils.training.guards import CollapseAlarm
-from utils.training.loop import LoopHooks, train_loop, validate
+from utils.training.guards import CollapseGuard
+from utils.training.loop import LoopHooks, TrainState, train_loop, validate
 from utils.training.monitor import RunMonitor
 from utils.training.objectives import (LossSetup, mask_in_face, step4_mofa_terms, step4_unet_terms, unet_input,
                                        unet_mask, zero_weight_terms)
 from utils.training.run import make_optimizer, start_run
 
 log = logging.getLogger("step4")
-COLUMNS = ["total", "rec", "identity", "reg", "landmark", "area", "binary", "preserve", "dist", "neighbour",
-           "mask_in_face", "mask_in_face_train_mode", "val_mask_in_face_train_mode", "val_mask_in_face_eval_mode"]
+# Loss-log columns of both CSVs (``train`` adds lr_encoder, lr_unet). ``total``: the loss of the step's phase (training
+# rows only: validation trains no phase); ``total_unet`` / ``total_mofa``: each phase's loss, in both files.
+COLUMNS = ["total", "total_unet", "total_mofa", "rec", "identity", "reg", "landmark", "area", "binary", "preserve",
+           "dist", "neighbour", *GAP_COLUMNS]
+# What the collapse stop (--collapse) suggests, per direction. To the empty mask: with a rough fit the masked render,
+# aligned with the predicted landmarks, is offset from the masked image, so dist grows with the mask's area, and at
+# M = 0 dist, neighbour and binary are 0: only area and preserve push back.
+COLLAPSE_HINTS = {
+    "low": "Likely cause: the dist term on a rough fit (the masked render is aligned with the predicted landmarks, "
+           "the image with the GT ones, so an empty mask costs least); try --dist_landmarks gt, or --drop_terms dist",
+    "high": "Likely cause: the area term outweighs the data terms on this fit, so the UNet calls every pixel face; "
+            "check Step 3's masks (Pretrain_UNet/vis/) and the Step-1 fit",
+}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -72,6 +85,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="landmarks that align the masked render for the dist term: predicted (G2) or gt, the "
                         "alignment of the masked image it is compared with (docs/faithfulness.md)")
     add_recalibration_arg(p, "after every UNet phase")
+    flags.add_collapse_args(p)
     return resolve_identity_flag(cli.resolve_paths(p.parse_args(argv)))
 
 
@@ -108,140 +122,192 @@ def unet_phase_ended(step: int, end: int, em_cycle: int, unet_iters: int) -> boo
 
 
 def build(args, run):
-    """Step 1's MoFA and Step 3's UNet, restored from their final checkpoints; also (Step 1's payload, its path)."""
+    """Step 1's MoFA and Step 3's UNet, restored from their final checkpoints (`builders.load_networks`, the one
+    loader of trained networks); also (Step 1's payload, its path)."""
     face_model = FaceModel.from_h5(args.bfm, CoeffLayout()).to(run.device)
-    mofa_ckpt = previous_checkpoint(args.mofa_checkpoint, args.save_root, step=1)
-    mofa, payload, spec = load_mofa(mofa_ckpt, face_model, run.device)
-    announce_spec(args, spec, f"the Step-1 checkpoint {mofa_ckpt}")
-    unet_ckpt = previous_checkpoint(args.unet_checkpoint, args.save_root, step=3)
-    unet_payload = load_checkpoint(unet_ckpt, map_location=run.device)
-    width = ((unet_payload.get("extra") or {}).get("model") or {}).get("unet_width")
-    if width is None or "unet" not in unet_payload.get("models", {}):
-        raise CheckpointError(f"{unet_ckpt} holds no UNet: pass a Step-3 ({STEP_DIRS[3]}/) checkpoint")
-    announce_spec(args, {"unet_width": width}, f"the Step-3 checkpoint {unet_ckpt}")
-    spec = {**spec, "unet_width": width}
-    unet = load_unet(unet_payload, spec["unet_width"], unet_ckpt, run.device)
-    return mofa, unet, spec, (payload, mofa_ckpt)
+    nets = load_networks(previous_checkpoint(args.mofa_checkpoint, args.save_root, step=1), face_model, run.device,
+                         unet_path=previous_checkpoint(args.unet_checkpoint, args.save_root, step=3), unet=True)
+    nets.announce(args, "the Step-1 checkpoint", "the Step-3 checkpoint")
+    return nets.mofa, nets.unet, nets.spec, (nets.mofa_payload, nets.mofa_path)
+
+
+class EMTrainer:
+    """One Step-4 run, read top to bottom: the networks, the loss settings, the optimisers and schedulers (one of
+    each per trained network, under its name: ``encoder`` and ``unet``), the data, then one EM step
+    (``forward``: the phase rule picks ``unet_step`` or ``mofa_step``), the BatchNorm re-estimation after every UNet
+    phase (``after_step``), and what is logged (``validate``, ``visualise``, ``gap``, ``collapse``). ``train_loop``
+    runs it through ``hooks()``.
+    """
+
+    def __init__(self, args, run, mofa, unet, spec: dict, step1: tuple) -> None:
+        self.args, self.run, self.device = args, run, run.device
+        # networks: the raw modules, and their data-parallel wrappers for the phase that trains them
+        self.mofa, self.unet = mofa, unet
+        self.encoder_ddp, self.unet_ddp = run.ddp(mofa.encoder), run.ddp(unet)
+        self.identity = load_identity(args, self.device)
+        # losses: each phase's weights; the terms weighted 0 (--drop_terms) are not computed in training
+        preset = flags.loss_preset(args)
+        self.weights = {"unet": preset.step4_unet, "mofa": preset.step4_mofa}
+        self.skip = {phase: zero_weight_terms(w) for phase, w in self.weights.items()}
+        self.setup = LossSetup.from_preset(preset, CoeffLayout(**spec["layout"]), spec["image_size"],
+                                           dist_landmarks=args.dist_landmarks)
+        # data
+        size = spec["image_size"]
+        self.train_set = FaceDataset(args.img_path, "train", size)
+        self.loader, self.sampler = make_train_loader(self.train_set, args.batch_size, args.seed, args.workers,
+                                                      run.dist.rank, run.dist.world_size, collate_faces)
+        self.val_loader = make_eval_loader(FaceDataset(args.img_path, "val", size), args.batch_size, args.workers,
+                                           collate_faces)
+        self.vis_batch = next(iter(self.val_loader))
+        self.end = total_steps(args.max_iters, args.epochs, self.sampler.batches_per_epoch)  # the run's last step
+        # optimisers and schedulers; both schedulers step every iteration (reference 10)
+        lr_mofa, lr_unet = learning_rates(args, preset, *step1)
+        optimizers = {"encoder": make_optimizer(args.optimizer, mofa.encoder.parameters(), lr_mofa),
+                      "unet": make_optimizer(args.optimizer, unet.parameters(), lr_unet)}
+        gammas = {"encoder": args.lr_gamma_mofa, "unet": args.lr_gamma_unet}
+        schedulers = {name: torch.optim.lr_scheduler.StepLR(opt, step_size=args.lr_step, gamma=gammas[name])
+                      for name, opt in optimizers.items()}
+        self.state = TrainState({"encoder": mofa.encoder, "unet": unet}, optimizers, schedulers)
+        self.gap = GapProbe(unet, self.eval_mask_in_face)
+        self.collapse = CollapseGuard(COLLAPSE_HINTS, args.collapse, args.collapse_patience, device=self.device)
+
+    def start(self, spec: dict) -> int:
+        """Resume (with --resume: networks, optimisers, schedulers, RNG) and return the first step."""
+        start = self.run.resume(*self.state.parts(), spec)
+        self.collapse.last_step = start
+        return start
+
+    # ---- one EM step --------------------------------------------------------------------------------------------
+
+    def forward(self, index: int, batch: dict):
+        """The step of index ``index``: a UNet step for the first unet_iters + 1 steps of every EM cycle, else a
+        MoFA step. Returns (loss, terms, the names of the optimisers to step)."""
+        if em_phase(index, self.args.em_cycle, self.args.unet_iters) == "unet":
+            return self.unet_step(batch)
+        return self.mofa_step(batch)
+
+    def unet_step(self, batch: dict):
+        """Train the UNet on the masks of the current fit: the encoder (eval mode) renders without gradients."""
+        self.mofa.encoder.eval()
+        self.unet.train()
+        images, landmarks = self.inputs(batch)
+        with torch.no_grad():
+            out = self.render(self.mofa.encoder, images)
+        U = self.mask(self.unet_ddp, out, images)
+        terms = step4_unet_terms(U, out, images, landmarks, self.setup, self.identity, self.skip["unet"])
+        return (*self.weighted("unet", terms, U, out), ["unet"])
+
+    def mofa_step(self, batch: dict):
+        """Train the encoder with the UNet's mask. The UNet (eval mode) keeps the gradient with respect to its input
+        (the render), through which the masked reconstruction and area terms reach the encoder too, but its
+        parameters get none (``frozen``)."""
+        self.mofa.encoder.train()
+        self.unet.eval()
+        images, landmarks = self.inputs(batch)
+        out = self.render(self.encoder_ddp, images)
+        with frozen(self.unet):
+            U = self.mask(self.unet, out, images)
+        terms = step4_mofa_terms(U, out, images, landmarks, self.setup, self.identity, self.skip["mofa"])
+        return (*self.weighted("mofa", terms, U, out), ["encoder"])
+
+    def weighted(self, phase: str, terms: dict, U: torch.Tensor, out):
+        """(the phase's loss, its terms with ``total_<phase>`` and ``mask_in_face``)."""
+        total = losses.weighted_sum(terms, self.weights[phase])
+        return total, {**terms, f"total_{phase}": total, "mask_in_face": mask_in_face(U, out.mask)}
+
+    def inputs(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        return batch["image"].to(self.device), batch["landmarks"].to(self.device)
+
+    def render(self, encoder, images: torch.Tensor):
+        with self.run.autocast():
+            coeffs = encoder(images).float()
+        return self.mofa.renderer(coeffs)
+
+    def mask(self, unet, out, images: torch.Tensor) -> torch.Tensor:
+        with self.run.autocast():
+            return unet_mask(unet, out, images).float()
+
+    def after_step(self, step: int) -> None:
+        """At the end of every UNet phase (and of the run, if it ends in one): re-estimate the UNet's BatchNorm
+        statistics with dropout off on the current encoder's renders (--bn_recalibration)."""
+        args = self.args
+        if args.bn_recalibration > 0 and unet_phase_ended(step, self.end, args.em_cycle, args.unet_iters):
+            n = recalibrate_batchnorm(self.unet, self.recalibration_inputs(), args.bn_recalibration)
+            log.info("step %d: UNet BatchNorm statistics re-estimated with dropout off on %d training images", step, n)
+
+    def recalibration_inputs(self):
+        self.mofa.encoder.eval()
+        args = self.args
+        for batch in recalibration_loader(self.train_set, args.bn_recalibration, args.batch_size, args.workers,
+                                          args.seed, collate_faces):
+            images = batch["image"].to(self.device)
+            yield unet_input(self.render(self.mofa.encoder, images), images)
+
+    # ---- what is logged ------------------------------------------------------------------------------------------
+
+    def validation_terms(self, batch: dict):
+        """Both phases' terms, every one of them (nothing skipped), with both networks in eval mode; no single
+        ``total`` (no phase is trained here): ``total_unet`` and ``total_mofa``."""
+        self.mofa.encoder.eval()
+        self.unet.eval()
+        images, landmarks = self.inputs(batch)
+        out = self.render(self.mofa.encoder, images)
+        U = self.mask(self.unet, out, images)
+        _, unet_terms = self.weighted("unet", step4_unet_terms(U, out, images, landmarks, self.setup, self.identity),
+                                      U, out)
+        _, mofa_terms = self.weighted("mofa", step4_mofa_terms(U, out, images, landmarks, self.setup, self.identity),
+                                      U, out)
+        return None, {**unet_terms, **mofa_terms}
+
+    def validate(self) -> dict[str, float]:
+        val = validate(self.validation_terms, self.val_loader, self.args.val_batches)
+        return {**val, **self.gap.over_split(self.val_loader, self.args.val_batches)}
+
+    def eval_mask_in_face(self, batch: dict) -> torch.Tensor:
+        """mask_in_face of the UNet in the mode it is in, on the eval-mode encoder's render (``GapProbe``)."""
+        self.mofa.encoder.eval()
+        images = batch["image"].to(self.device)
+        out = self.render(self.mofa.encoder, images)
+        return mask_in_face(self.mask(self.unet, out, images), out.mask)
+
+    def visualise(self) -> dict[str, torch.Tensor]:
+        self.mofa.encoder.eval()
+        self.unet.eval()
+        images = self.vis_batch["image"].to(self.device)
+        out = self.render(self.mofa.encoder, images)
+        U = self.mask(self.unet, out, images)
+        return {"input": images, "composite": composite(images, out.image, out.mask), "unet_mask": U * out.mask,
+                "residual": residual(images, out.image, out.mask)}
+
+    def hooks(self) -> LoopHooks:
+        return LoopHooks(self.forward, self.visualise, self.validate, after_step=self.after_step,
+                         probe=lambda: self.gap.at_log_step(self.vis_batch),
+                         check=lambda step, means: self.collapse.update(means.get("mask_in_face"), step))
+
+
+@contextlib.contextmanager
+def frozen(module: torch.nn.Module):
+    """``module``'s parameters without gradients inside the block: what it computes there keeps its gradient with
+    respect to its input, but backward computes none for its weights (their ``.grad`` stays as it was)."""
+    params = [p for p in module.parameters() if p.requires_grad]
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        yield module
+    finally:
+        for p in params:
+            p.requires_grad_(True)
 
 
 def train(args) -> int:
     # Both schedulers step every iteration (docs/method.md §10) although only one optimizer steps: expected here.
     warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)` before")
     run = start_run(args, step=4)
-    device = run.device
     mofa, unet, spec, step1 = build(args, run)
-    encoder, unet_ddp = run.ddp(mofa.encoder), run.ddp(unet)
-    identity = load_identity(args, device)
-    preset = flags.loss_preset(args)
-    w_unet, w_mofa = preset.step4_unet, preset.step4_mofa
-    setup = LossSetup.from_preset(preset, CoeffLayout(**spec["layout"]), spec["image_size"],
-                                  dist_landmarks=args.dist_landmarks)
-
-    size = spec["image_size"]
-    train_set = FaceDataset(args.img_path, "train", size)
-    loader, sampler = make_train_loader(train_set, args.batch_size, args.seed, args.workers, run.dist.rank,
-                                        run.dist.world_size, collate_faces)
-    val_loader = make_eval_loader(FaceDataset(args.img_path, "val", size), args.batch_size, args.workers,
-                                  collate_faces)
-    vis_batch = next(iter(val_loader))
-
-    lr_mofa, lr_unet = learning_rates(args, preset, *step1)
-    opt_mofa = make_optimizer(args.optimizer, mofa.encoder.parameters(), lr_mofa)
-    opt_unet = make_optimizer(args.optimizer, unet.parameters(), lr_unet)
-    sched_mofa = torch.optim.lr_scheduler.StepLR(opt_mofa, step_size=args.lr_step, gamma=args.lr_gamma_mofa)
-    sched_unet = torch.optim.lr_scheduler.StepLR(opt_unet, step_size=args.lr_step, gamma=args.lr_gamma_unet)
-    state = ({"encoder": mofa.encoder, "unet": unet}, {"encoder": opt_mofa, "unet": opt_unet},
-             {"mofa": sched_mofa, "unet": sched_unet})
-    start = run.resume(*state, spec)
-    end = total_steps(args.max_iters, args.epochs, sampler.batches_per_epoch)
-    monitor = RunMonitor(run.out_dir, COLUMNS, start, end, run.is_main, desc="step4")
-    alarm = CollapseAlarm()
-
-    skipped = {"unet": zero_weight_terms(w_unet), "mofa": zero_weight_terms(w_mofa)}  # --drop_terms
-    every = {"unet": frozenset(), "mofa": frozenset()}
-
-    def objective(batch, phase, enc, seg, skip=skipped):
-        """Forward one batch; ``phase`` picks the loss: 'unet' or 'mofa'. Terms weighted 0 are skipped in training;
-        validation (``skip=every``) logs them all."""
-        images, lms = batch["image"].to(device), batch["landmarks"].to(device)
-        with torch.set_grad_enabled(phase == "mofa" and torch.is_grad_enabled()), run.autocast():
-            coeffs = enc(images).float()
-        out = mofa.renderer(coeffs)
-        with run.autocast():
-            U = unet_mask(seg, out, images).float()
-        if phase == "unet":
-            terms = step4_unet_terms(U, out, images, lms, setup, identity, skip[phase])
-            total = losses.weighted_sum(terms, w_unet)
-        else:
-            terms = step4_mofa_terms(U, out, images, lms, setup, identity, skip[phase])
-            total = losses.weighted_sum(terms, w_mofa)
-        terms["mask_in_face"] = mask_in_face(U, out.mask)
-        return total, terms, (images, out, U)
-
-    def forward(step, batch):
-        phase = em_phase(step, args.em_cycle, args.unet_iters)
-        mofa.encoder.train(phase == "mofa")
-        unet.train(phase == "unet")
-        if phase == "unet":  # gradients of the encoder are not needed: it runs without them
-            loss, terms, _ = objective(batch, phase, mofa.encoder, unet_ddp)
-            return loss, terms, ["unet"]
-        loss, terms, _ = objective(batch, phase, encoder, unet)  # reaches the encoder through the UNet too
-        return loss, terms, ["encoder"]
-
-    def visualise():
-        mofa.encoder.eval()
-        unet.eval()
-        images, out, U = objective(vis_batch, "unet", mofa.encoder, unet)[2]
-        return {"input": images, "composite": composite(images, out.image, out.mask), "unet_mask": U * out.mask,
-                "residual": residual(images, out.image, out.mask)}
-
-    def both_phases(batch):
-        t_unet, terms_unet, _ = objective(batch, "unet", mofa.encoder, unet, every)
-        t_mofa, terms_mofa, _ = objective(batch, "mofa", mofa.encoder, unet, every)
-        return t_unet + t_mofa, {**terms_unet, **terms_mofa, "total_unet": t_unet, "total_mofa": t_mofa}
-
-    def in_face(batch, train_mode: bool) -> torch.Tensor:
-        """mask_in_face of the UNet in train mode (dropout, batch statistics; no side effects) or eval mode."""
-        mofa.encoder.eval()
-        unet.eval()
-        images = batch["image"].to(device)
-        with run.autocast():
-            coeffs = mofa.encoder(images).float()
-        out = mofa.renderer(coeffs)
-        with train_mode_probe(unet) if train_mode else contextlib.nullcontext(), run.autocast():
-            return mask_in_face(unet_mask(unet, out, images).float(), out.mask)
-
-    def evaluate():
-        mofa.encoder.eval()
-        unet.eval()
-        val = validate(both_phases, val_loader, args.val_batches)
-        train_mode = validate(lambda b: (in_face(b, True), {}), val_loader, args.val_batches)
-        val["mask_in_face_train_mode"] = train_mode["total"]
-        alarm.update(val["mask_in_face"], sched_unet.last_epoch)
-        return val
-
-    def probe():  # the train/eval gap on the first validation batch, at every log step
-        return {"val_mask_in_face_train_mode": in_face(vis_batch, True),
-                "val_mask_in_face_eval_mode": in_face(vis_batch, False)}
-
-    def recalibration_inputs():
-        mofa.encoder.eval()
-        for batch in recalibration_loader(train_set, args.bn_recalibration, args.batch_size, args.workers,
-                                          args.seed, collate_faces):
-            images = batch["image"].to(device)
-            with run.autocast():
-                coeffs = mofa.encoder(images).float()
-            yield unet_input(mofa.renderer(coeffs), images)
-
-    def after_step(step):
-        """At the end of every UNet phase (and of the run, if it ends in one): re-estimate the BatchNorm statistics
-        for the current encoder's renders."""
-        if args.bn_recalibration > 0 and unet_phase_ended(step, end, args.em_cycle, args.unet_iters):
-            n = recalibrate_batchnorm(unet, recalibration_inputs(), args.bn_recalibration)
-            log.info("step %d: UNet BatchNorm statistics re-estimated with dropout off on %d training images", step, n)
-
-    hooks = LoopHooks(forward, visualise, evaluate, after_step=after_step, probe=probe)
-    return train_loop(run, loader, sampler, start, end, hooks, state, spec, monitor)
+    em = EMTrainer(args, run, mofa, unet, spec, step1)
+    start = em.start(spec)
+    monitor = RunMonitor(run.out_dir, COLUMNS + em.state.lr_columns(), start, em.end, run.is_main, desc="step4")
+    return train_loop(run, em.loader, em.sampler, start, em.end, em.hooks(), em.state, spec, monitor)
 
 
 def main(argv=None) -> int:

@@ -21,7 +21,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from utils.training.data_order import make_train_loader
-from utils.training.loop import LoopHooks, train_loop
+from utils.training.loop import LoopHooks, TrainState, train_loop
 from utils.training.run import Run, start_run
 
 N_SAMPLES = 24
@@ -53,7 +53,7 @@ def toy(out: Path, batch_size: int, steps: int) -> None:
                                         world_size=run.dist.world_size)
     opt = torch.optim.SGD(model.parameters(), lr=0.2)
     sched = torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.5)
-    state = ({"toy": model}, {"toy": opt}, {"toy": sched})
+    state = TrainState({"toy": model}, {"toy": opt}, {"toy": sched})
 
     def forward(step, batch):
         loss = (net(batch["x"]) - batch["y"]).pow(2).mean()

@@ -17,6 +17,7 @@ from utils.training.checkpoint import load_checkpoint, save_training_state
 
 SIZE = 32
 UNET_WIDTH = 4
+HEALTHY_HEAD_BIAS = 0.6  # the UNet head's bias: mask inside the face about 0.6-0.9, so no collapse stop fires
 STEP1_STEPS, STEP1_LR_STEP, STEP1_LR_GAMMA = 20, 7, 0.5  # Step 1 ended after 2 decays: factor 0.25
 
 
@@ -39,6 +40,8 @@ def step4_inputs(base: Path, bfm: Path, num_images: int = 14) -> dict:
             "unet_width": UNET_WIDTH, "face_model": face_model.config()}
     torch.manual_seed(0)
     mofa, unet = build_mofa(spec, face_model), build_unet(spec)
+    with torch.no_grad():  # a Step-3 UNet keeps most of the face (HEALTHY_HEAD_BIAS), not the random one's ~4 %
+        unet.head.bias.fill_(HEALTHY_HEAD_BIAS)
     step1_config = {"lr_step": STEP1_LR_STEP, "lr_gamma": STEP1_LR_GAMMA, "learning_rate": 0.1}
     for step, models, model_spec, config, at in ((1, {"encoder": mofa.encoder}, spec, step1_config, STEP1_STEPS),
                                                  (3, {"unet": unet}, {"unet_width": UNET_WIDTH}, {}, 5)):

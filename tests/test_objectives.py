@@ -78,7 +78,7 @@ def test_step4_unet_phase_terms(case):
 
 def test_neighbour_window_follows_the_preset(case):
     out, I, U, gt = case["out"], case["I"], case["U"], case["gt"]
-    g1 = LossSetup.from_preset(losses.PRESETS["g1"], case["layout"], S)
+    g1 = LossSetup.from_preset(losses.PRESETS["g1_weights"], case["layout"], S)
     torch.testing.assert_close(step4_unet_terms(U, out, I, gt, g1)["neighbour"],
                                losses.neighbour_loss(out.mask * U, out.image, I, radius=1))
 
@@ -165,3 +165,24 @@ def test_zero_weight_terms_names_the_dropped_terms():
     assert zero_weight_terms(preset.step4_unet) == {"dist"}
     assert zero_weight_terms(preset.step4_mofa) == {"identity"}
     assert zero_weight_terms(losses.PRESETS["g2"].step1) == frozenset()
+
+
+def test_identity_alignment_gives_the_predicted_landmarks_no_gradient(case):
+    """As G2 (its util/preprocess.py warps with detached landmarks): the predicted landmarks only place the
+    render's identity crop. The identity term (Steps 1 and 4) and the dist term train the render's pixels, never
+    the landmarks; the landmark loss is the only term that moves them."""
+    out = case["out"]
+    image = out.image.clone().requires_grad_(True)
+    landmarks = out.landmarks.clone().requires_grad_(True)
+    out = SimpleNamespace(image=image, mask=out.mask, landmarks=landmarks, coeffs=out.coeffs)
+    identity = RecordingIdentity()
+    for name, term in (("step1 identity", step1_terms(out, case["I"], case["gt"], case["setup"], identity)[0]
+                        ["identity"]),
+                       ("step4 identity", step4_mofa_terms(case["U"], out, case["I"], case["gt"], case["setup"],
+                                                           identity)["identity"]),
+                       ("step4 dist", step4_unet_terms(case["U"], out, case["I"], case["gt"], case["setup"],
+                                                       identity)["dist"])):
+        image.grad = landmarks.grad = None
+        term.backward()
+        assert landmarks.grad is None, f"{name}: the predicted landmarks got a gradient through the alignment"
+        assert image.grad is not None and image.grad.abs().sum() > 0, f"{name}: the render got no gradient"

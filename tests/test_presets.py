@@ -10,7 +10,7 @@ import torch
 import Step1_Pretrain_MoFA as step1
 import Step4_UNet_MoFA_EM as step4
 from models.layout import CoeffLayout
-from utils import losses
+from utils import cli, losses
 from utils.training import flags
 from utils.training.objectives import LossSetup
 
@@ -20,7 +20,7 @@ def _values(weights) -> dict:
 
 
 def test_g1_weights_of_every_dataclass():
-    g1 = losses.PRESETS["g1"]
+    g1 = losses.PRESETS["g1_weights"]
     assert _values(g1.step1) == {"photo": 0.5, "reg": 0.01, "landmark": 0.01, "identity": 0.25}
     assert _values(g1.step4_unet) == {"binary": 10.0, "area": 0.5, "preserve": 2.5, "dist": 3.0, "neighbour": 15.0}
     assert _values(g1.step4_mofa) == {"rec": 4.0, "identity": 0.5, "reg": pytest.approx(0.01 / 1.5),
@@ -47,16 +47,28 @@ def test_g2_weights_are_the_defaults():
 def test_steps_1_and_4_take_the_same_preset_flag():
     for module in (step1, step4):
         assert module.parse_args(["--img_path", "x"]).loss_preset == "g2"
-        assert module.parse_args(["--img_path", "x", "--loss_preset", "g1"]).loss_preset == "g1"
-        with pytest.raises(SystemExit):
-            module.parse_args(["--img_path", "x", "--loss_preset", "g3"])
-    parser = argparse.ArgumentParser()
-    flags.add_loss_preset_arg(parser)
-    assert parser._option_string_actions["--loss_preset"].choices == tuple(losses.PRESETS)
+        args = module.parse_args(["--img_path", "x", "--loss_preset", "g1_weights"])
+        assert args.loss_preset == "g1_weights" and flags.loss_preset(args) == losses.PRESETS["g1_weights"]
+    assert set(losses.PRESETS) == {"g2", "g1_weights"}
+
+
+@pytest.mark.parametrize("module", [step1, step4])
+def test_the_old_g1_preset_name_gives_one_line_naming_the_new_one(tmp_path, module, capsys):
+    """``g1`` claimed G1's Step 4, but only G1's weights are taken: the name is g1_weights, and the old name says
+    so in one line (exit 2) before anything is written."""
+    argv = ["--img_path", str(tmp_path), "--save_root", str(tmp_path / "save"), "--loss_preset", "g1"]
+    with pytest.raises(SystemExit) as exc:
+        cli.cli_main(module.main, argv)
+    err = capsys.readouterr().err.strip()
+    assert exc.value.code == 2 and len(err.splitlines()) == 1, err
+    assert "g1_weights" in err and "only G1's loss weights" in err
+    assert not (tmp_path / "save").exists()
+    with pytest.raises(flags.FlagError, match="the presets are g2, g1_weights"):
+        flags.check_flags(module.parse_args(["--img_path", "x", "--loss_preset", "g3"]))
 
 
 def test_loss_setup_from_a_preset():
-    setup = LossSetup.from_preset(losses.PRESETS["g1"], CoeffLayout(), 112)
+    setup = LossSetup.from_preset(losses.PRESETS["g1_weights"], CoeffLayout(), 112)
     assert setup.landmark_scale == 2.0 and setup.neighbour_radius == 1
     assert torch.equal(setup.landmark_weights, torch.tensor(losses.LANDMARK_WEIGHTS_G1))
 

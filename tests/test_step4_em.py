@@ -64,7 +64,7 @@ def test_both_schedulers_step_every_iteration_from_step_1s_decayed_rate(em_run):
     base = 0.1 * STEP1_LR_GAMMA ** (STEP1_STEPS // STEP1_LR_STEP) * 0.8  # learning_rate x Step 1's decay x G2's 0.8
     for step in range(1, 5):
         payload = em_run[step]
-        assert payload["schedulers"]["mofa"]["last_epoch"] == step
+        assert payload["schedulers"]["encoder"]["last_epoch"] == step
         assert payload["schedulers"]["unet"]["last_epoch"] == step
         lr_mofa = payload["optimizers"]["encoder"]["param_groups"][0]["lr"]
         lr_unet = payload["optimizers"]["unet"]["param_groups"][0]["lr"]
@@ -76,7 +76,7 @@ def test_learning_rates_follow_step_1s_recorded_schedule_and_the_preset():
     """docs/method.md §10: after 300k Step-1 steps of StepLR(5000, 0.99), G2 (learning rate 0.1) starts Step 4 at
     0.043773 / 0.0026264 and G1 (its learning rate 0.06) at 0.032829 / 0.0019698."""
     step1 = {"step": 300000, "config": {"lr_step": 5000, "lr_gamma": 0.99}}
-    g2, g1 = losses.PRESETS["g2"], losses.PRESETS["g1"]
+    g2, g1 = losses.PRESETS["g2"], losses.PRESETS["g1_weights"]
     lr_mofa, lr_unet = step4.learning_rates(Namespace(learning_rate=0.1, lr_mofa=None, lr_unet=None), g2, step1, "p")
     assert (lr_mofa, lr_unet) == (pytest.approx(0.043773, abs=1e-6), pytest.approx(0.0026264, abs=1e-7))
     args = Namespace(learning_rate=0.06, lr_mofa=None, lr_unet=None)

@@ -127,8 +127,8 @@ ABLATIONS = {
     "all_terms": {"--drop_terms": ""},
     "no_identity": {"--identity": "none"},
     "no_neighbour": {"--drop_terms": "+neighbour"},
-    "g1_preset": {"--loss_preset": "g1"},
-    "g1_all_terms": {"--loss_preset": "g1", "--drop_terms": ""},
+    "g1_preset": {"--loss_preset": "g1_weights"},
+    "g1_all_terms": {"--loss_preset": "g1_weights", "--drop_terms": ""},
     "no_bn_recalibration": {"--bn_recalibration": "0"},
 }
 

@@ -11,7 +11,8 @@ Notation used in every docstring:
 No function holds weights. The weights of each step live in a frozen dataclass (``Step1Weights``,
 ``Step4UNetWeights``, ``Step4MoFAWeights``) whose defaults are the G2 (FOCUS-era) values and whose ``g1()``
 classmethod gives the G1 ("To fit or not to fit" release) values; ``PRESETS`` bundles them with the landmark weights
-and the other G1/G2 switches (``--loss_preset``); ``weighted_sum`` is the one place where they are applied.
+and the other G1/G2 settings (``--loss_preset g2|g1_weights``); ``weighted_sum`` is the one place where they are
+applied.
 """
 from __future__ import annotations
 
@@ -309,10 +310,13 @@ class LossPreset:
 PRESETS: dict[str, LossPreset] = {
     "g2": LossPreset(Step1Weights(), Step4UNetWeights(), Step4MoFAWeights(), LANDMARK_WEIGHTS_G2,
                      neighbour_radius=2, step4_lr_scale=0.8),
-    "g1": LossPreset(Step1Weights.g1(), Step4UNetWeights.g1(), Step4MoFAWeights.g1(), LANDMARK_WEIGHTS_G1,
-                     neighbour_radius=1, step4_lr_scale=1.0),
+    "g1_weights": LossPreset(Step1Weights.g1(), Step4UNetWeights.g1(), Step4MoFAWeights.g1(), LANDMARK_WEIGHTS_G1,
+                             neighbour_radius=1, step4_lr_scale=1.0),
 }
-"""``--loss_preset`` name -> preset; "g2" (the FOCUS-era code) is the default."""
+"""``--loss_preset`` name -> preset; "g2" (the FOCUS-era code) is the default. "g1_weights" takes G1's weights,
+landmark weights, neighbour window and learning-rate factor only: the terms stay G2's (G1's dist compared FaceNet
+features of the render and the image in the same frame, without a warp or width normalisation), so it does not
+reproduce G1's Step 4."""
 
 
 def weighted_sum(terms: Mapping[str, torch.Tensor | None], weights: object) -> torch.Tensor:

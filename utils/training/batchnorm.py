@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import torch
 from torch import nn
@@ -24,6 +24,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from utils.training.data_order import make_eval_loader
+from utils.training.loop import validate
 
 # Training images used to re-estimate the statistics by default (issue 13 measured 512 closes most of the gap).
 RECALIBRATION_IMAGES = 512
@@ -107,3 +108,34 @@ def train_mode_probe(module: nn.Module) -> Iterator[nn.Module]:
             for name, buf in module.named_buffers():
                 buf.copy_(saved[name])
         module.train(was_training)
+
+
+class GapProbe:
+    """The UNet's train/eval gap as Steps 3 and 4 log it: the mean mask inside the face of the UNet in train mode
+    (`train_mode_probe`: no side effects) and in eval mode.
+
+    ``mask_in_face(batch) -> scalar tensor`` computes it for one batch with the UNet in whatever mode it is in (the
+    step's other networks in eval mode). ``at_log_step(batch)`` gives the two values on one batch (the first
+    validation batch, at every log step); ``over_split(loader, max_batches)`` the train-mode value over the
+    validation split, next to the eval-mode ``mask_in_face`` of the validation row.
+    """
+
+    def __init__(self, unet: nn.Module, mask_in_face: Callable) -> None:
+        self.unet, self.mask_in_face = unet, mask_in_face
+
+    def measure(self, batch, train_mode: bool) -> torch.Tensor:
+        self.unet.eval()
+        with train_mode_probe(self.unet) if train_mode else contextlib.nullcontext():
+            return self.mask_in_face(batch)
+
+    def at_log_step(self, batch) -> dict[str, torch.Tensor]:
+        return {"val_mask_in_face_train_mode": self.measure(batch, True),
+                "val_mask_in_face_eval_mode": self.measure(batch, False)}
+
+    def over_split(self, loader, max_batches: int) -> dict[str, float]:
+        return {"mask_in_face_train_mode": validate(lambda b: (None, {"m": self.measure(b, True)}), loader,
+                                                    max_batches)["m"]}
+
+
+GAP_COLUMNS = ["mask_in_face", "mask_in_face_train_mode", "val_mask_in_face_train_mode", "val_mask_in_face_eval_mode"]
+"""The loss-log columns of the gap (``mask_in_face`` itself is a term of the step's objective)."""

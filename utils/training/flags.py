@@ -6,6 +6,7 @@ import math
 
 from utils.cli import DEFAULT_BFM, DEFAULT_SAVE_ROOT, RepoDefault, check_seed
 from utils.losses import PRESETS
+from utils.training.guards import COLLAPSE_MODES
 from utils.errors import MofaError
 
 ENCODERS = ("resnet50", "resnet18", "resnet34", "dlib")
@@ -14,8 +15,14 @@ MIN_IMAGE_SIZE = 16  # the UNet halves the image four times
 # a flag a command lacks is skipped.
 INT_MINIMA = {"batch_size": 1, "image_size": MIN_IMAGE_SIZE, "workers": 0, "epochs": 1, "max_iters": 1,
               "ckpt_every": 1, "keep_ckpts": 0, "val_batches": 0, "lr_step": 1, "em_cycle": 1, "unet_iters": 0,
-              "unet_width": 1}
+              "unet_width": 1, "bn_recalibration": 0, "collapse_patience": 1}
 POSITIVE_FLOATS = ("learning_rate", "lr_gamma", "lr_gamma_mofa", "lr_gamma_unet", "sigma", "lr_mofa", "lr_unet")
+
+
+# Former --loss_preset names -> the one-line error that names the new one and says why.
+RENAMED_PRESETS = {"g1": "--loss_preset g1 is now --loss_preset g1_weights: it sets only G1's loss weights, landmark "
+                         "weights and neighbour window; its identity terms stay G2's (G1 compared FaceNet features of "
+                         "the render and the image in one frame, without the warp), so it does not reproduce G1"}
 
 
 class FlagError(MofaError):
@@ -59,6 +66,14 @@ def check_flags(args: argparse.Namespace) -> None:
             raise FlagError(f"--{name} {value}: must be a positive number")
     if hasattr(args, "seed"):
         check_seed(args.seed)
+    em_cycle, unet_iters = getattr(args, "em_cycle", None), getattr(args, "unet_iters", None)
+    if em_cycle is not None and unet_iters is not None and unet_iters >= em_cycle:
+        raise FlagError(f"--unet_iters {unet_iters} --em_cycle {em_cycle}: the UNet steps of a cycle must fit in it, "
+                        "so --unet_iters must be below --em_cycle (step ct is a MoFA step when ct % em_cycle > "
+                        "unet_iters)")
+    preset = getattr(args, "loss_preset", None)
+    if preset is not None and preset not in PRESETS:
+        raise FlagError(RENAMED_PRESETS.get(preset, f"--loss_preset {preset}: the presets are {', '.join(PRESETS)}"))
     if getattr(args, "resume", False) and getattr(args, "overwrite", False):
         raise FlagError("--resume continues the run in the folder, --overwrite replaces it: pass one of them")
 
@@ -88,9 +103,12 @@ def add_training_args(parser: argparse.ArgumentParser, *, lr: float, epochs: int
 
 
 def add_loss_preset_arg(parser: argparse.ArgumentParser) -> None:
-    """``--loss_preset g2|g1``: the original code generation whose loss settings a step uses (`losses.PRESETS`)."""
-    parser.add_argument("--loss_preset", choices=tuple(PRESETS), default="g2",
-                        help="loss weights, landmark weights and neighbour window of the G2 (default) or G1 code")
+    """``--loss_preset g2|g1_weights`` (`losses.PRESETS`; checked by ``check_flags``, so an old name gets one line)
+    and ``--drop_terms``."""
+    parser.add_argument("--loss_preset", default="g2", metavar="{" + ",".join(PRESETS) + "}",
+                        help="loss settings of the original code: g2 (default, G2's terms and weights), or "
+                             "g1_weights (G1's weights, landmark weights and neighbour window on G2's terms; G1's "
+                             "own identity terms are not reproduced)")
     parser.add_argument("--drop_terms", type=_term_list, default=(),
                         help="ablation: comma-separated loss terms whose weight is set to 0, e.g. neighbour or "
                              "identity,preserve,dist (default: none)")
@@ -109,3 +127,13 @@ def _term_list(value: str) -> tuple[str, ...]:
 def loss_preset(args: argparse.Namespace):
     """The `losses.LossPreset` that ``--loss_preset`` and ``--drop_terms`` select."""
     return PRESETS[args.loss_preset].without(getattr(args, "drop_terms", ()))
+
+
+def add_collapse_args(parser: argparse.ArgumentParser) -> None:
+    """``--collapse stop|warn`` and ``--collapse_patience N`` of Steps 3 and 4 (`guards.CollapseGuard`)."""
+    parser.add_argument("--collapse", choices=COLLAPSE_MODES, default="stop",
+                        help="when the mean UNet mask inside the face stays below 0.05 or above 0.995 for "
+                             "--collapse_patience log steps in a row: stop (default; exit 2, latest.pt from before "
+                             "the collapse) or warn and train on")
+    parser.add_argument("--collapse_patience", type=int, default=3, metavar="N",
+                        help="collapsed training log rows in a row that make a collapse (default %(default)s)")

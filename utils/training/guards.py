@@ -16,14 +16,31 @@ class TrainingError(MofaError):
     """Training cannot go on (e.g. the loss stayed non-finite); the message says what to do."""
 
 
-class NonFiniteLossError(TrainingError):
-    """The loss stayed non-finite. ``first_bad``: the step index whose loss was the first non-finite one of the
-    run of them, i.e. the weights after ``first_bad`` completed steps give a non-finite loss (the skipped updates
-    left them unchanged since), so they are not worth a checkpoint."""
+class BadWeightsError(TrainingError):
+    """Training stopped because the weights went bad. ``first_bad``: the number of completed steps after which the
+    weights are no longer worth a checkpoint (every state saved from there on is bad too), so nothing is saved and
+    ``latest.pt`` is left on, or moved back to, the last checkpoint before it (``loop.keep_checkpoint_before``).
+    ``what``: how the weights are bad, for the message ("give a non-finite loss")."""
+
+    what = "are bad"
 
     def __init__(self, message: str, first_bad: int) -> None:
         super().__init__(message)
         self.first_bad = first_bad
+
+
+class NonFiniteLossError(BadWeightsError):
+    """The loss stayed non-finite: the weights after ``first_bad`` completed steps (the step index of the first
+    non-finite loss of the run of them) give a non-finite loss; the skipped updates left them unchanged since."""
+
+    what = "give a non-finite loss"
+
+
+class MaskCollapseError(BadWeightsError):
+    """The UNet mask inside the face collapsed (``CollapseGuard``): the weights after ``first_bad`` completed steps
+    (the log step before the first collapsed log row) are the first that trained into the collapse."""
+
+    what = "trained into the mask collapse"
 
 @dataclass
 class NonFiniteGuard:
@@ -56,24 +73,70 @@ class NonFiniteGuard:
                                      first_bad=step - self.in_a_row + 1)
         return False
 
-@dataclass
-class CollapseAlarm:
-    """Warn loudly when the UNet mask inside the rendered face collapses to all-occluded or all-visible."""
+COLLAPSE_MODES = ("stop", "warn")
 
+
+@dataclass
+class CollapseGuard:
+    """Stop (or warn) when the UNet mask inside the rendered face collapses to all-occluded or all-visible.
+
+    Fed the training log rows' ``mask_in_face`` (the mean over the steps of the log period, `loop.train_loop`
+    calls ``update`` at every log step), so a collapse is caught within ``patience`` log periods. It fires when
+    the value is below ``low`` or above ``high`` at ``patience`` log steps in a row: ``mode`` "stop" raises
+    `MaskCollapseError` (whose ``first_bad`` is the log step before the first collapsed row: the rows average over
+    the period after it), "warn" logs a warning (once per collapse) and training goes on. ``hints``: what to try,
+    for a mask that went to 0 ("low") and to 1 ("high"), one sentence each. Under torch.distributed the processes
+    average their values first (one all-reduce), so they all decide alike.
+    """
+
+    hints: dict = field(default_factory=dict)
+    mode: str = "stop"
+    patience: int = 3
     low: float = 0.05
     high: float = 0.995
-    patience: int = 3
-    history: list = field(default_factory=list)
+    device: torch.device | str = "cpu"
+    in_a_row: int = 0
+    last_step: int = 0  # the log step before the current one (the start step after a resume)
+    began: int = 0  # the log step before the first collapsed row of the current run of them
 
-    def update(self, mean_mask_in_face: float, step: int) -> bool:
-        bad = not (self.low <= mean_mask_in_face <= self.high)
-        self.history = (self.history + [bad])[-self.patience:]
-        if len(self.history) == self.patience and all(self.history):
-            log.warning("!!! MASK COLLAPSE at step %d: mean UNet mask inside the face = %.4f for %d evaluations in a "
-                        "row (healthy range %.2f-%.3f). Check the Step-2 masks and the learning rates.",
-                        step, mean_mask_in_face, self.patience, self.low, self.high)
-            return True
-        return False
+    def __post_init__(self) -> None:
+        if self.mode not in COLLAPSE_MODES or self.patience < 1:
+            raise ValueError(f"CollapseGuard: mode {self.mode!r} (one of {COLLAPSE_MODES}), patience {self.patience}"
+                             " (at least 1)")
+
+    def update(self, mean_mask_in_face: float | None, step: int) -> bool:
+        """Record the log row of ``step`` (completed steps); True when the collapse alarm fires (mode "warn")."""
+        value = _mean_over_processes(mean_mask_in_face, self.device)
+        previous, self.last_step = self.last_step, step
+        if value is None:
+            return False
+        if self.low <= value <= self.high:
+            self.in_a_row = 0
+            return False
+        if self.in_a_row == 0:
+            self.began = previous
+        self.in_a_row += 1
+        if self.in_a_row != self.patience:  # fires once per collapse, at the patience-th collapsed row
+            return False
+        side = "low" if value < self.low else "high"
+        text = (f"mask collapse: the mean UNet mask inside the face was {'below' if side == 'low' else 'above'} "
+                f"{self.low if side == 'low' else self.high} at {self.patience} log steps in a row (now {value:.4f}, "
+                f"steps {self.began + 1}-{step}). {self.hints.get(side, '')}".rstrip())
+        if self.mode == "stop":
+            raise MaskCollapseError(f"{text} (--collapse warn trains on)", first_bad=self.began)
+        log.warning("!!! %s", text)
+        return True
+
+
+def _mean_over_processes(value: float | None, device) -> float | None:
+    """``value`` averaged over the processes of torch.distributed (None when any process has none)."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()
+            and torch.distributed.get_world_size() > 1):
+        return value
+    pair = torch.tensor([0.0 if value is None else float(value), float(value is None)], dtype=torch.float64,
+                        device=device)
+    torch.distributed.all_reduce(pair)
+    return None if pair[1] > 0 else float(pair[0]) / torch.distributed.get_world_size()
 
 class StopFlag:
     """Turns Ctrl-C (SIGINT) or SIGTERM into a flag so the loop can checkpoint and exit cleanly.

@@ -66,7 +66,8 @@ def _fmt(v) -> str:
 
 
 class RunMonitor:
-    """One object per step run. ``columns`` are the loss terms written to ``<out>/loss_{split}.csv``."""
+    """One object per step run. ``columns`` are the loss terms written to ``<out>/loss_{split}.csv``; both files
+    have them all, and a value one split does not log is an empty cell."""
 
     def __init__(self, out_dir: Path, columns: Sequence[str], start: int, total: int, enabled: bool = True,
                  desc: str = "train") -> None:
@@ -91,6 +92,11 @@ class RunMonitor:
                 self.bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
 
     def scalars(self, step: int, values: dict[str, float], split: str = "train") -> None:
+        """Write one row of ``<out>/loss_{split}.csv`` (and the TensorBoard scalars). Every key must be a column: a
+        value with no column would vanish from the CSV (ValueError, on every process, so a test catches it)."""
+        unknown = sorted(set(values) - set(self.train_log.columns[1:]))
+        if unknown:
+            raise ValueError(f"RunMonitor.scalars: {unknown} are not loss-log columns ({self.train_log.columns[1:]})")
         if not self.enabled:
             return
         (self.train_log if split == "train" else self.val_log).write(step, values)

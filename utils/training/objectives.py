@@ -59,12 +59,15 @@ def _prior_terms(out, landmarks_gt: torch.Tensor, setup: LossSetup) -> dict:
     }
 
 
-def _identity(identity, out, images: torch.Tensor, landmarks_gt: torch.Tensor, target: torch.Tensor | None = None):
-    """Identity (cosine) loss between the render (predicted landmarks) and the input (GT landmarks)."""
+def _identity(identity, out, images: torch.Tensor, landmarks_gt: torch.Tensor):
+    """Identity (cosine) loss between the render, aligned with its predicted landmarks, and the input, aligned
+    with the GT landmarks. The predicted landmarks only place the crop: they are detached, as G2 warps with
+    detached landmarks (its util/preprocess.py), so the identity term trains the render through its pixels, not
+    through where the crop is placed."""
     if identity is None:
         return None
-    f_rec = identity(out.image, out.landmarks)
-    f_gt = identity(images if target is None else target, landmarks_gt)
+    f_rec = identity(out.image, out.landmarks.detach())
+    f_gt = identity(images, landmarks_gt)
     return losses.identity_loss(f_rec, f_gt.detach())
 
 
@@ -91,13 +94,14 @@ def unet_mask(unet, out, images: torch.Tensor) -> torch.Tensor:
 
 def mask_in_face(U: torch.Tensor, region: torch.Tensor) -> torch.Tensor:
     """Mean UNet mask inside the rendered face, pooled over the batch: sum(U F) / max(sum F, 1), detached.
-    U, region F: (B,1,H,W). Near 0 or 1 the mask has collapsed (``guards.CollapseAlarm``)."""
+    U, region F: (B,1,H,W). Near 0 or 1 the mask has collapsed (``guards.CollapseGuard``)."""
     return ((U * region).sum() / region.sum().clamp(min=1)).detach()
 
 
 def step4_unet_terms(U: torch.Tensor, out, images: torch.Tensor, landmarks_gt: torch.Tensor, setup: LossSetup,
                      identity=None, skip: frozenset[str] = frozenset()) -> dict:
-    """Step 4 UNet-phase terms (docs/method.md §8.3): binary, area, preserve, dist, neighbour."""
+    """Step 4 UNet-phase terms (docs/method.md §8.3): binary, area, preserve, dist, neighbour. The predicted landmarks
+    that align R*M for dist are detached (as in ``_identity``)."""
     M = out.mask * U
     preserve = dist = None
     if identity is not None and not {"preserve", "dist"} <= skip:
@@ -106,7 +110,7 @@ def step4_unet_terms(U: torch.Tensor, out, images: torch.Tensor, landmarks_gt: t
         if phi_i is not None:
             preserve = losses.feature_cosine_loss(phi_i, phi_im)
         if "dist" not in skip:
-            render_landmarks = landmarks_gt if setup.dist_landmarks == "gt" else out.landmarks
+            render_landmarks = landmarks_gt if setup.dist_landmarks == "gt" else out.landmarks.detach()
             dist = losses.feature_cosine_loss(identity.shallow(out.image * M, render_landmarks), phi_im)
     return _without({
         "binary": losses.binary_loss(M),
