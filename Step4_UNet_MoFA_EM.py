@@ -160,7 +160,7 @@ class EMTrainer:
                                            collate_faces)
         self.vis_batch = next(iter(self.val_loader))
         self.end = total_steps(args.max_iters, args.epochs, self.sampler.batches_per_epoch)  # the run's last step
-        # optimisers and schedulers; both schedulers step every iteration (reference 10)
+        # optimisers and schedulers; both schedulers step every iteration (docs/method.md §10)
         lr_mofa, lr_unet = learning_rates(args, preset, *step1)
         optimizers = {"encoder": make_optimizer(args.optimizer, mofa.encoder.parameters(), lr_mofa),
                       "unet": make_optimizer(args.optimizer, unet.parameters(), lr_unet)}
