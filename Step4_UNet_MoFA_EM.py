@@ -23,6 +23,7 @@ import torch
 from models.face_model import FaceModel
 from models.layout import CoeffLayout
 from utils import cli, losses
+from utils.data.augment import augmenter_from_args
 from utils.data.datasets import FaceDataset, collate_faces
 from utils.evaluation.visuals import composite, residual
 from utils.identity import add_identity_args, load_identity, resolve_identity_flag
@@ -67,6 +68,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="landmarks that align the masked render for the dist term: predicted (G2) or gt, the "
                         "alignment of the masked image it is compared with (README, Faithfulness)")
     add_recalibration_arg(p, "after every UNet phase")
+    flags.add_augment_arg(p)
     return resolve_identity_flag(cli.resolve_paths(p.parse_args(argv)))
 
 
@@ -133,7 +135,7 @@ def train(args) -> int:
                                   dist_landmarks=args.dist_landmarks)
 
     size = spec["image_size"]
-    train_set = FaceDataset(args.img_path, "train", size)
+    train_set = FaceDataset(args.img_path, "train", size, augment=augmenter_from_args(args))
     loader, sampler = make_train_loader(train_set, args.batch_size, args.seed, args.workers, run.dist.rank,
                                         run.dist.world_size, collate_faces)
     val_loader = make_eval_loader(FaceDataset(args.img_path, "val", size), args.batch_size, args.workers,

@@ -107,3 +107,15 @@ def _term_list(value: str) -> tuple[str, ...]:
 def loss_preset(args: argparse.Namespace):
     """The `losses.LossPreset` that ``--loss_preset`` and ``--drop_terms`` select."""
     return PRESETS[args.loss_preset].without(getattr(args, "drop_terms", ()))
+
+
+def add_augment_arg(parser: argparse.ArgumentParser) -> None:
+    """``--augment`` (default) / ``--no_augment``: G2's training augmentation (``utils.data.augment``) in Steps 1, 3
+    and 4; the validation split is never augmented."""
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("--augment", dest="augment", action="store_true", default=True,
+                       help="augment the training split as G2 does: one random affine per sample (shift +-10 px at "
+                            "224 px, scale 1 +- 0.1, rotation +-10 degrees, horizontal flip p=0.5) applied to the "
+                            "image, its landmarks and masks (default: on)")
+    group.add_argument("--no_augment", dest="augment", action="store_false",
+                       help="train on the images as they are, without augmentation")
