@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 
+import numpy as np
 import pytest
 import torch
 
@@ -112,3 +113,33 @@ def test_fit_flags():
     for bad in (["--fit_steps", "-1"], ["--fit_lr", "0"], ["--fit_lr", "nan"], ["--fit_steps", "x"]):
         with pytest.raises(SystemExit):
             parser.parse_args(bad)
+
+
+def test_step2_writes_the_masks_of_the_fitted_coefficients(tmp_path, demo_bfm_h5):
+    import Step2_UNet_trainset_generation as step2
+    from tests.step_inputs import common_args, step4_inputs
+    from utils import losses
+    from utils.data.datasets import FaceDataset
+    from utils.data.image_io import read_mask
+    from utils.data.unet_trainset import stem_for
+    from utils.fitting import checkpoint_preset
+    from utils.training.builders import load_mofa, step_dir
+
+    inputs = step4_inputs(tmp_path, demo_bfm_h5)
+    args = common_args(inputs["root"], demo_bfm_h5, inputs["save"]) + ["--splits", "train", "--batch_size", "5"]
+    masks = {}
+    for steps in (0, 3):
+        assert step2.main(args + ["--fit_steps", str(steps), "--fit_lr", "0.05", "--overwrite"]) == 0
+        masks[steps] = {p.name: read_mask(p) for p in step_dir(inputs["save"], 2).rglob("*_mask.png")}
+    assert masks[0].keys() == masks[3].keys() and len(masks[0]) == 12
+    assert any(not np.array_equal(masks[0][k], masks[3][k]) for k in masks[0])
+    face_model = FaceModel.from_h5(demo_bfm_h5, CoeffLayout())
+    mofa, payload, _ = load_mofa(step_dir(inputs["save"], 1) / "final.pt", face_model, torch.device("cpu"))
+    dataset = FaceDataset(inputs["root"], "train", SIZE, test_mode=True)
+    items = [dataset[i] for i in range(5)]  # the first batch
+    images, landmarks = torch.stack([it["image"] for it in items]), torch.stack([it["landmarks"] for it in items])
+    out = fit_images(mofa, images, landmarks, 3, 0.05, checkpoint_preset(payload)).out
+    expected = losses.inlier_mask(images, out.image, out.mask)
+    for item, mask in zip(items, expected):
+        written = masks[3][stem_for(item["filename"]).rsplit("/", 1)[-1] + "_mask.png"]
+        assert np.mean(written == mask[0].numpy()) > 0.999

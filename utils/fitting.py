@@ -29,8 +29,9 @@ API (for Step 2, the evaluation and ``reconstruct.py``)::
     result = fit_images(mofa, images, landmarks, steps=20, unet=unet)    # Step 4's MoFA-phase terms
     result.coeffs (B, total), result.out (RenderOutput, no grad), result.unet_mask (B,1,H,W) or None
 
-``steps=0`` returns the encoder's prediction unchanged (the feed-forward network). ``add_fit_args`` adds
-``--fit_steps`` / ``--fit_lr`` to a command.
+``steps=0`` returns the encoder's prediction unchanged (the feed-forward network). ``checkpoint_preset(payload)``
+is the loss preset a checkpoint was trained with (pass it as ``preset``); ``add_fit_args`` adds ``--fit_steps`` /
+``--fit_lr`` to a command.
 """
 from __future__ import annotations
 
@@ -44,6 +45,7 @@ from torch import nn
 from models.encoder import output_scale
 from models.renderer import RenderOutput
 from utils import losses
+from utils.training.checkpoint import CheckpointError
 from utils.training.objectives import LossSetup, step1_terms, step4_mofa_terms, unet_mask
 
 DEFAULT_FIT_LR = 0.01
@@ -125,6 +127,16 @@ def per_image_sum(images: torch.Tensor, out: RenderOutput, landmarks: torch.Tens
         terms["rec"] = sum(losses.masked_reconstruction(images[b:b + 1], out.image[b:b + 1], M[b:b + 1])
                            for b in range(batch)) / batch
     return batch * losses.weighted_sum(terms, weights), U
+
+
+def checkpoint_preset(payload: dict) -> losses.LossPreset:
+    """The loss preset a checkpoint's run trained with (its ``--loss_preset`` and ``--drop_terms``, from the
+    checkpoint's config; G2 when it records none): fit with the loss the networks were trained on."""
+    config = payload.get("config") or {}
+    name = config.get("loss_preset") or "g2"
+    if name not in losses.PRESETS:
+        raise CheckpointError(f"the checkpoint's loss preset {name!r} is unknown (known: {sorted(losses.PRESETS)})")
+    return losses.PRESETS[name].without(tuple(config.get("drop_terms") or ()))
 
 
 def fit_coefficients(renderer: nn.Module, coeffs: torch.Tensor, images: torch.Tensor, landmarks: torch.Tensor,
