@@ -65,7 +65,7 @@ def scores(gt: torch.Tensor, est: torch.Tensor, region: torch.Tensor) -> dict[st
 def summary(rows: list[dict], prefix: str) -> dict[str, float]:
     """Mean IoU over the images, and the occluder metrics pooled over the images with occluded GT pixels."""
     iou = torch.cat([r[f"{prefix}iou"] for r in rows]).mean().item()
-    tp, fp, tn, fn = (torch.cat([r[f"{prefix}{k}"] for r in rows]) for k in ("tp", "fp", "tn", "fn"))
+    fp, tn, fn = (torch.cat([r[f"{prefix}{k}"] for r in rows]) for k in ("fp", "tn", "fn"))
     occluded = (tn + fp) > 0  # GT occluder pixels inside the region
     otp, ofp, ofn = tn[occluded].sum(), fn[occluded].sum(), fp[occluded].sum()  # occluder = the negative class
     return {"iou": iou, "occ_iou": (otp / (otp + ofp + ofn)).item(), "occ_recall": (otp / (otp + ofn)).item(),

@@ -8,7 +8,7 @@ import torch
 from models.face_model import FaceModel
 from models.landmarks68 import MIRROR_68, N_LANDMARKS
 from models.layout import CoeffLayout
-from utils.data.augment import (AugmentParams, Augmenter, affine_matrix, augment_arrays, draw_params, warp_points)
+from utils.data.augment import Augmenter, AugmentParams, affine_matrix, augment_arrays, draw_params, warp_points
 from utils.data.datasets import FaceDataset, collate_faces
 from utils.data.image_io import write_image_rgb
 from utils.data.unet_trainset import UNetTrainset, write_list, write_sample

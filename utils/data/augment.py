@@ -24,8 +24,8 @@ integer index (validation, evaluation, direct access) gets no augmentation.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import cv2
 import numpy as np

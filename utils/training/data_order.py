@@ -54,8 +54,8 @@ class ResumableSampler(Sampler[int]):
     def __len__(self) -> int:
         return (self.batches_per_epoch - self.start_batch) * self.batch_size
 
-def make_train_loader(dataset: Dataset, batch_size: int, seed: int, workers: int, rank: int = 0,
-                      world_size: int = 1, collate_fn=None, shuffle: bool = True) -> tuple[DataLoader, ResumableSampler]:
+def make_train_loader(dataset: Dataset, batch_size: int, seed: int, workers: int, rank: int = 0, world_size: int = 1,
+                      collate_fn=None, shuffle: bool = True) -> tuple[DataLoader, ResumableSampler]:
     """A drop-last loader over ``dataset`` whose order is reproducible and resumable (see ``ResumableSampler``).
     A dataset with a true ``epoch_keyed`` attribute (an augmenting one) is indexed with ``(epoch, index)`` pairs."""
     sampler = ResumableSampler(len(dataset), batch_size, seed, rank, world_size, shuffle,
