@@ -2,7 +2,7 @@
 number of fitting steps, on one split of a synthetic image root (ground_truth.csv beside it).
 
     python benchmarks/test_time_fit.py --img_path demo_data --save_root demo_output/MoFA_UNet_Save
-                                       [--split test] [--steps 0,10,20,50] [--lr 0.01] [--batch_size 40]
+                                       [--split test] [--steps 0,10,20,50] [--lr 0.05] [--batch_size 40]
 
 For every N in --steps, every image's coefficients start from the Step-1 encoder's prediction and take N Adam steps
 on Step 1's loss (the preset of the Step-1 checkpoint); the Step-2 rule (the robust loss's inlier mask) is applied
@@ -37,7 +37,7 @@ from utils.cli import resolve_device  # noqa: E402
 from utils.data.datasets import FaceDataset, collate_faces  # noqa: E402
 from utils.evaluation.evaluate import read_ground_truth, reconstruction_errors  # noqa: E402
 from utils.evaluation.metrics import confusion_counts, mask_metrics  # noqa: E402
-from utils.fitting import checkpoint_preset, fit_images  # noqa: E402
+from utils.fitting import DEFAULT_FIT_LR, checkpoint_preset, fit_images  # noqa: E402
 from utils.training.builders import load_mofa, load_unet, previous_checkpoint  # noqa: E402
 from utils.training.checkpoint import load_checkpoint  # noqa: E402
 
@@ -50,7 +50,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                                                "repository's basel_3DMM/demo_face_model.h5)")
     p.add_argument("--split", default="test")
     p.add_argument("--steps", default="0,10,20,50", help="comma-separated numbers of fitting steps")
-    p.add_argument("--lr", type=float, default=0.01)
+    p.add_argument("--lr", type=float, default=DEFAULT_FIT_LR)
     p.add_argument("--batch_size", type=int, default=40)
     p.add_argument("--unet", default=None, help="a Step-3/Step-4 checkpoint: fit with Step 4's MoFA-phase terms")
     p.add_argument("--device", default="cpu")

@@ -108,7 +108,7 @@ def test_fit_flags():
     parser = argparse.ArgumentParser()
     add_fit_args(parser)
     args = parser.parse_args([])
-    assert args.fit_steps == 0 and args.fit_lr == 0.01
+    assert args.fit_steps == 0 and args.fit_lr == 0.05
     assert parser.parse_args(["--fit_steps", "20", "--fit_lr", "0.02"]).fit_steps == 20
     for bad in (["--fit_steps", "-1"], ["--fit_lr", "0"], ["--fit_lr", "nan"], ["--fit_steps", "x"]):
         with pytest.raises(SystemExit):
