@@ -12,8 +12,8 @@ to the fitted render. Printed per N (a Markdown table):
   coefficients (the evaluation's ``landmark_px``);
 - iou: visible-face IoU inside the rendered face, mean over the images with a GT mask (the paper protocol);
   all_face: the same for the mask that calls the whole rendered face visible (the yardstick of issue 18);
-- occ_iou / occ_recall / occ_precision: occluder (= not visible face) IoU, recall and precision, pixels pooled
-  over the images whose GT has occluded pixels inside the region;
+- occ_iou / occ_recall / occ_precision: occluder (= not visible face) IoU, recall and precision inside the rendered
+  face, pixels pooled over the images with an occluder (ground_truth.csv category other than 'none');
 - seconds: wall time of the fitting (and the encoder) for the split; ms/img/step: per image and step.
 
 With --unet (a Step-3 or Step-4 checkpoint) the fit uses Step 4's MoFA-phase terms with that UNet's mask, and the
@@ -63,10 +63,11 @@ def scores(gt: torch.Tensor, est: torch.Tensor, region: torch.Tensor) -> dict[st
 
 
 def summary(rows: list[dict], prefix: str) -> dict[str, float]:
-    """Mean IoU over the images, and the occluder metrics pooled over the images with occluded GT pixels."""
+    """Mean IoU over the images, and the occluder metrics pooled over the images with an occluder (ground_truth.csv
+    category other than 'none') and GT pixels that are not visible face inside the region."""
     iou = torch.cat([r[f"{prefix}iou"] for r in rows]).mean().item()
     fp, tn, fn = (torch.cat([r[f"{prefix}{k}"] for r in rows]) for k in ("fp", "tn", "fn"))
-    occluded = (tn + fp) > 0  # GT occluder pixels inside the region
+    occluded = ((tn + fp) > 0) & torch.cat([r["has_occluder"] for r in rows])
     otp, ofp, ofn = tn[occluded].sum(), fn[occluded].sum(), fp[occluded].sum()  # occluder = the negative class
     return {"iou": iou, "occ_iou": (otp / (otp + ofp + ofn)).item(), "occ_recall": (otp / (otp + ofn)).item(),
             "occ_precision": (otp / (otp + ofp)).item() if otp + ofp > 0 else float("nan"),
@@ -88,7 +89,10 @@ def run_one(steps: int, args, mofa, unet, preset, dataset, truth, device) -> dic
             est = result.unet_mask * out.mask
         has = batch["has_gt_mask"]
         gt, region = batch["gt_mask"].to(device)[has], out.mask[has]
-        rows.append({**scores(gt, est[has], region), **{f"all_{k}": v for k, v in scores(gt, region, region).items()}})
+        categories = [truth.category(name) if truth else None for name in batch["filename"]]
+        occluder = torch.tensor([c not in (None, "none") for c in categories])[has]
+        rows.append({**scores(gt, est[has], region), **{f"all_{k}": v for k, v in scores(gt, region, region).items()},
+                     "has_occluder": occluder})
         landmark.append(reconstruction_errors(mofa, out, lms, list(batch["filename"]), truth)["landmark_px"])
         n += len(images)
     lm = torch.cat(landmark)
@@ -116,7 +120,7 @@ def main(argv=None) -> int:
     truth = read_ground_truth(args.img_path)
     results = [run_one(int(s), args, mofa, unet, preset, dataset, truth, device) for s in args.steps.split(",")]
     n = results[0]["n"]
-    print(f"\n{args.split} split, {n} images, {results[0]['n_occluded']} with occluded GT pixels in the face; "
+    print(f"\n{args.split} split, {n} images, {results[0]['n_occluded']} with an occluder; "
           f"Adam lr {args.lr}, batch {args.batch_size}, {'UNet mask' if unet else 'Step-2 rule'}, "
           f"torch threads {torch.get_num_threads()}\n")
     print("| fit steps | landmark px | visible-face IoU | all-face IoU | occluder IoU | occ. recall | occ. precision "
