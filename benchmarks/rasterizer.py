@@ -15,7 +15,8 @@ wall time and of the process's CPU time (user + system) are printed. On a shared
 ``--threads 1 --cpu_time``: the ratio line then uses CPU time, which other processes inflate far less than wall
 time. With ``--compare_nvdiffrast`` (CUDA, package installed) it also times rasterize + interpolate forward and
 backward with ``backend="nvdiffrast"`` against the default backend on the same screen vertices and reports how
-many pixels see the same face. Like the training steps, the benchmark keeps freed host memory for reuse (``utils.host_memory``);
+many pixels see the same face. Like the training steps, the benchmark keeps freed host memory for reuse
+(``utils.host_memory``);
 ``--system_malloc`` measures with glibc's default behaviour instead.
 """
 from __future__ import annotations

@@ -30,7 +30,7 @@ class CameraConfig:
             raise ValueError(f"invalid CameraConfig {self}: focal > 0, image_size >= 1 and 3 translations needed")
 
     @classmethod
-    def preset(cls, name: str = "g2", image_size: int = 224) -> "CameraConfig":
+    def preset(cls, name: str = "g2", image_size: int = 224) -> CameraConfig:
         """`"g2"` (default: focal 1014.72, T0 (0, 0, 1000)) or `"g1"` (focal 250, T0 (0, 30, 300)) at 224 px,
         then resized to `image_size`."""
         if name not in PRESETS:
@@ -43,7 +43,7 @@ class CameraConfig:
         c = (self.image_size - 1) / 2.0
         return (c, c)
 
-    def resized(self, image_size: int) -> "CameraConfig":
+    def resized(self, image_size: int) -> CameraConfig:
         """The same scene rendered at `image_size` pixels (focal scaled by image_size / self.image_size)."""
         return replace(self, focal=self.focal * image_size / self.image_size, image_size=image_size)
 

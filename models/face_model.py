@@ -222,7 +222,7 @@ class FaceModel(nn.Module):
 
     @classmethod
     def from_h5(cls, path: str | Path, layout: CoeffLayout = CoeffLayout(), crop: bool = True,
-                landmarks_path: str | Path | None = None) -> "FaceModel":
+                landmarks_path: str | Path | None = None) -> FaceModel:
         """Load a BFM2017-layout h5 file, keep the first `layout` components, crop (G1) and recentre.
 
         Raises `FaceModelError` naming the file / key / shape when the file is missing or malformed.

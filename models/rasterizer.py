@@ -83,7 +83,7 @@ class Fragments:
         dense = dense.scatter(0, _bary_slots(self.coverage.pixels).view(-1), self.weights.reshape(-1))
         return dense.view(*self.pix_to_face.shape, 3)
 
-    def detach(self) -> "Fragments":
+    def detach(self) -> Fragments:
         """Return a copy whose tensors carry no autograd history."""
         return Fragments(self.pix_to_face, self.zbuf.detach(), self.mask.detach(), self.coverage,
                          self.weights.detach())
@@ -252,7 +252,8 @@ def _bucket_keys(
     """Candidate pixel ids and packed depth/face keys, both ``(M*cap,)``, of the (batch, face) columns ``ids``.
 
     ``planes``: vertex u, v, z; ``rows``: ``(3, B*F)`` corner rows. Candidates outside the triangle (or beyond
-    its box) get the depth +inf, whose key is above every hit's (``_MISS``). The edge function of edge a -> b at pixel p is evaluated as
+    its box) get the depth +inf, whose key is above every hit's (``_MISS``). The edge function of edge a -> b at pixel p
+    is evaluated as
     ``cross(P_a - p, P_b - p)``, which is exactly antisymmetric in (a, b): two triangles sharing an edge never
     both miss a pixel next to it (no cracks), and a pixel exactly on it is covered by both.
     """

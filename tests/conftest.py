@@ -38,7 +38,8 @@ def tiny_bfm_h5(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def demo_bfm_h5(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The procedural demo face model written by `utils.synthetic.demo_face_model.write_demo_face_model(path, seed=0)`."""
+    """The procedural demo face model written by
+    `utils.synthetic.demo_face_model.write_demo_face_model(path, seed=0)`."""
     if importlib.util.find_spec("utils.synthetic.demo_face_model") is None:
         pytest.skip("utils/synthetic/demo_face_model.py does not exist yet: the demo face model cannot be generated")
     from utils.synthetic.demo_face_model import write_demo_face_model

@@ -1,4 +1,5 @@
 """Loss terms against hand-computed values on tiny images, empty-mask behaviour, and weight application."""
+import dataclasses
 import math
 
 import pytest
@@ -238,7 +239,7 @@ def test_weighted_sum_skips_none_and_rejects_wrong_names():
 
 def test_weight_dataclasses_are_frozen_and_g1_differs():
     w = L.Step4UNetWeights()
-    with pytest.raises(Exception):
+    with pytest.raises(dataclasses.FrozenInstanceError):
         w.binary = 1.0  # type: ignore[misc]
     assert L.Step4UNetWeights.g1().preserve == 10 * w.preserve
     assert L.Step1Weights.g1().reg != L.Step1Weights().reg

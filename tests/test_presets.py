@@ -1,7 +1,6 @@
 """The G1 and G2 values behind --loss_preset (docs/method.md §8.1, §8.3, §10), and the one switch that picks them."""
 from __future__ import annotations
 
-import argparse
 import dataclasses
 
 import pytest

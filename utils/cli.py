@@ -9,7 +9,8 @@ import argparse
 import logging
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Sequence
+from typing import TYPE_CHECKING
+from collections.abc import Callable, Sequence
 
 from models.errors import ExtraMissing, MofaError, message_of
 from utils.host_memory import retain_freed_memory
@@ -45,7 +46,7 @@ def check_seed(value, flag: str = "--seed") -> None:
         raise SeedError(f"{flag} {value}: must be an integer from 0 to {SEED_MAX}")
 
 
-def resolve_device(spec: str = "auto") -> "torch.device":
+def resolve_device(spec: str = "auto") -> torch.device:
     """``"auto"`` (CUDA if available, else CPU), ``"cpu"``, ``"cuda"`` or ``"cuda:k"`` -> torch.device.
 
     Raises SetupError when CUDA (or device k) is requested but not available.

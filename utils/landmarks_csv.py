@@ -13,7 +13,7 @@ import csv
 import io
 import math
 from pathlib import Path
-from typing import Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
-from typing import Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -238,7 +238,7 @@ class Step1Weights:
     identity: float = 0.25
 
     @classmethod
-    def g1(cls) -> "Step1Weights":
+    def g1(cls) -> Step1Weights:
         return cls(photo=0.5, reg=0.01, landmark=0.01, identity=0.25)
 
 
@@ -253,7 +253,7 @@ class Step4UNetWeights:
     neighbour: float = 15.0
 
     @classmethod
-    def g1(cls) -> "Step4UNetWeights":
+    def g1(cls) -> Step4UNetWeights:
         return cls(binary=10.0, area=0.5, preserve=2.5, dist=3.0, neighbour=15.0)
 
 
@@ -268,7 +268,7 @@ class Step4MoFAWeights:
     area: float = 0.06
 
     @classmethod
-    def g1(cls) -> "Step4MoFAWeights":
+    def g1(cls) -> Step4MoFAWeights:
         return cls(rec=4.0, identity=0.5, reg=0.01 / 1.5, landmark=0.01, area=0.5)
 
 
@@ -287,7 +287,7 @@ class LossPreset:
     neighbour_radius: int
     step4_lr_scale: float
 
-    def without(self, names: tuple[str, ...] | list[str]) -> "LossPreset":
+    def without(self, names: tuple[str, ...] | list[str]) -> LossPreset:
         """This preset with the weights of the named terms set to 0 in every step that has them (an ablation;
         ``--drop_terms``). ``identity`` names the identity loss; preserve and dist are named on their own.
         ValueError for a name no step has, or when every term of a step (or of a Step-4 phase) would be dropped."""

@@ -30,7 +30,7 @@ from __future__ import annotations
 import argparse
 import csv
 from pathlib import Path
-from typing import Mapping
+from collections.abc import Mapping
 
 import cv2
 import numpy as np

@@ -2,7 +2,8 @@
 
 Usage::
 
-    python -m utils.prepare.celebamask_gt --celeba_root CelebAMask-HQ --out IMAGE_ROOT [--size S] [--ids 0 1 2 | --limit N]
+    python -m utils.prepare.celebamask_gt --celeba_root CelebAMask-HQ --out IMAGE_ROOT [--size S] \
+        [--ids 0 1 2 | --limit N]
 
 Input layout (as distributed): ``CelebA-HQ-img/{id}.jpg`` (1024 x 1024) and
 ``CelebAMask-HQ-mask-anno/{k}/{id:05d}_{class}.png`` (512 x 512, one binary image per class present,
@@ -29,7 +30,7 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-from typing import Mapping
+from collections.abc import Mapping
 
 import numpy as np
 from tqdm import tqdm

@@ -3,8 +3,8 @@
 
 Faces are rendered with the project's `FaceRenderer` from random coefficients (identity, expression, albedo,
 pose, spherical-harmonics light), composited over textured backgrounds and covered by procedural occluders
-(`utils/synthetic/occluders.py`): AR-like sunglasses and scarves, CelebA-like hands, microphones, cups, hats, hair strands
-and textured polygons / ellipses. Because every pixel's origin is known, the ground truth is exact:
+(`utils/synthetic/occluders.py`): AR-like sunglasses and scarves, CelebA-like hands, microphones, cups, hats, hair
+strands and textured polygons / ellipses. Because every pixel's origin is known, the ground truth is exact:
 
 * visible-face mask = rendered face coverage minus occluder pixels (occluder alpha > 0.5). "Face" means everything
   the face model renders (eyes and mouth included), consistent with evaluation inside the rendered region;
@@ -58,7 +58,7 @@ import re
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Callable
+from collections.abc import Callable
 
 import cv2
 import numpy as np
@@ -126,7 +126,7 @@ class SceneRanges:
     blur_px: float = 0.8
     noise_std: float = 0.02
 
-    def frontal(self) -> "SceneRanges":
+    def frontal(self) -> SceneRanges:
         """The same ranges with the pose fixed: no rotation, no translation jitter."""
         return replace(self, pitch_deg=0.0, yaw_deg=0.0, roll_deg=0.0, trans_xy_mm=0.0, trans_z_mm=0.0)
 

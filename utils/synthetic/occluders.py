@@ -20,7 +20,7 @@ occluders follow the face's position, size, roll and (through foreshortening) ya
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from collections.abc import Callable
 
 import cv2
 import numpy as np
@@ -204,7 +204,7 @@ class TextureBank:
         self.images = [images[name] for name in self.names]
 
     @classmethod
-    def from_skimage(cls, names: tuple[str, ...] = SKIMAGE_SOURCES) -> "TextureBank":
+    def from_skimage(cls, names: tuple[str, ...] = SKIMAGE_SOURCES) -> TextureBank:
         """Load the named ``skimage.data`` images; names that are unavailable offline are skipped."""
         import skimage.data
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-from typing import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 import torch
 from torch import nn

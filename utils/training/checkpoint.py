@@ -22,7 +22,8 @@ import re
 import shutil
 from argparse import Namespace
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
+from collections.abc import Mapping
 
 import numpy as np
 import torch

@@ -6,7 +6,7 @@ the batches an uninterrupted run would. Nothing here knows about faces.
 from __future__ import annotations
 
 import signal
-from typing import Iterator
+from collections.abc import Iterator
 
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler

@@ -7,7 +7,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from dataclasses import dataclass
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -121,7 +121,7 @@ def train_loop(run: Run, loader, sampler, start: int, end: int, hooks: LoopHooks
     return conclude(run, step, end, stop.requested, state.parts(), spec, monitor)
 
 
-def log_row(run: Run, step: int, whole: bool, pending: list[dict], running: "RunningMean", hooks: LoopHooks,
+def log_row(run: Run, step: int, whole: bool, pending: list[dict], running: RunningMean, hooks: LoopHooks,
             state: TrainState, monitor) -> float | None:
     """Write the training row of log step ``step``: the means of the period's terms, the learning rates and the
     probe; then ``hooks.check``. ``whole``: the period's steps were all run by this process (False for the first

@@ -7,7 +7,7 @@ from __future__ import annotations
 import csv
 import logging
 from pathlib import Path
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from tqdm import tqdm

@@ -34,7 +34,7 @@ class LossSetup:
 
     @classmethod
     def from_preset(cls, preset: losses.LossPreset, layout: CoeffLayout, image_size: int,
-                    **kwargs) -> "LossSetup":
+                    **kwargs) -> LossSetup:
         """The setup of a ``--loss_preset`` (landmark weights, neighbour window) for ``image_size`` pixel images."""
         return cls(layout, torch.tensor(preset.landmark_weights), landmark_scale=224.0 / image_size,
                    neighbour_radius=preset.neighbour_radius, **kwargs)

@@ -42,7 +42,7 @@ class Run:
     """One step's run: process info, device and output folder."""
 
     args: argparse.Namespace
-    dist: "distributed.DistInfo"
+    dist: distributed.DistInfo
     device: torch.device
     out_dir: Path
     pipeline_step: int = 0  # 1-4
