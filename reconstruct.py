@@ -1,3 +1,4 @@
+# ruff: noqa: E402  (the imports follow the start-up Ctrl-C handler)
 """Reconstruct one face image: occlusion mask, render, and the 3D mesh.
 
     python reconstruct.py --image PATH --checkpoint MoFA_UNet_Save/MoFA_UNet/final.pt --out DIR
@@ -19,9 +20,13 @@ NAME_identity.json: the cosine similarity of the input's and the render's identi
 fitted landmarks), a measure of how well the reconstruction keeps the person recognisable.
 DIR must be new or empty: --overwrite replaces what reconstruct.py wrote there before, all of it (so no file of
 another image, such as its NAME_identity.json, stays beside the new results), and nothing else. The results are
-built beside DIR and moved in only when complete (`utils/evaluation/results_folder.py`).
+built beside DIR and moved in only when complete (`utils/output_dir.py`).
 """
 from __future__ import annotations
+
+if __name__ == "__main__":  # Ctrl-C while torch is imported: one line, no traceback (utils/startup.py)
+    from utils.startup import quiet_interrupts
+    quiet_interrupts()
 
 import argparse
 import json
@@ -39,11 +44,11 @@ from utils import cli
 from utils.data.image_io import read_image_rgb, resize_image, write_image_rgb, write_mask
 from utils.errors import DataError
 from utils.evaluation.mesh_io import write_now_landmarks, write_obj, write_ply
-from utils.evaluation.results_folder import ResultsFolder, writing
 from utils.evaluation.stages import predict_masks
 from utils.evaluation.visuals import composite
 from utils.identity import add_identity_args, load_identity, resolve_identity_flag
 from utils.landmarks_csv import read_landmarks_csv
+from utils.output_dir import build_beside, check_target, writing
 from utils.prepare.detect_landmarks import align_face, detect_landmarks68, load_dlib
 from utils.training.builders import FINAL_NAME, load_networks
 from utils.training.checkpoint import CheckpointError
@@ -51,7 +56,7 @@ from utils.training.checkpoint import CheckpointError
 log = logging.getLogger("reconstruct")
 
 TOOL = "reconstruct.py"
-"""The name the --out manifest records (`utils.evaluation.results_folder.ResultsFolder`)."""
+"""The name the --out manifest records (`utils.output_dir`)."""
 
 # NoW-challenge landmarks (docs/method.md §2.5): full BFM2017 mesh vertex ids, valid only for that mesh.
 NOW_LANDMARK_IDS = (2735, 6088, 10263, 13746, 8165, 5394, 11116)
@@ -75,7 +80,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--now", action="store_true", help="also export the NoW-challenge mesh and 7 landmarks")
     add_identity_args(p)
     args = resolve_identity_flag(cli.resolve_paths(p.parse_args(argv), ("image", "bfm", "out", "checkpoint")))
-    args.results = ResultsFolder(args.out, TOOL, args.overwrite)  # a file or a used folder: one line, no work done
+    check_target(args.out, TOOL, args.overwrite)  # a file or a used folder: one line, no work done
     return args
 
 
@@ -185,7 +190,7 @@ def reconstruct(args: argparse.Namespace) -> int:
     name = args.image.stem
     identity = load_identity(args, device)
     score = None if identity is None else identity_score(identity, images, out)
-    with args.results.building() as folder, writing(f"the results in {args.out}"):
+    with build_beside(args.out, TOOL, args.overwrite) as folder, writing(f"the results in {args.out}"):
         write_outputs(folder, name, images, est, region, out, mofa)
         if args.now:
             export_now(args.bfm, mofa.layout.split(out.coeffs).shape, folder, name)

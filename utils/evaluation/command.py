@@ -11,15 +11,15 @@ from utils.data.image_root import ImageRoot
 from utils.errors import DataError
 from utils.evaluation.evaluate import EvalOptions, evaluate_fit_oracle, evaluate_split
 from utils.evaluation.report import IMAGES_DIR, format_markdown, write_results
-from utils.evaluation.results_folder import ResultsFolder, writing
 from utils.evaluation.scoring import summarise_rows
 from utils.evaluation.stages import FIT_ORACLE, STAGES, load_fit_oracle, load_stage
+from utils.output_dir import build_beside, check_target, writing
 from utils.training.flags import check_flags
 
 log = logging.getLogger(__name__)
 
 TOOL = "tests/evaluate_segmentation.py"
-"""The name the evaluation's --out manifest records (`results_folder.ResultsFolder`)."""
+"""The name the evaluation's --out manifest records (`utils.output_dir`)."""
 
 COMMAND_HELP = """Evaluate occlusion masks (and, on the synthetic benchmark, reconstructions) on a split of IMAGE_ROOT.
 
@@ -70,7 +70,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if not 0.0 < args.threshold < 1.0:
         raise DataError(f"--threshold {args.threshold}: expected a value strictly between 0 and 1")
     check_flags(args)  # the steps' check: --batch_size, --workers, --sigma
-    args.results = ResultsFolder(args.out, TOOL, args.overwrite)
+    check_target(args.out, TOOL, args.overwrite)  # a file or a used folder: one line, before any work
     return args
 
 
@@ -88,7 +88,7 @@ def run_evaluation(argv: list[str] | None = None) -> dict:
     settings = {"threshold": None if args.soft else args.threshold, "soft": args.soft, "oracle": args.oracle,
                 "image_size": spec["image_size"], "encoder": spec["encoder"], "checkpoint": args.checkpoint,
                 "save_root": str(args.save_root), "img_path": str(args.img_path)}
-    with args.results.building() as folder:
+    with build_beside(args.out, TOOL, args.overwrite) as folder:
         options = EvalOptions(threshold=args.threshold, soft=args.soft, sigma=args.sigma, batch_size=args.batch_size,
                               workers=args.workers, oracle=args.oracle,
                               image_dir=folder / IMAGES_DIR if args.save_images else None)

@@ -8,7 +8,7 @@ The modules of the evaluation, one job each:
     scoring.py         per-image scores with the all-face yardstick, summaries with the occluder metrics;
     reconstruction.py  landmark and vertex errors against the synthetic benchmark's true coefficients;
     report.py          per_image.csv, summary.json, summary.md;
-    command.py         the command (tests/evaluate_segmentation.py) and its --out folder (results_folder.py).
+    command.py         the command (tests/evaluate_segmentation.py); its --out folder is utils/output_dir.py's.
 
 Images without a GT mask are processed but left out of the mask metrics. On the synthetic benchmark
 (`utils.data.benchmark_files`) reconstruction is scored too, and the ``appearance`` column (out-of-model items
@@ -34,10 +34,10 @@ from utils.data.image_io import write_image_rgb, write_mask
 from utils.data.unet_trainset import stem_for
 from utils.errors import DataError
 from utils.evaluation.reconstruction import reconstruction_errors
-from utils.evaluation.results_folder import writing
 from utils.evaluation.scoring import image_scores
 from utils.evaluation.stages import FIT_ORACLE, fit_oracle_masks, predict_masks
 from utils.evaluation.visuals import composite
+from utils.output_dir import writing
 
 log = logging.getLogger(__name__)
 
