@@ -21,6 +21,7 @@ import torch
 from models.face_model import FaceModel
 from models.layout import CoeffLayout
 from utils import cli, losses
+from utils.data.augment import augmenter_from_args
 from utils.data.datasets import FaceDataset, collate_faces
 from utils.evaluation.visuals import composite
 from utils.identity import add_identity_args, load_identity, resolve_identity_flag
@@ -45,6 +46,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     add_identity_args(p)
     p.add_argument("--camera", choices=("g2", "g1"), default="g2", help="camera defaults (G2: f=1014.72, G1: f=250)")
     flags.add_loss_preset_arg(p)
+    flags.add_augment_arg(p)
     p.add_argument("--lr_step", type=int, default=5000, help="StepLR period in steps")
     p.add_argument("--lr_gamma", type=float, default=0.99, help="StepLR decay")
     return resolve_identity_flag(cli.resolve_paths(p.parse_args(argv)))
@@ -62,7 +64,7 @@ def train(args) -> int:
     weights, setup = preset.step1, LossSetup.from_preset(preset, layout, args.image_size)
     skip = zero_weight_terms(weights)  # --drop_terms: not computed in training
 
-    train_set = FaceDataset(args.img_path, "train", args.image_size)
+    train_set = FaceDataset(args.img_path, "train", args.image_size, augment=augmenter_from_args(args))
     val_set = FaceDataset(args.img_path, "val", args.image_size)
     loader, sampler = make_train_loader(train_set, args.batch_size, args.seed, args.workers, run.dist.rank,
                                         run.dist.world_size, collate_faces)

@@ -23,6 +23,7 @@ import torch
 
 from models.unet import mask_from_logits
 from utils import cli, losses
+from utils.data.augment import augmenter_from_args
 from utils.data.unet_trainset import UNetTrainset
 from utils.training import flags
 from utils.training.batchnorm import (GAP_COLUMNS, GapProbe, add_recalibration_arg, recalibrate_batchnorm,
@@ -54,6 +55,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--lr_gamma", type=float, default=0.99)
     add_recalibration_arg(p, "after the last step")
     flags.add_collapse_args(p)
+    flags.add_augment_arg(p)
     return cli.resolve_paths(p.parse_args(argv))
 
 
@@ -61,7 +63,7 @@ def train(args) -> int:
     run = start_run(args, step=3)
     device = run.device
     data_dir = Path(args.trainset_dir) if args.trainset_dir else step_dir(args.save_root, 2)
-    train_set, val_set = UNetTrainset(data_dir, "train"), UNetTrainset(data_dir, "val")
+    train_set, val_set = UNetTrainset(data_dir, "train", augmenter_from_args(args)), UNetTrainset(data_dir, "val")
     spec = {"unet_width": args.unet_width, "image_size": train_set.image_size}
     announce_spec(args, spec, f"Step 2's images in {data_dir}")
     unet = build_unet(spec).to(device)

@@ -30,6 +30,7 @@ import torch
 from models.face_model import FaceModel
 from models.layout import CoeffLayout
 from utils import cli, losses
+from utils.data.augment import augmenter_from_args
 from utils.data.datasets import FaceDataset, collate_faces
 from utils.evaluation.visuals import composite, residual
 from utils.identity import add_identity_args, load_identity, resolve_identity_flag
@@ -86,6 +87,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "alignment of the masked image it is compared with (docs/faithfulness.md)")
     add_recalibration_arg(p, "after every UNet phase")
     flags.add_collapse_args(p)
+    flags.add_augment_arg(p)
     return resolve_identity_flag(cli.resolve_paths(p.parse_args(argv)))
 
 
@@ -153,14 +155,14 @@ class EMTrainer:
                                            dist_landmarks=args.dist_landmarks)
         # data
         size = spec["image_size"]
-        self.train_set = FaceDataset(args.img_path, "train", size)
+        self.train_set = FaceDataset(args.img_path, "train", size, augment=augmenter_from_args(args))
         self.loader, self.sampler = make_train_loader(self.train_set, args.batch_size, args.seed, args.workers,
                                                       run.dist.rank, run.dist.world_size, collate_faces)
         self.val_loader = make_eval_loader(FaceDataset(args.img_path, "val", size), args.batch_size, args.workers,
                                            collate_faces)
         self.vis_batch = next(iter(self.val_loader))
         self.end = total_steps(args.max_iters, args.epochs, self.sampler.batches_per_epoch)  # the run's last step
-        # optimisers and schedulers; both schedulers step every iteration (reference 10)
+        # optimisers and schedulers; both schedulers step every iteration (docs/method.md §10)
         lr_mofa, lr_unet = learning_rates(args, preset, *step1)
         optimizers = {"encoder": make_optimizer(args.optimizer, mofa.encoder.parameters(), lr_mofa),
                       "unet": make_optimizer(args.optimizer, unet.parameters(), lr_unet)}

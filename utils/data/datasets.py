@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from utils.data.augment import Augmenter, augment_arrays, split_key
 from utils.data.image_io import read_image_rgb, read_mask, resize_image
 from utils.data.image_root import ImageRoot, gt_mask_path
 from utils.errors import DataError
@@ -49,6 +50,10 @@ class FaceDataset(Dataset):
         split: "train", "val", "test" or "all".
         image_size: side S of the returned images.
         test_mode: also return the filename and the GT mask.
+        augment: G2's training augmentation (``utils.data.augment``), or None. It applies to items fetched with an
+            ``(epoch, index)`` key, which the training loader's sampler sends (``epoch_keyed``); the image, the
+            landmarks (mirror-renumbered when flipped) and the GT mask get one affine per (seed, epoch, index).
+            Items fetched with a plain index are never augmented.
     Items (dicts):
         "image": ``(3, S, S)`` float32 RGB in [0, 1];
         "landmarks": ``(68, 2)`` float32 pixels of the resized image (x right, y down);
@@ -59,13 +64,15 @@ class FaceDataset(Dataset):
     The CSV is validated (format and image existence) at construction, so errors appear before training.
     """
 
-    def __init__(self, root: str | Path | ImageRoot, split: str, image_size: int = 224, test_mode: bool = False):
+    def __init__(self, root: str | Path | ImageRoot, split: str, image_size: int = 224, test_mode: bool = False,
+                 augment: Augmenter | None = None):
         if int(image_size) != image_size or image_size < 1:
             raise DataError(f"image_size must be a positive integer, got {image_size!r}")
         self.root = root if isinstance(root, ImageRoot) else ImageRoot(root)
         self.split = split
         self.image_size = int(image_size)
         self.test_mode = test_mode
+        self.augment = augment
         csv_path = self.root.csv(split)
         if not csv_path.is_file():
             raise DataError(
@@ -84,6 +91,11 @@ class FaceDataset(Dataset):
 
     def __len__(self) -> int:
         return len(self.rows)
+
+    @property
+    def epoch_keyed(self) -> bool:
+        """True when items depend on the epoch (augmentation on): the training sampler then sends (epoch, index)."""
+        return self.augment is not None
 
     @property
     def filenames(self) -> list[str]:
@@ -113,7 +125,9 @@ class FaceDataset(Dataset):
             log.warning("%s is %dx%d px, less than a quarter of --image_size %d: it is enlarged %.0fx", filename,
                         width, height, self.image_size, self.image_size / min(height, width))
 
-    def __getitem__(self, index: int) -> dict[str, Any]:
+    def __getitem__(self, key) -> dict[str, Any]:
+        """Item ``key``: an index, or an ``(epoch, index)`` pair (augmented when ``augment`` is set)."""
+        epoch, index = split_key(key)
         filename, landmarks = self.rows[index]
         image_path = self.root.dataset_dir / filename
         image = read_image_rgb(image_path)
@@ -121,6 +135,12 @@ class FaceDataset(Dataset):
         self._check_sample(filename, image.shape[:2], landmarks)
         landmarks = scale_landmarks(landmarks, image.shape[:2], (size, size))
         image = resize_image(image, size, size)
+        gt_mask = self._load_gt_mask(image_path) if self.test_mode else None
+        if self.augment is not None and epoch is not None:
+            masks = [] if gt_mask is None else [gt_mask[0].numpy()]
+            [image], masks, landmarks = augment_arrays(self.augment.params(epoch, index, (size, size)), [image],
+                                                       masks, landmarks)
+            gt_mask = torch.from_numpy(masks[0])[None] if masks else None
         item: dict[str, Any] = {
             "image": torch.from_numpy(image).permute(2, 0, 1).float().div_(255.0),
             "landmarks": torch.from_numpy(landmarks),
@@ -128,7 +148,7 @@ class FaceDataset(Dataset):
         }
         if self.test_mode:
             item["filename"] = filename
-            item["gt_mask"] = self._load_gt_mask(image_path)
+            item["gt_mask"] = gt_mask
         return item
 
 

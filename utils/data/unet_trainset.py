@@ -22,6 +22,7 @@ import torch
 from torch.utils.data import Dataset
 
 from utils.atomic_write import atomic_write
+from utils.data.augment import Augmenter, augment_arrays, split_key
 from utils.data.image_io import read_image_rgb, read_mask, write_image_rgb, write_mask
 from utils.errors import DataError
 
@@ -103,10 +104,16 @@ def read_list(path: Path) -> list[str]:
 
 
 class UNetTrainset(Dataset):
-    """Step-3 samples: ``{"input": (6,S,S) [render RGB, image RGB], "target": (1,S,S) 0/1}``, CPU tensors."""
+    """Step-3 samples: ``{"input": (6,S,S) [render RGB, image RGB], "target": (1,S,S) 0/1}``, CPU tensors.
 
-    def __init__(self, directory: Path, split: str) -> None:
+    ``augment``: G2's training augmentation (``utils.data.augment``) or None; items fetched with an ``(epoch, index)``
+    key (the training sampler's, ``epoch_keyed``) get one affine for the render, the image and the target mask, so
+    the render stays aligned with the image. Items fetched with a plain index are never augmented.
+    """
+
+    def __init__(self, directory: Path, split: str, augment: Augmenter | None = None) -> None:
         self.dir = Path(directory)
+        self.augment = augment
         self.stems = read_list(self.dir / f"{split}_list.csv")
         for stem in self.stems:
             for suffix in SUFFIXES:
@@ -118,16 +125,27 @@ class UNetTrainset(Dataset):
         return len(self.stems)
 
     @property
+    def epoch_keyed(self) -> bool:
+        """True when items depend on the epoch (augmentation on): the training sampler then sends (epoch, index)."""
+        return self.augment is not None
+
+    @property
     def image_size(self) -> int:
         """Side of the images Step 2 wrote (read from the first sample)."""
         return int(read_image_rgb(self.dir / f"{self.stems[0]}{SUFFIXES[0]}").shape[0])
 
-    def __getitem__(self, i: int) -> dict:
+    def __getitem__(self, key) -> dict:
+        """Item ``key``: an index, or an ``(epoch, index)`` pair (augmented when ``augment`` is set)."""
+        epoch, i = split_key(key)
         stem = self.stems[i]
-        image = _to_chw(read_image_rgb(self.dir / f"{stem}_org.png"))
-        raster = _to_chw(read_image_rgb(self.dir / f"{stem}_raster.png"))
-        target = torch.from_numpy(read_mask(self.dir / f"{stem}_mask.png"))[None]
-        return {"input": torch.cat([raster, image], 0), "target": target.float(), "index": i}
+        image = read_image_rgb(self.dir / f"{stem}_org.png")
+        raster = read_image_rgb(self.dir / f"{stem}_raster.png")
+        target = read_mask(self.dir / f"{stem}_mask.png")
+        if self.augment is not None and epoch is not None:
+            params = self.augment.params(epoch, i, image.shape[:2])
+            (raster, image), (target,), _ = augment_arrays(params, [raster, image], [target])
+        return {"input": torch.cat([_to_chw(raster), _to_chw(image)], 0),
+                "target": torch.from_numpy(np.ascontiguousarray(target))[None].float(), "index": i}
 
 
 def _to_chw(img: np.ndarray) -> torch.Tensor:

@@ -21,12 +21,14 @@ class ResumableSampler(Sampler[int]):
     ``set_position(e, k)`` sees exactly the batches that an uninterrupted run would. Each epoch uses the first
     ``floor(n / (batch_size * world_size)) * batch_size * world_size`` indices of the permutation, split across
     ranks by striding, so every rank gets the same number of full batches (the original skipped partial batches too).
+    ``keyed``: yield ``(epoch, index)`` pairs instead of indices, for a dataset whose items depend on the epoch (the
+    training augmentation, ``utils.data.augment``), so that they too are a function of (seed, epoch, index).
     """
 
     def __init__(self, n: int, batch_size: int, seed: int = 0, rank: int = 0, world_size: int = 1,
-                 shuffle: bool = True) -> None:
+                 shuffle: bool = True, keyed: bool = False) -> None:
         self.n, self.batch_size, self.seed = n, batch_size, seed
-        self.rank, self.world_size, self.shuffle = rank, world_size, shuffle
+        self.rank, self.world_size, self.shuffle, self.keyed = rank, world_size, shuffle, keyed
         self.epoch, self.start_batch = 0, 0
 
     @property
@@ -45,16 +47,19 @@ class ResumableSampler(Sampler[int]):
         usable = self.batches_per_epoch * self.batch_size * self.world_size
         return perm[:usable][self.rank::self.world_size][self.start_batch * self.batch_size:]
 
-    def __iter__(self) -> Iterator[int]:
-        return iter(self._indices().tolist())
+    def __iter__(self) -> Iterator:
+        indices = self._indices().tolist()
+        return iter([(self.epoch, i) for i in indices] if self.keyed else indices)
 
     def __len__(self) -> int:
         return (self.batches_per_epoch - self.start_batch) * self.batch_size
 
-def make_train_loader(dataset: Dataset, batch_size: int, seed: int, workers: int, rank: int = 0,
-                      world_size: int = 1, collate_fn=None, shuffle: bool = True) -> tuple[DataLoader, ResumableSampler]:
-    """A drop-last loader over ``dataset`` whose order is reproducible and resumable (see ``ResumableSampler``)."""
-    sampler = ResumableSampler(len(dataset), batch_size, seed, rank, world_size, shuffle)
+def make_train_loader(dataset: Dataset, batch_size: int, seed: int, workers: int, rank: int = 0, world_size: int = 1,
+                      collate_fn=None, shuffle: bool = True) -> tuple[DataLoader, ResumableSampler]:
+    """A drop-last loader over ``dataset`` whose order is reproducible and resumable (see ``ResumableSampler``).
+    A dataset with a true ``epoch_keyed`` attribute (an augmenting one) is indexed with ``(epoch, index)`` pairs."""
+    sampler = ResumableSampler(len(dataset), batch_size, seed, rank, world_size, shuffle,
+                               keyed=bool(getattr(dataset, "epoch_keyed", False)))
     if sampler.batches_per_epoch == 0:
         raise TrainingError(f"the training split has {len(dataset)} images, fewer than one batch of "
                             f"{batch_size} x {world_size} process(es): lower --batch_size or add images")

@@ -137,3 +137,15 @@ def add_collapse_args(parser: argparse.ArgumentParser) -> None:
                              "the collapse) or warn and train on")
     parser.add_argument("--collapse_patience", type=int, default=3, metavar="N",
                         help="collapsed training log rows in a row that make a collapse (default %(default)s)")
+
+
+def add_augment_arg(parser: argparse.ArgumentParser) -> None:
+    """``--augment`` (default) / ``--no_augment``: G2's training augmentation (``utils.data.augment``) in Steps 1, 3
+    and 4; the validation split is never augmented."""
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("--augment", dest="augment", action="store_true", default=True,
+                       help="augment the training split as G2 does: one random affine per sample (shift +-10 px at "
+                            "224 px, scale 1 +- 0.1, rotation +-10 degrees, horizontal flip p=0.5) applied to the "
+                            "image, its landmarks and masks (default: on)")
+    group.add_argument("--no_augment", dest="augment", action="store_false",
+                       help="train on the images as they are, without augmentation")
