@@ -1,8 +1,9 @@
+# ruff: noqa: E402  (the imports follow the start-up Ctrl-C handler)
 """Reconstruct one face image: occlusion mask, render, and the 3D mesh.
 
     python reconstruct.py --image PATH --checkpoint MoFA_UNet_Save/MoFA_UNet/final.pt --out DIR
         [--landmarks auto|CSV] [--bfm PATH] [--device auto|cpu|cuda] [--now] [--identity arcface|dlib|none]
-        [--overwrite]
+        [--overwrite] [--fit_steps N [--fit_lr LR]]
 
 The checkpoint is a Step-4 one (encoder + UNet); a Step-1 one works too, the mask is then the robust loss's inlier
 mask (Step 2's preliminary mask). The network takes an aligned S x S face crop (S = the checkpoint's image size):
@@ -19,9 +20,17 @@ NAME_identity.json: the cosine similarity of the input's and the render's identi
 fitted landmarks), a measure of how well the reconstruction keeps the person recognisable.
 DIR must be new or empty: --overwrite replaces what reconstruct.py wrote there before, all of it (so no file of
 another image, such as its NAME_identity.json, stays beside the new results), and nothing else. The results are
-built beside DIR and moved in only when complete (`utils/evaluation/results_folder.py`).
+built beside DIR and moved in only when complete (`utils/output_dir.py`).
+--fit_steps N (default 0: the feed-forward network, as the paper): test-time fitting (utils/fitting.py), N Adam
+steps on the image's coefficients, starting from the encoder's prediction, with the loss the checkpoint was trained
+with (a Step-1 checkpoint: Step 1's terms; a Step-4 one: Step 4's MoFA-phase terms with the UNet's mask); every
+output is then that of the fitted coefficients. It needs the image's landmarks (--landmarks auto or CSV).
 """
 from __future__ import annotations
+
+if __name__ == "__main__":  # Ctrl-C while torch is imported: one line, no traceback (utils/startup.py)
+    from utils.startup import quiet_interrupts
+    quiet_interrupts()
 
 import argparse
 import json
@@ -34,24 +43,24 @@ import torch
 from models.face_model import FaceModel
 from models.layout import CoeffLayout
 from models.mofa import MoFA
-from models.unet import UNet
 from utils import cli
 from utils.data.image_io import read_image_rgb, resize_image, write_image_rgb, write_mask
 from utils.errors import DataError
 from utils.evaluation.mesh_io import write_now_landmarks, write_obj, write_ply
-from utils.evaluation.results_folder import ResultsFolder, writing
-from utils.evaluation.stages import predict_masks
+from utils.evaluation.stages import FitSetting, predict_masks
 from utils.evaluation.visuals import composite
+from utils.fitting import add_fit_args, checkpoint_preset
 from utils.identity import add_identity_args, load_identity, resolve_identity_flag
 from utils.landmarks_csv import read_landmarks_csv
+from utils.output_dir import build_beside, check_target, writing
 from utils.prepare.detect_landmarks import align_face, detect_landmarks68, load_dlib
-from utils.training.builders import FINAL_NAME, load_networks
+from utils.training.builders import FINAL_NAME, Networks, load_networks
 from utils.training.checkpoint import CheckpointError
 
 log = logging.getLogger("reconstruct")
 
 TOOL = "reconstruct.py"
-"""The name the --out manifest records (`utils.evaluation.results_folder.ResultsFolder`)."""
+"""The name the --out manifest records (`utils.output_dir`)."""
 
 # NoW-challenge landmarks (docs/method.md §2.5): full BFM2017 mesh vertex ids, valid only for that mesh.
 NOW_LANDMARK_IDS = (2735, 6088, 10263, 13746, 8165, 5394, 11116)
@@ -74,8 +83,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:<index> (default: auto)")
     p.add_argument("--now", action="store_true", help="also export the NoW-challenge mesh and 7 landmarks")
     add_identity_args(p)
+    add_fit_args(p, "the outputs")
     args = resolve_identity_flag(cli.resolve_paths(p.parse_args(argv), ("image", "bfm", "out", "checkpoint")))
-    args.results = ResultsFolder(args.out, TOOL, args.overwrite)  # a file or a used folder: one line, no work done
+    if args.fit_steps and args.landmarks is None:
+        raise DataError(f"--fit_steps {args.fit_steps} fits the image's landmarks too: pass --landmarks auto or CSV")
+    check_target(args.out, TOOL, args.overwrite)  # a file or a used folder: one line, no work done
     return args
 
 
@@ -92,22 +104,23 @@ def _csv_landmarks(csv_path: Path, image_path: Path) -> np.ndarray:
     raise DataError(f"--landmarks {csv_path}: no row for {image_path.name} (rows are matched by file name)")
 
 
-def network_input(image_path: Path, landmarks: str | None, size: int) -> np.ndarray:
-    """The (S, S, 3) uint8 aligned crop the network takes (see the module docstring for --landmarks)."""
+def network_input(image_path: Path, landmarks: str | None, size: int) -> tuple[np.ndarray, np.ndarray | None]:
+    """The (S, S, 3) uint8 aligned crop the network takes (see the module docstring for --landmarks) and its (68, 2)
+    landmarks in crop pixels (None without --landmarks)."""
     image = read_image_rgb(image_path)
     square = image.shape[:2] == (size, size)
     if landmarks == "auto":
         points = detect_landmarks68(image, *load_dlib())
         if points is None:
             raise DataError(f"--landmarks auto: no face found in {image_path}")
-        return align_face(image, points, size)[0]
+        return align_face(image, points, size)
     if landmarks is not None:
         points = _csv_landmarks(Path(landmarks), image_path)
-        return image if square else align_face(image, points, size)[0]
+        return (image, points.astype(np.float32)) if square else align_face(image, points, size)
     if not square:
         log.info("%s is %dx%d and no --landmarks were given: taken as an aligned face crop and resized to %dx%d "
                  "(pass --landmarks auto or CSV to align it)", image_path, image.shape[1], image.shape[0], size, size)
-    return resize_image(image, size, size)
+    return resize_image(image, size, size), None
 
 
 def overlay(images: torch.Tensor, mask: torch.Tensor, region: torch.Tensor) -> torch.Tensor:
@@ -142,14 +155,14 @@ def find_checkpoint(path: Path) -> Path:
     return path
 
 
-def load_stage_networks(args: argparse.Namespace, device: torch.device) -> tuple[MoFA, UNet | None, dict]:
+def load_stage_networks(args: argparse.Namespace, device: torch.device) -> Networks:
     """The checkpoint's MoFA and, when it holds one, its UNet (else None: a Step-1 checkpoint)."""
     checkpoint = find_checkpoint(args.checkpoint)
     face_model = FaceModel.from_h5(args.bfm, CoeffLayout()).to(device)
     nets = load_networks(checkpoint, face_model, device)
     if nets.unet is None:
         log.info("%s holds no UNet (a Step-1 checkpoint): the mask is the robust loss's inlier mask", checkpoint)
-    return nets.mofa, nets.unet, nets.spec
+    return nets
 
 
 def write_outputs(out_dir: Path, name: str, images: torch.Tensor, est: torch.Tensor, region: torch.Tensor,
@@ -177,15 +190,20 @@ def identity_score(identity, images: torch.Tensor, out) -> float:
 
 def reconstruct(args: argparse.Namespace) -> int:
     device = cli.resolve_device(args.device)
-    mofa, unet, spec = load_stage_networks(args, device)
-    size = spec["image_size"]
-    image = torch.from_numpy(network_input(args.image, args.landmarks, size)).permute(2, 0, 1)
-    images = image.float().div(255.0)[None].to(device)
-    est, region, out = predict_masks("step2" if unet is None else "step4", mofa, unet, images)
+    nets = load_stage_networks(args, device)
+    mofa, unet, size = nets.mofa, nets.unet, nets.spec["image_size"]
+    crop, points = network_input(args.image, args.landmarks, size)
+    images = torch.from_numpy(crop).permute(2, 0, 1).float().div(255.0)[None].to(device)
+    fit = FitSetting(args.fit_steps, args.fit_lr, checkpoint_preset(nets.mofa_payload)) if args.fit_steps else None
+    landmarks = None if points is None else torch.from_numpy(points)[None].float().to(device)
+    est, region, out = predict_masks("step2" if unet is None else "step4", mofa, unet, images, fit=fit,
+                                     landmarks=landmarks)
+    if fit is not None:
+        log.info("test-time fitting: %d steps (lr %g)", args.fit_steps, args.fit_lr)
     name = args.image.stem
     identity = load_identity(args, device)
     score = None if identity is None else identity_score(identity, images, out)
-    with args.results.building() as folder, writing(f"the results in {args.out}"):
+    with build_beside(args.out, TOOL, args.overwrite) as folder, writing(f"the results in {args.out}"):
         write_outputs(folder, name, images, est, region, out, mofa)
         if args.now:
             export_now(args.bfm, mofa.layout.split(out.coeffs).shape, folder, name)

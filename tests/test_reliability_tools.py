@@ -72,6 +72,19 @@ def _raw(folder: Path, count: int) -> Path:
     return folder
 
 
+def interrupted_at_second_call(real):
+    """``real``, except that its second call raises KeyboardInterrupt (a Ctrl-C half-way through a build)."""
+    calls = []
+
+    def interrupted(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    return interrupted
+
+
 def test_detect_landmarks_refuses_an_image_root_it_did_not_write(tmp_path, capsys, fake_dlib):
     raw = _raw(tmp_path / "raw", 1)
     user = tmp_path / "user"
@@ -93,15 +106,7 @@ def test_detect_landmarks_overwrite_builds_beside_and_swaps_in(tmp_path, capsys,
     before = snapshot(out)
     # interrupted half-way through a replacement: the old image root is untouched, nothing is left beside it
     real = dl.process_image
-    calls = []
-
-    def interrupted(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(dl, "process_image", interrupted)
+    monkeypatch.setattr(dl, "process_image", interrupted_at_second_call(real))
     with pytest.raises(KeyboardInterrupt):
         dl.main(["--images", str(_raw(tmp_path / "raw2", 2)), "--out", str(out), "--size", "48", "--overwrite"])
     assert snapshot(out) == before and siblings(out) == []
@@ -127,15 +132,7 @@ def test_faces_overwrite_checks_flags_first_and_swaps_in_a_complete_set(tmp_path
     for seed in ("-1", "100000000000000"):
         assert "--seed" in fails(capsys, faces.main, argv + ["--seed", seed, "--overwrite"])
     assert snapshot(out) == before
-    real, calls = faces.generate_batch, []
-
-    def interrupted(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(faces, "generate_batch", interrupted)
+    monkeypatch.setattr(faces, "generate_batch", interrupted_at_second_call(faces.generate_batch))
     with pytest.raises(KeyboardInterrupt):
         faces.main(argv[:-4] + ["--size", "48", "--batch", "1", "--overwrite"])
     assert snapshot(out) == before and siblings(out) == []
@@ -352,8 +349,10 @@ def test_the_demo_forwards_one_sigint_and_waits_for_the_step(tmp_path):
     assert marker.read_text() == "1"  # it got one SIGINT and was not killed before it finished
 
 
-def test_ctrl_c_while_a_step_imports_is_one_line(tmp_path):
-    proc = subprocess.Popen([sys.executable, "Step2_UNet_trainset_generation.py", "--help"], cwd=REPO,
+@pytest.mark.parametrize("script", ["Step2_UNet_trainset_generation.py", "reconstruct.py",
+                                    "tests/evaluate_segmentation.py"])
+def test_ctrl_c_while_a_command_imports_is_one_line(tmp_path, script):
+    proc = subprocess.Popen([sys.executable, script, "--help"], cwd=REPO,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     time.sleep(0.3)  # python is up, torch (seconds) is being imported
     proc.send_signal(signal.SIGINT)

@@ -1,9 +1,12 @@
-"""The evaluation's --out (issue 21): refused when used unless --overwrite, replaced only when it holds nothing but the
-evaluation's own results (its manifest says which), built beside and swapped in, one line on a write failure (a real
-full tmpfs where the machine allows mounting one) without a 0-byte per_image.csv."""
+"""The evaluation's --out (issue 21), through the one output-folder rule (`utils.output_dir`): refused when used
+unless --overwrite, replaced only when it holds nothing but the evaluation's own results (its manifest says which),
+built beside and swapped in, one line on a write failure (a real full tmpfs where the machine allows mounting one)
+without a 0-byte per_image.csv; a folder that cannot be renamed is filled in place."""
 from __future__ import annotations
 
+import errno
 import json
+import os
 import subprocess
 from pathlib import Path
 
@@ -13,7 +16,7 @@ from tests.evaluate_segmentation import main
 from tests.test_evaluation import make_checkpoints, make_image_root
 from utils import cli
 from utils.evaluation import report
-from utils.evaluation.results_folder import MANIFEST_NAME
+from utils.output_dir import MANIFEST_NAME, OutputDirError, build_beside, read_manifest
 
 
 @pytest.fixture(scope="module")
@@ -132,3 +135,38 @@ def test_a_mount_point_out_is_filled_in_place(setup, tmp_path, capsys):
         assert sorted(p.name for p in tmp_path.iterdir()) == ["volume"]
     finally:
         subprocess.run(["umount", str(mount)], check=False)
+
+
+def test_a_folder_that_cannot_be_renamed_is_checked_again_then_filled_in_place(tmp_path, monkeypatch):
+    """As a mount point (EBUSY on rename, faked here so that it runs without root): a user's file that appeared while
+    the new output was built stops the in-place fill; without it the old output is replaced, manifest included."""
+    out = tmp_path / "out"
+    with build_beside(out, "tool", False) as new:
+        (new / "a.txt").write_text("1")
+    real_rename = os.rename
+
+    def rename(src, dst):
+        if Path(src) == out:
+            raise OSError(errno.EBUSY, "Device or resource busy")
+        real_rename(src, dst)
+
+    monkeypatch.setattr(os, "rename", rename)
+    with pytest.raises(OutputDirError, match="user.txt"):
+        with build_beside(out, "tool", True) as new:
+            (new / "a.txt").write_text("2")
+            (out / "user.txt").write_text("mine")  # appears while the new output is built
+    assert (out / "user.txt").read_text() == "mine" and (out / "a.txt").read_text() == "1"
+    (out / "user.txt").unlink()
+    with build_beside(out, "tool", True) as new:
+        (new / "sub").mkdir()
+        (new / "sub" / "b.txt").write_text("2")
+    assert read_manifest(out) == {"tool": "tool", "files": ["sub/b.txt"]} and not (out / "a.txt").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_a_linked_out_gets_the_results_where_it_points(tmp_path):
+    (tmp_path / "real").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "real")
+    with build_beside(tmp_path / "link", "tool", False) as new:
+        (new / "a.txt").write_text("1")
+    assert (tmp_path / "link").is_symlink() and (tmp_path / "real" / "a.txt").read_text() == "1"

@@ -11,21 +11,22 @@ from utils.data.image_root import ImageRoot
 from utils.errors import DataError
 from utils.evaluation.evaluate import EvalOptions, evaluate_fit_oracle, evaluate_split
 from utils.evaluation.report import IMAGES_DIR, format_markdown, write_results
-from utils.evaluation.results_folder import ResultsFolder, writing
 from utils.evaluation.scoring import summarise_rows
-from utils.evaluation.stages import FIT_ORACLE, STAGES, load_fit_oracle, load_stage
+from utils.evaluation.stages import FIT_ORACLE, STAGES, FitSetting, load_fit_oracle, stage_label, stage_networks
+from utils.fitting import add_fit_args, checkpoint_preset
+from utils.output_dir import build_beside, check_target, writing
 from utils.training.flags import check_flags
 
 log = logging.getLogger(__name__)
 
 TOOL = "tests/evaluate_segmentation.py"
-"""The name the evaluation's --out manifest records (`results_folder.ResultsFolder`)."""
+"""The name the evaluation's --out manifest records (`utils.output_dir`)."""
 
 COMMAND_HELP = """Evaluate occlusion masks (and, on the synthetic benchmark, reconstructions) on a split of IMAGE_ROOT.
 
     python tests/evaluate_segmentation.py --img_path IMAGE_ROOT --split test --save_root DIR --out RESULTS_DIR
         [--stage step2|step3|step4|fit_oracle] [--checkpoint PATH] [--threshold 0.5] [--soft] [--save_images]
-        [--overwrite]
+        [--overwrite] [--fit_steps N [--fit_lr LR]]
 
 Metrics follow the paper protocol (pixels inside the rendered face only, per image, then mean and std) with the
 estimate binarised at --threshold (--soft: the original's soft counts); pixel-pooled metrics are reported too.
@@ -39,6 +40,11 @@ model: step2 = Step-1 encoder with the inlier mask, step3 = Step-1 encoder + Ste
 model (default). --checkpoint overrides the stage's checkpoint (step2: Step 1's, step3: Step 3's UNet, step4: Step
 4's). fit_oracle (synthetic benchmark only, no checkpoint) applies Step 2's rule to the render of the true
 coefficients with the generator's --bfm.
+--fit_steps N (default 0): test-time fitting (utils/fitting.py). Each image's coefficients start from the encoder's
+prediction and take N Adam steps on that image's own loss (step2: Step 1's terms; step3 / step4: Step 4's MoFA-phase
+terms with the stage's UNet mask), no network weight changing; the stage's mask rule is then applied to the fitted
+render. The results are labelled <stage>_fit<N> (summary.json "stage", e.g. step4_fit20): run the command once
+without it for the paper-protocol (feed-forward) rows and once with it for the fitted rows, into two --out folders.
 """
 
 
@@ -66,11 +72,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--save_images", action="store_true", help="write X_org/X_result/X_estmask.png per image")
     p.add_argument("--batch_size", type=int, default=16)
     p.add_argument("--workers", type=int, default=0, help="DataLoader worker processes (default: 0)")
+    add_fit_args(p, "the masks and reconstruction errors")
     args = cli.resolve_paths(p.parse_args(argv), ("img_path", "bfm", "save_root", "out"))
     if not 0.0 < args.threshold < 1.0:
         raise DataError(f"--threshold {args.threshold}: expected a value strictly between 0 and 1")
     check_flags(args)  # the steps' check: --batch_size, --workers, --sigma
-    args.results = ResultsFolder(args.out, TOOL, args.overwrite)
+    if args.stage == FIT_ORACLE and args.fit_steps:
+        raise DataError(f"--fit_steps {args.fit_steps}: --stage {FIT_ORACLE} has no network to fit (it renders the "
+                        "true coefficients)")
+    check_target(args.out, TOOL, args.overwrite)  # a file or a used folder: one line, before any work
     return args
 
 
@@ -79,22 +89,27 @@ def run_evaluation(argv: list[str] | None = None) -> dict:
     summary dict (`scoring.summarise_rows`)."""
     args = parse_args(argv)
     device = cli.resolve_device(args.device)
+    fit = None
     if args.stage == FIT_ORACLE:
         renderer, _, spec = load_fit_oracle(ImageRoot(args.img_path).root, args.bfm, device)
     else:
-        mofa, unet, spec = load_stage(args.stage, args.save_root, args.bfm, device, args.checkpoint)
+        nets = stage_networks(args.stage, args.save_root, args.bfm, device, args.checkpoint)
+        mofa, unet, spec = nets.mofa, nets.unet, nets.spec
+        if args.fit_steps:
+            fit = FitSetting(args.fit_steps, args.fit_lr, checkpoint_preset(nets.mofa_payload))
     dataset = FaceDataset(args.img_path, args.split, spec["image_size"], test_mode=True)
     truth = read_ground_truth(ImageRoot(args.img_path).root)
     settings = {"threshold": None if args.soft else args.threshold, "soft": args.soft, "oracle": args.oracle,
                 "image_size": spec["image_size"], "encoder": spec["encoder"], "checkpoint": args.checkpoint,
-                "save_root": str(args.save_root), "img_path": str(args.img_path)}
-    with args.results.building() as folder:
+                "save_root": str(args.save_root), "img_path": str(args.img_path), "fit_steps": args.fit_steps,
+                "fit_lr": args.fit_lr if args.fit_steps else None}
+    with build_beside(args.out, TOOL, args.overwrite) as folder:
         options = EvalOptions(threshold=args.threshold, soft=args.soft, sigma=args.sigma, batch_size=args.batch_size,
                               workers=args.workers, oracle=args.oracle,
-                              image_dir=folder / IMAGES_DIR if args.save_images else None)
+                              image_dir=folder / IMAGES_DIR if args.save_images else None, fit=fit)
         rows = (evaluate_fit_oracle(renderer, dataset, truth, device, options) if args.stage == FIT_ORACLE
                 else evaluate_split(args.stage, mofa, unet, dataset, device, options, truth))
-        summary = summarise_rows(rows, args.stage, args.split, settings)
+        summary = summarise_rows(rows, stage_label(args.stage, args.fit_steps), args.split, settings)
         with writing(f"the results in {args.out}"):
             write_results(folder, rows, summary)
     missing = summary["n_images"] - summary["n_with_gt"]

@@ -8,7 +8,7 @@ The modules of the evaluation, one job each:
     scoring.py         per-image scores with the all-face yardstick, summaries with the occluder metrics;
     reconstruction.py  landmark and vertex errors against the synthetic benchmark's true coefficients;
     report.py          per_image.csv, summary.json, summary.md;
-    command.py         the command (tests/evaluate_segmentation.py) and its --out folder (results_folder.py).
+    command.py         the command (tests/evaluate_segmentation.py); its --out folder is utils/output_dir.py's.
 
 Images without a GT mask are processed but left out of the mask metrics. On the synthetic benchmark
 (`utils.data.benchmark_files`) reconstruction is scored too, and the ``appearance`` column (out-of-model items
@@ -34,10 +34,10 @@ from utils.data.image_io import write_image_rgb, write_mask
 from utils.data.unet_trainset import stem_for
 from utils.errors import DataError
 from utils.evaluation.reconstruction import reconstruction_errors
-from utils.evaluation.results_folder import writing
 from utils.evaluation.scoring import image_scores
-from utils.evaluation.stages import FIT_ORACLE, fit_oracle_masks, predict_masks
+from utils.evaluation.stages import FIT_ORACLE, FitSetting, fit_oracle_masks, predict_masks, stage_label
 from utils.evaluation.visuals import composite
+from utils.output_dir import writing
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +46,8 @@ log = logging.getLogger(__name__)
 class EvalOptions:
     """How a split is evaluated: masks binarised at ``threshold`` (``soft``: the original's soft counts), the step2
     rule's ``sigma``, the loader's ``batch_size`` / ``workers``, ``oracle`` (use the GT mask as the estimate: checks
-    the pipeline, IoU 1) and ``image_dir`` (write each image's visuals there when given)."""
+    the pipeline, IoU 1), ``image_dir`` (write each image's visuals there when given) and ``fit`` (test-time
+    fitting before the masks, `stages.FitSetting`; None or 0 steps: the feed-forward network)."""
 
     threshold: float = 0.5
     soft: bool = False
@@ -55,6 +56,7 @@ class EvalOptions:
     workers: int = 0
     oracle: bool = False
     image_dir: Path | None = None
+    fit: FitSetting | None = None
 
 
 def category_of(filename: str, truth: GroundTruthTable | None) -> str:
@@ -119,7 +121,8 @@ def evaluate_split(stage: str, mofa: MoFA, unet: UNet | None, dataset: FaceDatas
     """Evaluate every image of a test-mode ``dataset``; returns one row (dict) per image, in order.
 
     Each row: filename, category, has_gt_mask, and (when it has a GT mask) the `scoring.image_scores` (counts,
-    metrics, their all-face twins); with ``truth`` also the reconstruction errors (NaN when unavailable).
+    metrics, their all-face twins); with ``truth`` also the reconstruction errors (NaN when unavailable), of the
+    fitted coefficients when ``options.fit`` fits.
     """
     loader = _loader(dataset, options, "evaluate_split")
     recon = truth is not None
@@ -128,11 +131,12 @@ def evaluate_split(stage: str, mofa: MoFA, unet: UNet | None, dataset: FaceDatas
                     "errors are skipped", truth.path)
         recon = False
     rows: list[dict] = []
-    for batch in tqdm(loader, desc=f"evaluate {stage}", mininterval=2.0, leave=False):
-        images = batch["image"].to(device)
-        est, region, out = predict_masks(stage, mofa, unet, images, options.sigma)
+    fit_steps = options.fit.steps if options.fit is not None else 0
+    for batch in tqdm(loader, desc=f"evaluate {stage_label(stage, fit_steps)}", mininterval=2.0, leave=False):
+        images, landmarks = batch["image"].to(device), batch["landmarks"].to(device)
+        est, region, out = predict_masks(stage, mofa, unet, images, options.sigma, options.fit, landmarks)
         names = list(batch["filename"])
-        errors = reconstruction_errors(mofa, out, batch["landmarks"].to(device), names, truth) if recon else {}
+        errors = reconstruction_errors(mofa, out, landmarks, names, truth) if recon else {}
         rows += _score_batch(batch, est, region, out, options, truth, errors)
     return rows
 

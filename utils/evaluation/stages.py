@@ -9,9 +9,16 @@
 
 F is always the rendered face of the stage's own render (the paper protocol's region). reconstruct.py takes its
 masks from `predict_masks` too.
+
+Test-time fitting (``FitSetting``, ``--fit_steps N``; utils/fitting.py): the encoder's coefficients of each image
+are refined by N Adam steps on that image's own loss before the masks are made, no network weight changing. step2
+fits with Step 1's terms (no UNet); step3 / step4 with Step 4's MoFA-phase terms and the stage's UNet mask,
+re-predicted as the fit moves; the mask rule is then the stage's, on the fitted render. N = 0 is the paper's
+feed-forward network, exactly. ``stage_label`` names a fitted stage's results (``step4_fit20``).
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -32,7 +39,8 @@ from utils.data.benchmark_files import (
     read_synthetic_config,
 )
 from utils.errors import DataError
-from utils.training.builders import load_networks, previous_checkpoint
+from utils.fitting import DEFAULT_FIT_LR, fit_images
+from utils.training.builders import Networks, load_networks, previous_checkpoint
 from utils.training.objectives import unet_mask
 
 STAGES = ("step2", "step3", "step4")
@@ -40,15 +48,39 @@ FIT_ORACLE = "fit_oracle"
 """The diagnostic stage without a network: Step 2's rule on the render of the true coefficients."""
 
 
+@dataclass(frozen=True)
+class FitSetting:
+    """Test-time fitting before the masks are made: ``steps`` Adam steps at ``lr`` on the coefficients, with the
+    loss ``preset`` the networks were trained with (``utils.fitting.checkpoint_preset``; None: G2). steps=0: none."""
+
+    steps: int = 0
+    lr: float = DEFAULT_FIT_LR
+    preset: losses.LossPreset | None = None
+
+
+def stage_label(stage: str, fit_steps: int = 0) -> str:
+    """The name a stage's results carry: the stage itself (feed-forward, the paper protocol), or with test-time
+    fitting ``<stage>_fit<N>`` (``step4_fit20``), so that fitted results are never read as the paper's."""
+    return stage if fit_steps == 0 else f"{stage}_fit{fit_steps}"
+
+
 def load_stage(stage: str, save_root: str | Path, bfm: str | Path | FaceModel, device: torch.device,
                checkpoint: str | Path | None = None) -> tuple[MoFA, UNet | None, dict]:
+    """(mofa, unet or None, model spec) of `stage_networks`."""
+    nets = stage_networks(stage, save_root, bfm, device, checkpoint)
+    return nets.mofa, nets.unet, nets.spec
+
+
+def stage_networks(stage: str, save_root: str | Path, bfm: str | Path | FaceModel, device: torch.device,
+                   checkpoint: str | Path | None = None) -> Networks:
     """The networks of a stage, in eval mode, from the steps' final checkpoints under ``save_root``.
 
     step2: Step-1 ``pretrain_mofa/final.pt`` (``checkpoint`` overrides it), no UNet.
     step3: Step-1 encoder + Step-3 UNet ``Pretrain_UNet/final.pt`` (``checkpoint`` overrides the UNet's file).
     step4: Step-4 ``MoFA_UNet/final.pt`` holding "encoder" and "unet" (``checkpoint`` overrides it).
     bfm: the face model file the steps were trained with, or a loaded FaceModel.
-    Returns (mofa, unet or None, model spec). Raises CheckpointError (missing file, other face model, ...).
+    Returns the `builders.Networks` (mofa, unet or None, spec, the MoFA checkpoint's payload, ...). Raises
+    CheckpointError (missing file, other face model, ...).
     """
     if stage not in STAGES:
         raise DataError(f"--stage {stage}: expected one of {', '.join(STAGES)}")
@@ -62,27 +94,38 @@ def load_stage(stage: str, save_root: str | Path, bfm: str | Path | FaceModel, d
                              unet_path=previous_checkpoint(explicit, save_root, step=3), unet=True)
     else:
         nets = load_networks(previous_checkpoint(explicit, save_root, step=1), face_model, device, unet=False)
-    return nets.mofa, nets.unet, nets.spec
+    return nets
 
 
 @torch.no_grad()
-def predict_masks(stage: str, mofa: MoFA, unet: UNet | None, images: torch.Tensor, sigma: float = losses.SIGMA
+def predict_masks(stage: str, mofa: MoFA, unet: UNet | None, images: torch.Tensor, sigma: float = losses.SIGMA,
+                  fit: FitSetting | None = None, landmarks: torch.Tensor | None = None
                   ) -> tuple[torch.Tensor, torch.Tensor, RenderOutput]:
     """Estimated mask E, face region F and the render of ``images (B,3,S,S)`` in [0, 1].
 
     Returns (E (B,1,S,S) in [0,1], 1 = visible face and 0 outside F; F (B,1,S,S) 0/1; RenderOutput).
     step2: E = inlier mask of the robust loss (||I - R|| < 3 sigma inside F).
     step3 / step4: E = F * unet_mask(UNet, render, image) (the one mask function of training, G2's head).
+    fit (with ``fit.steps`` > 0): the render is that of the test-time fitted coefficients (module doc); it needs the
+    images' ``landmarks (B,68,2)`` in pixels.
     """
     if stage not in STAGES:
         raise ValueError(f"predict_masks: unknown stage {stage!r}, expected one of {STAGES}")
     if stage != "step2" and unet is None:
         raise ValueError(f"predict_masks: stage {stage} needs a UNet")
-    out = mofa(images)
+    if fit is not None and fit.steps > 0:
+        if landmarks is None:
+            raise ValueError("predict_masks: test-time fitting needs the images' landmarks")
+        fitted = fit_images(mofa, images, landmarks, fit.steps, fit.lr, fit.preset,
+                            unet=None if stage == "step2" else unet, sigma=sigma)
+        out, U = fitted.out, fitted.unet_mask
+    else:
+        out = mofa(images)
+        U = None if stage == "step2" else unet_mask(unet, out, images)
     if stage == "step2":
         est = losses.inlier_mask(images, out.image, out.mask, sigma=sigma)
     else:
-        est = unet_mask(unet, out, images) * out.mask
+        est = U * out.mask
     return est, out.mask, out
 
 
