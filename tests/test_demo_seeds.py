@@ -124,7 +124,7 @@ def test_seeds_train_into_their_own_folders_with_their_seed(tmp_path, monkeypatc
         assert [_flag(c, "--save_root") for c in runs] == [str(out / f"seed_{s}" / "MoFA_UNet_Save") for s in (5, 6, 7)]
         assert {_flag(c, "--img_path") for c in runs} == {str(tmp_path / "data")}, "the data stay one set"
     assert len({out for _, _, out in fake.evaluations}) == 3 * len(demo_pipeline.STAGES)
-    assert results["seeds"] == [5, 6, 7] and set(results["per_seed"]) == {"5", "6", "7"}
+    assert results["seeds"] == results["seeds_done"] == [5, 6, 7] and set(results["per_seed"]) == {"5", "6", "7"}
     spread = results["spread"]["step4_final"]["iou"]
     assert spread["n"] == 3 and spread["mean"] == pytest.approx(0.86) and spread["std"] == pytest.approx(0.01)
     assert results["per_seed"]["7"]["step4_final"]["iou"] == pytest.approx(0.87)
@@ -154,7 +154,8 @@ def test_ablation_rows_over_seeds_and_a_collapsed_row_is_recorded(tmp_path, monk
     rows = "all_terms,all_terms_gt_landmarks,no_augment,fit_on,fit_off"
     results = run_main(tmp_path, "--seeds", "2", "--ablation", "--ablation_rows", rows)
     table = results["ablation"]
-    assert list(table["rows"]) == ["step2_prelim", "step3_unet", "step4_final", *(f"step4_{r}" for r in rows.split(","))]
+    variants = [f"step4_{row}" for row in rows.split(",")]
+    assert list(table["rows"]) == ["step2_prelim", "step3_unet", "step4_final", *variants]
     collapsed = table["collapsed"]["step4_all_terms"]
     assert set(collapsed) == {"0", "1"} and collapsed["0"]["step"] == "Step4_UNet_MoFA_EM.py"
     assert "mask collapse" in collapsed["1"]["message"]
@@ -270,7 +271,8 @@ def test_bad_seed_and_row_flags_are_one_line(argv, says, capsys):
 
 
 def test_with_flags_appends_a_switch_once():
-    assert demo_pipeline.with_flags(["--max_iters", "3"], {"--no_augment": None}) == ["--max_iters", "3", "--no_augment"]
+    switched = demo_pipeline.with_flags(["--max_iters", "3"], {"--no_augment": None})
+    assert switched == ["--max_iters", "3", "--no_augment"]
     assert demo_pipeline.with_flags(["--no_augment"], {"--no_augment": None}) == ["--no_augment"]
     assert demo_pipeline.without_defaults(["--fit_steps", "0", "--x", "1"]) == ["--x", "1"]
     assert demo_pipeline.without_defaults(["--fit_steps", "20"]) == ["--fit_steps", "20"]

@@ -626,18 +626,20 @@ def mean_tree(values: list):
 def combine(per_seed: dict[int, dict], meta: dict, demo_seconds: float) -> dict:
     """results.json from each seed's results (`run_seed`, `run_ablation`) and the run's ``meta``.
 
-    One seed: that seed's results as they are (the single run's layout). Several: every stage entry, per_appearance
-    and per_category as the mean over the seeds (`mean_tree`), each seed's own under ``per_seed``. Always:
-    ``spread`` (stage -> headline figure -> `stats` over the seeds), ``seeds``, ``timing`` (per seed: the steps, the
+    One seed: that seed's results as they are (the single run's layout). Several (``meta["seeds"]``): every stage
+    entry, per_appearance and per_category as the mean over the seeds done (`mean_tree`), each seed's own under
+    ``per_seed``. Always: ``spread`` (stage -> headline figure -> `stats` over the seeds), ``seeds`` (those asked
+    for), ``seeds_done`` (those finished: results.json is written after each), ``timing`` (per seed: the steps, the
     seed's demo, each ablation row and its steps; the totals), ``wall_seconds`` (Steps 1-4 and the evaluations of
     every seed, data included, ablation excluded) and, once a seed has one, ``ablation`` (`combine_ablation`)."""
     records = list(per_seed.values())
-    if len(records) == 1:
+    if len(meta.get("seeds", per_seed)) == 1:
         results = {k: v for k, v in records[0].items() if k != "ablation"}
     else:
         results = {key: mean_tree([r[key] for r in records]) for key in (*STAGES, "per_appearance", "per_category")}
         results["per_seed"] = {str(seed): r for seed, r in per_seed.items()}
     results.update(meta)
+    results["seeds_done"] = list(per_seed)
     results["spread"] = {key: {m: stats([headline(r[key])[m] for r in records]) for m in HEADLINE} for key in STAGES}
     timing = {str(seed): {"steps": r["step_seconds"], "demo": r["wall_seconds"],
                           "ablation_rows": r.get("ablation", {}).get("seconds", {}),
