@@ -21,12 +21,16 @@ test: $(STAMP)
 # The whole method on the synthetic default: demo face model, synthetic data, Steps 1-4, mask metrics.
 # Demo-sized settings (ResNet-18, small images, a narrow UNet, a few hundred steps per step, Adam) are listed
 # in utils/demo_pipeline.py; outputs go to demo_output/ and demo_data/.
-demo: $(STAMP)
-	$(PY) -m utils.demo_pipeline
+# SEEDS=K trains Steps 1-4 K times (--seed 0..K-1, the same data) and reports mean +- std (default 1: one run).
+SEEDS ?= 1
 
-# The ablation table (Step-4 variants from the demo's Step-1 and Step-3 models); run after `make demo`.
+demo: $(STAMP)
+	$(PY) -m utils.demo_pipeline --seeds $(SEEDS)
+
+# The ablation table (variants trained from the demo's own earlier steps, per seed); run after `make demo` with the
+# same SEEDS. ROWS=a,b picks rows (no_augment retrains Steps 1-4: a whole demo per seed; fit_on Steps 2-4).
 ablation: $(STAMP)
-	$(PY) -m utils.demo_pipeline --from_step 5 --ablation
+	$(PY) -m utils.demo_pipeline --from_step 5 --ablation --seeds $(SEEDS) $(if $(ROWS),--ablation_rows $(ROWS))
 
 bench: $(STAMP)
 	$(PY) benchmarks/rasterizer.py

@@ -149,38 +149,85 @@ def test_with_flags_replaces_or_appends():
         "--max_iters", "3", "--drop_terms", "neighbour"]
 
 
-def test_ablation_variants_parse_as_step4_flags():
-    """Every ablation variant is a valid Step-4 command line on top of each profile's Step-4 flags."""
-    from Step4_UNet_MoFA_EM import parse_args
-    for name, overrides in demo_pipeline.ABLATIONS.items():
+def _step_parser(step: str):
+    """The argument parser of a step script (its parse_args' parser, captured)."""
+    import argparse
+    import importlib
+
+    module = importlib.import_module(demo_pipeline.STEP_SCRIPTS[int(step[-1])].removesuffix(".py"))
+    captured = {}
+    original = argparse.ArgumentParser.parse_args
+
+    def capture(self, args=None, namespace=None):
+        captured["parser"] = self
+        return original(self, args, namespace)
+
+    argparse.ArgumentParser.parse_args = capture
+    try:
+        module.parse_args(["--img_path", "."])
+    finally:
+        argparse.ArgumentParser.parse_args = original
+    return module.parse_args, captured["parser"]
+
+
+def known_rows() -> list[str]:
+    """The ablation rows whose flags the step scripts of this tree know (--no_augment and --fit_steps land with the
+    augmentation and test-time fitting branch)."""
+    parsers = {step: _step_parser(step)[1] for step in demo_pipeline.STEP_NAMES}
+    return [name for name, overrides in demo_pipeline.ABLATIONS.items()
+            if all(flag in parsers[step]._option_string_actions for step, o in overrides.items() for flag in o)]
+
+
+@pytest.mark.parametrize("name", list(demo_pipeline.ABLATIONS))
+def test_ablation_variants_parse_as_step_flags(name):
+    """Every ablation variant is a valid command line of each step it changes, on top of each profile's flags."""
+    for step, overrides in demo_pipeline.ABLATIONS[name].items():
+        parse_args, parser = _step_parser(step)
+        missing = [flag for flag in overrides if flag not in parser._option_string_actions]
+        if missing:
+            pytest.skip(f"{step} has no {', '.join(missing)} on this tree yet")
         for profile in ("demo", "full"):
-            flags = demo_pipeline.with_flags(demo_pipeline.PROFILES[profile]["step4"], overrides)
+            flags = demo_pipeline.with_flags(demo_pipeline.PROFILES[profile].get(step, []), overrides)
             args = parse_args(["--img_path", ".", *flags])
-            for flag in overrides:
-                got = getattr(args, flag.lstrip("-"))
+            for flag, value in overrides.items():
+                got = getattr(args, parser._option_string_actions[flag].dest)
+                if value is None:  # a switch: it changed the default
+                    assert got != parser._option_string_actions[flag].default, (name, flag)
+                    continue
                 value = flags[flags.index(flag) + 1]
                 assert (",".join(got) if isinstance(got, (tuple, list)) else str(got)) == value, (name, flag)
-    assert parse_args(["--img_path", ".", *demo_pipeline.with_flags(
-        demo_pipeline.DEMO["step4"], demo_pipeline.ABLATIONS["no_neighbour"])]).drop_terms == ("dist", "neighbour")
+    if name == "no_neighbour":
+        parse_args, _ = _step_parser("step4")
+        assert parse_args(["--img_path", ".", *demo_pipeline.with_flags(
+            demo_pipeline.DEMO["step4"], demo_pipeline.ABLATIONS["no_neighbour"]["step4"])]).drop_terms == (
+            "dist", "neighbour")
 
 
 def test_ablation_trains_each_variant_from_the_demo_models(quick_demo, demo_bfm_h5):
-    """``--from_step 5 --ablation`` (make ablation) reruns no step, trains every variant from the demo's Step-1 and
-    Step-3 models with its flags, and reports its rows next to Steps 2, 3 and 4."""
+    """``--from_step 5 --ablation`` (make ablation) reruns no step, trains every Step-4 variant from the demo's Step-1
+    and Step-3 models with its flags, and reports its rows next to Steps 2, 3 and 4."""
     out, data = quick_demo
     save_root = out / "MoFA_UNet_Save"
     before = {p: p.stat().st_mtime_ns for p in save_root.rglob("*.pt")}
     demo_seconds = json.loads((out / "results.json").read_text())["step_seconds"]
+    names = [name for name in known_rows() if set(demo_pipeline.ABLATIONS[name]) == {"step4"}]
+    assert "all_terms_gt_landmarks" in names and "all_terms" in names
     assert demo_pipeline.main(["--profile", "quick", "--out", str(out), "--data", str(data), "--bfm", str(demo_bfm_h5),
-                               "--device", "cpu", "--from_step", "5", "--ablation"]) == 0
+                               "--device", "cpu", "--from_step", "5", "--ablation",
+                               "--ablation_rows", ",".join(names)]) == 0
     assert {p: p.stat().st_mtime_ns for p in save_root.rglob("*.pt")} == before, "the demo's own steps did not rerun"
     results = json.loads((out / "results.json").read_text())
     assert results["from_step"] == 5
     assert results["step_seconds"] == demo_seconds, "the reused steps keep the demo's timings"
     table = results["ablation"]
-    variants = [f"step4_{name}" for name in demo_pipeline.ABLATIONS]
+    variants = [f"step4_{name}" for name in names]
     assert list(table["rows"]) == ["step2_prelim", "step3_unet", "step4_final", *variants]
-    for name, overrides in demo_pipeline.ABLATIONS.items():
+    for name in names:
+        overrides = demo_pipeline.ABLATIONS[name]["step4"]
+        row = table["rows"][f"step4_{name}"]
+        if "collapsed" in row:  # the guard stopped it: recorded with the step, no evaluation
+            assert table["collapsed"][f"step4_{name}"]["0"]["step"] == "Step4_UNet_MoFA_EM.py"
+            continue
         config = json.loads((out / "ablation" / name / "MoFA_UNet_Save" / "MoFA_UNet" / "run_config.json").read_text())
         assert config["mofa_checkpoint"] == str(save_root / "pretrain_mofa" / "final.pt")
         assert config["unet_checkpoint"] == str(save_root / "Pretrain_UNet" / "final.pt")
@@ -188,10 +235,13 @@ def test_ablation_trains_each_variant_from_the_demo_models(quick_demo, demo_bfm_
         for flag in overrides:
             got = config[flag.lstrip("-")]
             assert (",".join(got) if isinstance(got, list) else str(got)) == flags[flags.index(flag) + 1], name
-        row = table["rows"][f"step4_{name}"]
         summary = json.loads((out / "ablation" / name / "eval" / "summary.json").read_text())
         assert row["overall"]["iou"] == pytest.approx(summary["paper_protocol"]["iou"]["mean"])
+        assert table["spread"][f"step4_{name}"]["iou"] == {"mean": pytest.approx(row["overall"]["iou"]), "std": None,
+                                                           "n": 1, "values": [row["overall"]["iou"]]}
+        assert table["vs_baseline"][f"step4_{name}"]["iou"] is None, "one seed: no spread to compare"
         assert set(row["per_category"]) == set(summary["per_category"])
+        assert results["timing"]["per_seed"]["0"]["ablation_rows"][name] > 0
     assert table["rows"]["step2_prelim"]["overall"]["iou"] == pytest.approx(results["step2_prelim"]["iou"])
 
 

@@ -2,7 +2,7 @@
 """`make demo`: the whole method on the synthetic default, end to end, on a CPU.
 
     python -m utils.demo_pipeline [--out demo_output] [--data DIR] [--profile demo|quick|full] [--scale F]
-                                  [--from_step N] [--ablation]
+                                  [--from_step N] [--seeds K] [--seed S] [--ablation] [--ablation_rows a,b,c]
 
 1. writes the procedural demo face model (basel_3DMM/demo_face_model.h5) if it is missing;
 2. renders the synthetic occluded-face dataset into --data (default demo_data, or demo_data_<profile>) when it is
@@ -15,13 +15,23 @@
    per appearance item and per occluder category, and writes <out>/results.json and <out>/figure.png (test faces
    with their GT and each stage's mask).
 
-5. with ``--ablation``, also trains the Step-4 variants of ``ABLATIONS`` from the same Step-1 and Step-3 models
-   (each into <out>/ablation/<name>/) and prints the ablation table: IoU and F1 overall, per appearance item and
-   per occluder category (``make ablation``).
+5. with ``--ablation``, also trains the variants of ``ABLATIONS`` (each into <out>/ablation/<name>/; a variant of
+   Step 4 alone starts from the run's own Step-1 and Step-3 models, a variant of an earlier step reruns the steps
+   from it on) and prints the ablation table: the headline figures, and IoU per appearance item and per occluder
+   category (``make ablation``). ``--ablation_rows a,b`` trains only those variants (``no_augment`` retrains Steps
+   1-4: it costs a whole demo). A variant stopped by the collapse guard (exit 2, "mask collapse") is recorded as
+   collapsed, with the step, and the ablation goes on.
+
+``--seeds K`` repeats steps 3-5 K times on the same data (one synthetic set, written once with its own seed 0), with
+the steps' ``--seed`` = S, S+1, ..., S+K-1 (``--seed S``, default 0). With K = 1 the layout is the single run's
+(<out>/MoFA_UNet_Save, <out>/<stage>/, results.json as always); with K > 1 each seed has its own folder
+<out>/seed_<s>/ (its save root, its evaluations, its ablation), results.json reports each headline figure and each
+ablation row as mean, std (ddof 1) and n over the seeds, keeps every seed's own figures under ``per_seed``, and the
+ablation table marks the rows whose difference from the demo's Step 4 is within the spread (``exceeds_spread``).
 
 ``--from_step N`` reuses the outputs of Steps 1 to N-1 already under <out> (the step scripts check that they
 exist and match) and runs Step N onwards; ``--from_step 5 --ablation`` (``make ablation``) adds the ablation to a
-finished demo.
+finished demo (with the same --seeds and --seed).
 
 The demo settings trade the paper's scale for a run of minutes on a CPU: ResNet-18 from random initialisation, 96 px
 images, a UNet of width 16, Adam instead of Adadelta (which needs hundreds of thousands of steps), a few hundred
@@ -34,12 +44,16 @@ if __name__ == "__main__":  # Ctrl-C while torch is imported: one line, no trace
     quiet_interrupts()
 
 import argparse
+import codecs
 import json
+import math
 import os
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -118,35 +132,89 @@ def scaled(cfg: dict, factor: float) -> dict:
 STAGES = {"fit_oracle": "fit_oracle", "step2_prelim": "step2", "step3_unet": "step3", "step4_final": "step4"}
 STEP_NAMES = ("step1", "step2", "step3", "step4")
 FIGURE_ROWS = 8
-# The ablation (``--ablation``): Step-4 variants trained from the run's own Step-1 and Step-3 models. Each maps flags
-# to the value that replaces (or, if absent, is appended to) the profile's Step-4 flags; the paper's way of showing
-# that each term earns its keep. ``all_terms`` puts back the dist term the profiles drop; ``--identity none`` removes
-# the identity, preserve and dist terms together; ``no_bn_recalibration`` keeps the BatchNorm statistics of training
-# in Step 4 (the original's handling there; the Step-3 model it starts from keeps its re-estimation).
+# The ablation (``--ablation``): variants of the run, one per row. Each maps a step ("step1" .. "step4") to flags
+# that replace (or, if absent, are appended to) the profile's flags of that step (a value None: a switch, appended);
+# a variant reruns the steps from its first one on, into its own save root, and reuses the run's earlier steps (the
+# paper's way of showing that each term earns its keep). ``all_terms`` puts back the dist term the profiles drop
+# (expected to collapse with the predicted landmarks: issue 19); ``all_terms_gt_landmarks`` warps the masked render
+# with the GT landmarks instead; ``--identity none`` removes the identity, preserve and dist terms together;
+# ``no_bn_recalibration`` keeps the BatchNorm statistics of training in Step 4 (the original's handling there; the
+# Step-3 model it starts from keeps its re-estimation); ``no_augment`` trains Steps 1, 3 and 4 without G2's
+# augmentation (a whole demo's cost); ``fit_on`` / ``fit_off`` make Step 2's masks from test-time fitted
+# coefficients (``--fit_steps``) or from the encoder's (a variant whose flags equal the run's is not trained again:
+# it is the run's own Step 4, ``same_as``).
+FIT_STEPS = 20  # issue 18: 20 fitting steps took Step 2's rule IoU from 0.658 to 0.760 at ~1.2 ms per image per step
 ABLATIONS = {
-    "all_terms": {"--drop_terms": ""},
-    "no_identity": {"--identity": "none"},
-    "no_neighbour": {"--drop_terms": "+neighbour"},
-    "g1_preset": {"--loss_preset": "g1_weights"},
-    "g1_all_terms": {"--loss_preset": "g1_weights", "--drop_terms": ""},
-    "no_bn_recalibration": {"--bn_recalibration": "0"},
+    "all_terms": {"step4": {"--drop_terms": ""}},
+    "all_terms_gt_landmarks": {"step4": {"--drop_terms": "", "--dist_landmarks": "gt"}},
+    "no_identity": {"step4": {"--identity": "none"}},
+    "no_neighbour": {"step4": {"--drop_terms": "+neighbour"}},
+    "g1_preset": {"step4": {"--loss_preset": "g1_weights"}},
+    "g1_all_terms": {"step4": {"--loss_preset": "g1_weights", "--drop_terms": ""}},
+    "no_bn_recalibration": {"step4": {"--bn_recalibration": "0"}},
+    "no_augment": {"step1": {"--no_augment": None}, "step3": {"--no_augment": None}, "step4": {"--no_augment": None}},
+    "fit_on": {"step2": {"--fit_steps": str(FIT_STEPS)}},
+    "fit_off": {"step2": {"--fit_steps": "0"}},
 }
+# Flags at the step scripts' own defaults: dropped before a variant's flags are compared with the run's.
+DEFAULT_FLAGS = {"--fit_steps": "0"}
+BASELINE_ROW = "step4_final"  # the row every ablation row is compared with
+HEADLINE = ("iou", "f1", "all_face_iou", "occluder_iou", "occluder_recall", "occluder_precision", "landmark_px")
+SPREAD_RULE = ("a difference between two rows is a finding when |mean difference| > the larger of their two "
+               "standard deviations (ddof 1, over the seeds); with one seed there is no spread to compare")
 
 
 class DemoError(MofaError):
     """A command of the demo failed (its own messages are printed above) or its inputs do not fit together."""
 
 
+class CollapseStop(DemoError):
+    """A step was stopped by its collapse guard (exit 2 with "mask collapse" in its message); ``script`` names the
+    step, ``reason`` is the guard's line."""
+
+    def __init__(self, script: str, reason: str):
+        super().__init__(f"{script} was stopped by its collapse guard: {reason}")
+        self.script, self.reason = script, reason
+
+
+COLLAPSE_MARK = "mask collapse"
+TAIL_CHARS = 8192  # how much of a command's stderr run() keeps to find the collapse guard's line
+
+
+def _script_name(cmd: list[str]) -> str:
+    return cmd[1] if cmd[0] == "-m" else cmd[0]
+
+
+def collapse_reason(stderr_tail: str) -> str | None:
+    """The collapse guard's line in a failed step's stderr (its last line naming a mask collapse), or None."""
+    lines = [line.strip() for line in stderr_tail.replace("\r", "\n").splitlines() if COLLAPSE_MARK in line]
+    return lines[-1].removeprefix("error: ") if lines else None
+
+
 def run(cmd: list[str]) -> None:
-    """Run one command of the pipeline with this Python, in the repository; DemoError when it fails.
+    """Run one command of the pipeline with this Python, in the repository; DemoError when it fails, CollapseStop
+    when it exits 2 with "mask collapse" in its stderr (the collapse guard of Steps 3 and 4).
 
     The command runs in its own process group (a new session), so a Ctrl-C at the terminal reaches only the demo,
     which forwards each SIGINT / SIGTERM once to the command's group and waits for it to end: a training step
     finishes its step and writes a checkpoint (a second signal repeats its notice, a third aborts it). The demo then
-    stops with KeyboardInterrupt (one line, exit 130)."""
+    stops with KeyboardInterrupt (one line, exit 130). The command's stderr is passed through as it comes (its
+    progress bars included) and its tail kept to recognise a collapse."""
     print("+", " ".join(cmd), flush=True)
     received: list[int] = []
-    child = subprocess.Popen([sys.executable, *cmd], cwd=REPO, start_new_session=True)
+    child = subprocess.Popen([sys.executable, *cmd], cwd=REPO, start_new_session=True, stderr=subprocess.PIPE)
+    tail: list[str] = [""]
+
+    def copy_stderr() -> None:
+        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        while chunk := os.read(child.stderr.fileno(), 4096):
+            text = decoder.decode(chunk)
+            sys.stderr.write(text)
+            sys.stderr.flush()
+            tail[0] = (tail[0] + text)[-TAIL_CHARS:]
+
+    reader = threading.Thread(target=copy_stderr, daemon=True)
+    reader.start()
 
     def forward(signum, frame) -> None:
         received.append(signum)
@@ -158,27 +226,47 @@ def run(cmd: list[str]) -> None:
     previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         status = child.wait()
+        reader.join()
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+        child.stderr.close()
     if received:
         raise KeyboardInterrupt
     if status != 0:
-        raise DemoError(f"{cmd[1] if cmd[0] == '-m' else cmd[0]} failed (exit status {status}); its messages are "
-                        "above")
+        reason = collapse_reason(tail[0]) if status == 2 else None
+        if reason is not None:
+            raise CollapseStop(_script_name(cmd), reason)
+        raise DemoError(f"{_script_name(cmd)} failed (exit status {status}); its messages are above")
 
 
-def with_flags(flags: list[str], overrides: dict[str, str]) -> list[str]:
+def with_flags(flags: list[str], overrides: dict[str, str | None]) -> list[str]:
     """``flags`` (``[--name, value, ...]``) with each ``overrides`` value replacing that flag's, or appended. A value
-    ``+x`` adds ``x`` to the flag's comma-separated list instead (``--drop_terms +neighbour``)."""
+    ``+x`` adds ``x`` to the flag's comma-separated list instead (``--drop_terms +neighbour``); a value None is a
+    switch (``--no_augment``), appended once."""
     out = list(flags)
     for name, value in overrides.items():
+        if value is None:
+            out += [] if name in out else [name]
+            continue
         if value.startswith("+"):
             value = ",".join(filter(None, [out[out.index(name) + 1] if name in out else "", value[1:]]))
         if name in out:
             out[out.index(name) + 1] = value
         else:
             out += [name, value]
+    return out
+
+
+def without_defaults(flags: list[str]) -> list[str]:
+    """``flags`` less the ``DEFAULT_FLAGS`` pairs set to the step's own default (``--fit_steps 0``)."""
+    out, i = [], 0
+    while i < len(flags):
+        if flags[i] in DEFAULT_FLAGS and i + 1 < len(flags) and flags[i + 1] == DEFAULT_FLAGS[flags[i]]:
+            i += 2
+            continue
+        out.append(flags[i])
+        i += 1
     return out
 
 
@@ -199,57 +287,123 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="run Steps N to 4, reusing the outputs of the earlier steps under --out (5: none, only the "
                         "evaluation and, with --ablation, the variants)")
     p.add_argument("--ablation", action="store_true",
-                   help="also train and evaluate the Step-4 variants of the ablation table (make ablation)")
+                   help="also train and evaluate the variants of the ablation table (make ablation)")
+    p.add_argument("--ablation_rows", default=",".join(ABLATIONS),
+                   help="comma-separated variants to train (default: all of " + ", ".join(ABLATIONS) + "); "
+                        "no_augment retrains Steps 1-4 (a whole demo), fit_on / fit_off Steps 2-4")
+    p.add_argument("--seeds", type=int, default=1,
+                   help="train Steps 1-4 (and the ablation) this many times, with --seed S, S+1, ...; the data stay "
+                        "one synthetic set; K > 1 reports mean +- std over the seeds (default 1)")
+    p.add_argument("--seed", type=int, default=0, help="the first seed (the steps' --seed; default 0)")
     p.add_argument("--device", default="auto")
     args = p.parse_args(argv)
     if not 0.0 < args.scale <= 1.0:
         raise DataError(f"--scale {args.scale}: expected a number in (0, 1]")
+    if args.seeds < 1:
+        raise DataError(f"--seeds {args.seeds}: expected a positive number of seeds")
+    if args.seed < 0:
+        raise DataError(f"--seed {args.seed}: expected a seed of at least 0")
+    args.ablation_rows = [name.strip() for name in args.ablation_rows.split(",") if name.strip()]
+    unknown = [name for name in args.ablation_rows if name not in ABLATIONS]
+    if unknown or not args.ablation_rows:
+        raise DataError(f"--ablation_rows {','.join(args.ablation_rows)}: "
+                        f"{'unknown ' + ', '.join(unknown) if unknown else 'name at least one'}; the rows are "
+                        f"{', '.join(ABLATIONS)}")
     if args.data is None:
         name = "demo_data" if args.profile == "demo" else f"demo_data_{args.profile}"
         args.data = str(REPO / (name + ("" if args.scale == 1.0 else f"_x{args.scale:g}")))
     return args
 
 
+def seed_folders(args) -> dict[int, Path]:
+    """Each seed's folder: <out> itself for one seed (the single run's layout), else <out>/seed_<s>."""
+    seeds = [args.seed + k for k in range(args.seeds)]
+    return {seed: Path(args.out) if args.seeds == 1 else Path(args.out) / f"seed_{seed}" for seed in seeds}
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     cfg = scaled(PROFILES[args.profile], args.scale)
     t0 = time.time()
-    out, data, save_root = Path(args.out), Path(args.data), Path(args.out) / "MoFA_UNet_Save"
-    previous = reused_results(out / "results.json", args)
+    out, data = Path(args.out), Path(args.data)
+    folders = seed_folders(args)
+    previous = reused_results(out / "results.json", args, list(folders))
+    check_own_output(out, list(folders.values()), ablation_kept=args.ablation and args.from_step > 3)
     out.mkdir(parents=True, exist_ok=True)
     if not Path(args.bfm).is_file():
         run(["-m", "utils.synthetic.demo_face_model", "--out", args.bfm])
     data_info = prepare_data(args, cfg, data)
     periods = ["--vis_every", "200", "--eval_every", "500", "--log_every", "25", "--val_batches", "4"]
-    step_flags = {"step1": cfg["step1"] + periods, "step2": [], "step3": cfg["step3"] + periods,
-                  "step4": cfg["step4"] + periods}
-    if args.from_step <= 3:  # new Step-1 or Step-3 models: the variants trained from the old ones are stale
-        shutil.rmtree(out / "ablation", ignore_errors=True)
-    timings = {name: previous["step_seconds"][name] for name in STEP_NAMES[:args.from_step - 1]
-               if name in previous.get("step_seconds", {})}
-    for number, name in enumerate(STEP_NAMES, start=1):
-        if number >= args.from_step:
-            t = time.time()
-            run([STEP_SCRIPTS[number], *common_flags(args, cfg, data, save_root), *step_flags[name]])
-            timings[name] = round(time.time() - t, 1)
-    results = {"per_appearance": {}, "per_category": {}}
-    for key, stage in STAGES.items():
-        record_stage(results, key, evaluate_stage(args, data, save_root, stage, out / key))
-    results["wall_seconds"] = round(time.time() - t0, 1)
-    results["step_seconds"] = timings
-    results["settings"] = cfg
-    results["profile"], results["scale"], results["from_step"] = args.profile, args.scale, args.from_step
-    results["data"] = data_info
+    step_flags = {"step1": cfg["step1"] + periods, "step2": list(cfg.get("step2", [])),
+                  "step3": cfg["step3"] + periods, "step4": cfg["step4"] + periods}
+    meta = {"settings": cfg, "profile": args.profile, "scale": args.scale, "from_step": args.from_step,
+            "data": data_info, "seeds": list(folders), "spread_rule": SPREAD_RULE}
+    per_seed: dict[int, dict] = {}
+    clock = {"demo": 0.0}
+
+    def save() -> None:  # results.json after every seed and every ablation row: a failure later loses nothing
+        write_results(out, combine(per_seed, meta, clock["demo"]))
+
+    for seed, folder in folders.items():
+        per_seed[seed] = run_seed(args, cfg, data, seed, folder, previous_steps(previous, seed), step_flags)
+        clock["demo"] = round(time.time() - t0, 1)
+        save()
+    if args.ablation:
+        for seed, folder in folders.items():
+            run_ablation(args, cfg, data, seed, folder, step_flags, per_seed[seed], save)
+    results = combine(per_seed, meta, clock["demo"])
     write_results(out, results)
-    if args.ablation:  # results.json is rewritten after every variant, so a failed one loses nothing
-        results["ablation"] = run_ablation(args, cfg, data, save_root, step_flags["step4"], out / "ablation",
-                                           results, lambda: write_results(out, results))
-        write_results(out, results)
     print_table(results)
     if args.ablation:
         print_ablation(results["ablation"])
-    write_figure(out / "figure.png", data, out)
+    write_figure(out / "figure.png", data, next(iter(folders.values())))
     return 0
+
+
+def run_seed(args, cfg: dict, data: Path, seed: int, folder: Path, reused: dict, step_flags: dict) -> dict:
+    """Steps from_step..4 of one seed into <folder>/MoFA_UNet_Save, then every stage's evaluation into
+    <folder>/<stage>/; returns the seed's results (the single run's results.json layout: the stages, per_appearance,
+    per_category, step_seconds with the ``reused`` timings of the steps not rerun, wall_seconds of this seed)."""
+    t0 = time.time()
+    save_root = folder / "MoFA_UNet_Save"
+    folder.mkdir(parents=True, exist_ok=True)
+    if args.from_step <= 3:  # new Step-1 or Step-3 models: the variants trained from the old ones are stale
+        shutil.rmtree(folder / "ablation", ignore_errors=True)
+    timings = {name: reused[name] for name in STEP_NAMES[:args.from_step - 1] if name in reused}
+    for number, name in enumerate(STEP_NAMES, start=1):
+        if number >= args.from_step:
+            t = time.time()
+            run([STEP_SCRIPTS[number], *common_flags(args, cfg, data, save_root, seed), *step_flags[name]])
+            timings[name] = round(time.time() - t, 1)
+    results = {"seed": seed, "per_appearance": {}, "per_category": {}}
+    for key, stage in STAGES.items():
+        record_stage(results, key, evaluate_stage(args, data, save_root, stage, folder / key))
+    results["step_seconds"] = timings
+    results["wall_seconds"] = round(time.time() - t0, 1)
+    return results
+
+
+def check_own_output(out: Path, folders: list[Path], ablation_kept: bool) -> None:
+    """Refuse, before any work, an output folder the evaluation would refuse at the end: an evaluation folder
+    (<seed folder>/<stage>/, and with ``ablation_kept`` <seed folder>/ablation/*/eval/) that is not empty and holds
+    no manifest of the evaluation, i.e. one written by a demo from before the evaluation's --out manifests."""
+    from utils.evaluation.command import TOOL
+    from utils.evaluation.results_folder import MANIFEST_NAME
+
+    candidates = [folder / key for folder in folders for key in STAGES]
+    if ablation_kept:
+        candidates += [e for folder in folders for e in sorted((folder / "ablation").glob("*/eval"))]
+    for folder in candidates:
+        if not folder.is_dir() or not any(folder.iterdir()):
+            continue
+        try:
+            owner = json.loads((folder / MANIFEST_NAME).read_text(encoding="utf-8")).get("tool")
+        except (OSError, UnicodeDecodeError, ValueError, AttributeError):
+            owner = None
+        if owner != TOOL:
+            raise DemoError(f"{out} was written by an older demo ({folder} has no {MANIFEST_NAME} of the evaluation, "
+                            "which replaces only results it recorded): run `make clean-demo` (deletes demo_output and "
+                            f"demo_data), or delete {out}, or pass another --out")
 
 
 DATA_SEED = 0  # the demo's data: utils.synthetic.faces with its defaults (mixed occlusion and appearance, seed 0)
@@ -291,10 +445,11 @@ def prepare_data(args, cfg: dict, data: Path) -> dict:
     return {"path": str(data), "num_images": config["num"], "image_size": config["size"], "seed": config["seed"]}
 
 
-def reused_results(path: Path, args) -> dict:
+def reused_results(path: Path, args, seeds: list[int]) -> dict:
     """The results.json of the run whose Steps 1 .. from_step-1 a ``--from_step`` run reuses ({} for a run from Step
     1, or when there is none: the step scripts still check that their inputs exist and fit). DemoError when that
-    run used another profile or scale: its models were not trained with the settings this run would report."""
+    run used another profile, scale or seeds: its models were not trained with the settings this run would report
+    (a results.json without ``seeds`` is a single run with seed 0)."""
     if args.from_step == 1 or not path.is_file():
         return {}
     try:
@@ -306,21 +461,31 @@ def reused_results(path: Path, args) -> dict:
         raise DemoError(f"--from_step {args.from_step}: the steps in {path.parent} were made with --profile "
                         f"{earlier[0]} --scale {earlier[1]}, not --profile {args.profile} --scale {args.scale}; pass "
                         "those, or run from Step 1")
-    if not isinstance(previous.get("step_seconds"), dict):
-        previous["step_seconds"] = {}
+    made = previous.get("seeds", [0])
+    if made != seeds:
+        raise DemoError(f"--from_step {args.from_step}: the steps in {path.parent} were made with seeds "
+                        f"{', '.join(map(str, made))}, not {', '.join(map(str, seeds))}; pass --seeds {len(made)} "
+                        f"--seed {made[0] if made else 0}, or run from Step 1")
     return previous
 
 
+def previous_steps(previous: dict, seed: int) -> dict:
+    """The step timings of ``seed`` in a reused results.json (its ``per_seed`` entry, or the single run's)."""
+    entry = previous.get("per_seed", {}).get(str(seed), previous) if "per_seed" in previous else previous
+    timings = entry.get("step_seconds")
+    return timings if isinstance(timings, dict) else {}
+
+
 def write_results(out: Path, results: dict) -> None:
-    """``<out>/results.json``, written atomically. ``step_seconds`` holds every step's time, from the run that made
-    it (a ``--from_step`` run keeps the earlier run's); ``wall_seconds`` is this invocation's, ablation excluded."""
+    """``<out>/results.json``, written atomically (the layout: `combine`)."""
     with atomic_write(out / "results.json", "w") as handle:
         handle.write(json.dumps(results, indent=2))
 
 
-def common_flags(args, cfg: dict, data: Path, save_root: Path) -> list[str]:
+def common_flags(args, cfg: dict, data: Path, save_root: Path, seed: int) -> list[str]:
     """The flags every step of one run shares; a demo run replaces the previous one (--overwrite)."""
     return ["--img_path", str(data), "--bfm", args.bfm, "--save_root", str(save_root), "--device", args.device,
+            "--seed", str(seed),
             "--workers", str(cfg.get("workers", 0)), "--image_size", str(cfg["image_size"]),
             "--encoder", cfg["encoder"], "--unet_width", str(cfg["unet_width"]), "--overwrite"]
 
@@ -347,8 +512,10 @@ def record_stage(results: dict, key: str, summary: dict) -> None:
     """Put one stage's paper-protocol means (overall, per appearance item, per occluder category) into results,
     with the yardsticks: ``all_face`` (the same region, every pixel called visible: its metric means and pooled
     occluder metrics) and ``occluders`` (occluder IoU / recall / precision pooled over the test images with a GT
-    occluder, and their count ``n_images``)."""
+    occluder, and their count ``n_images``) and ``landmark_px`` (the mean landmark error in pixels against the
+    true coefficients' render, None where the evaluation has no reconstruction figures)."""
     results[key] = {m: v["mean"] for m, v in summary["paper_protocol"].items()}
+    results[key]["landmark_px"] = summary.get("reconstruction", {}).get("landmark_px", {}).get("mean")
     results[key]["all_face"] = {**{m: v["mean"] for m, v in summary["all_face"]["paper_protocol"].items()},
                                 **{m: summary["all_face"]["occluders"][m] for m in OCCLUDER_KEYS}}
     results[key]["occluders"] = dict(summary["occluders"])
@@ -356,49 +523,218 @@ def record_stage(results: dict, key: str, summary: dict) -> None:
         results.setdefault(group, {})[key] = {name: _group_record(s) for name, s in summary.get(group, {}).items()}
 
 
-def run_ablation(args, cfg: dict, data: Path, save_root: Path, step4_flags: list[str], out: Path,
-                 results: dict, checkpoint=lambda: None) -> dict:
-    """Train every ``ABLATIONS`` variant of Step 4 from the run's Step-1 and Step-3 models and evaluate it; returns
-    the rows of the ablation table (Step 2, Step 3, the run's Step 4 and the variants), in results' format.
-    ``checkpoint()`` is called after each variant (with its stage already in ``results``)."""
-    rows = ["step2_prelim", "step3_unet", "step4_final"]
-    table = {"rows": {}, "seconds": {}}
-    previous = ["--pretrained_MoFA", str(save_root / STEP_DIRS[1] / FINAL_NAME),
-                "--pretrained_unet", str(save_root / STEP_DIRS[3] / FINAL_NAME)]
-    for name, overrides in ABLATIONS.items():
-        variant_root = out / name / "MoFA_UNet_Save"
-        t = time.time()
-        run([STEP_SCRIPTS[4], *common_flags(args, cfg, data, variant_root), *with_flags(step4_flags, overrides),
-             *previous])
-        table["seconds"][name] = round(time.time() - t, 1)
-        record_stage(results, f"step4_{name}", evaluate_stage(args, data, variant_root, "step4", out / name / "eval"))
-        rows.append(f"step4_{name}")
+def headline(record: dict) -> dict:
+    """One stage's headline figures (``HEADLINE``) from its results entry (`record_stage`)."""
+    return {"iou": record["iou"], "f1": record["f1"], "all_face_iou": record["all_face"]["iou"],
+            **{m: record["occluders"].get(m) for m in OCCLUDER_KEYS}, "landmark_px": record.get("landmark_px")}
+
+
+def row_record(results: dict, key: str) -> dict:
+    """One ablation row of a seed: the headline figures, and IoU per appearance item and per occluder category."""
+    return {"overall": headline(results[key]),
+            "per_appearance": {n: v["iou"] for n, v in results["per_appearance"][key].items()},
+            "per_category": {n: v["iou"] for n, v in results["per_category"][key].items()}}
+
+
+def row_inputs(number: int, first: int, base_root: Path, row_root: Path) -> list[str]:
+    """The earlier steps' outputs Step ``number`` of a variant reads: its own from Step ``first`` on, the run's
+    before it."""
+    def source(step: int) -> Path:
+        return (row_root if step >= first else base_root) / STEP_DIRS[step]
+    return {1: [], 2: ["--pretrained_MoFA", str(source(1) / FINAL_NAME)], 3: ["--trainset_dir", str(source(2))],
+            4: ["--pretrained_MoFA", str(source(1) / FINAL_NAME), "--pretrained_unet", str(source(3) / FINAL_NAME)]
+            }[number]
+
+
+def run_ablation(args, cfg: dict, data: Path, seed: int, folder: Path, step_flags: dict, results: dict,
+                 checkpoint=lambda: None) -> dict:
+    """Train the ``--ablation_rows`` variants of one seed (each into <folder>/ablation/<name>/, from its first
+    overridden step on, the run's earlier steps reused) and evaluate their Step 4. Sets and returns
+    ``results["ablation"]``: ``rows`` (Step 2, Step 3, the run's Step 4, then the variants; `row_record`),
+    ``collapsed`` (variant -> the step whose collapse guard stopped it, and its line: the row holds only that),
+    ``same_as`` (variants whose flags are the run's, not trained again), ``seconds`` and ``step_seconds`` (wall
+    time per variant and per step) and ``flags``. ``checkpoint()`` is called after each variant."""
+    base_root, out = folder / "MoFA_UNet_Save", folder / "ablation"
+    table = {"rows": {key: row_record(results, key) for key in ("step2_prelim", "step3_unet", BASELINE_ROW)},
+             "collapsed": {}, "same_as": {}, "seconds": {}, "step_seconds": {}, "flags": {}}
+    results["ablation"] = table
+    for name in args.ablation_rows:
+        overrides, key = ABLATIONS[name], f"step4_{name}"
+        table["flags"][name] = overrides
+        flags = {step: with_flags(step_flags[step], overrides.get(step, {})) for step in STEP_NAMES}
+        if all(without_defaults(flags[step]) == without_defaults(step_flags[step]) for step in STEP_NAMES):
+            table["same_as"][name] = BASELINE_ROW
+            table["rows"][key] = {**row_record(results, BASELINE_ROW), "same_as": BASELINE_ROW}
+            checkpoint()
+            continue
+        first = min(STEP_NAMES.index(step) + 1 for step in overrides)
+        row_root, t0, seconds = out / name / "MoFA_UNet_Save", time.time(), {}
+        try:
+            for number in range(first, 5):
+                t = time.time()
+                step = STEP_NAMES[number - 1]
+                run([STEP_SCRIPTS[number], *common_flags(args, cfg, data, row_root, seed), *flags[step],
+                     *row_inputs(number, first, base_root, row_root)])
+                seconds[step] = round(time.time() - t, 1)
+        except CollapseStop as stop:
+            table["collapsed"][name] = {"step": stop.script, "message": stop.reason}
+            table["rows"][key] = {"collapsed": table["collapsed"][name]}
+            print(f"ablation row {name}, seed {seed}: {stop.script} stopped by its collapse guard; recorded as "
+                  "collapsed, the ablation goes on", flush=True)
+        else:
+            record_stage(results, key, evaluate_stage(args, data, row_root, "step4", out / name / "eval"))
+            table["rows"][key] = row_record(results, key)
+        table["seconds"][name], table["step_seconds"][name] = round(time.time() - t0, 1), seconds
         checkpoint()
-    for key in rows:
-        table["rows"][key] = {"overall": {m: results[key][m] for m in ("iou", "f1")},
-                              "per_appearance": {n: v["iou"] for n, v in results["per_appearance"][key].items()},
-                              "per_category": {n: v["iou"] for n, v in results["per_category"][key].items()}}
-    table["flags"] = {name: overrides for name, overrides in ABLATIONS.items()}
     return table
 
 
+def _number(value) -> bool:
+    """A real number: not None, not a bool, not NaN."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and not math.isnan(value)
+
+
+def stats(values: list) -> dict:
+    """Mean, standard deviation (ddof 1; None below two values) and n of the numbers among ``values`` (None and NaN
+    left out), with the values themselves."""
+    present = [float(v) for v in values if _number(v)]
+    return {"mean": statistics.fmean(present) if present else None,
+            "std": statistics.stdev(present) if len(present) > 1 else None, "n": len(present), "values": list(values)}
+
+
+def exceeds_spread(a: dict, b: dict) -> bool | None:
+    """Whether two rows' figures (`stats`) differ by more than their spread: |mean_a - mean_b| > max(std_a, std_b)
+    (``SPREAD_RULE``); None when either has no spread (fewer than two seeds) or no mean."""
+    if None in (a["mean"], b["mean"], a["std"], b["std"]):
+        return None
+    return abs(a["mean"] - b["mean"]) > max(a["std"], b["std"])
+
+
+def mean_tree(values: list):
+    """The mean over seeds of one results entry: dicts key by key, numbers averaged over those present (None when
+    none is; equal numbers, counts included, stay as they are), anything else taken from the first."""
+    first = values[0]
+    if isinstance(first, dict):
+        keys = dict.fromkeys(k for v in values if isinstance(v, dict) for k in v)
+        return {k: mean_tree([v[k] for v in values if isinstance(v, dict) and k in v]) for k in keys}
+    numbers = [v for v in values if _number(v)]
+    if not numbers:
+        return None if first is None or isinstance(first, float) else first
+    return numbers[0] if all(v == numbers[0] for v in numbers) else statistics.fmean(numbers)
+
+
+def combine(per_seed: dict[int, dict], meta: dict, demo_seconds: float) -> dict:
+    """results.json from each seed's results (`run_seed`, `run_ablation`) and the run's ``meta``.
+
+    One seed: that seed's results as they are (the single run's layout). Several (``meta["seeds"]``): every stage
+    entry, per_appearance and per_category as the mean over the seeds done (`mean_tree`), each seed's own under
+    ``per_seed``. Always: ``spread`` (stage -> headline figure -> `stats` over the seeds), ``seeds`` (those asked
+    for), ``seeds_done`` (those finished: results.json is written after each), ``timing`` (per seed: the steps, the
+    seed's demo, each ablation row and its steps; the totals), ``wall_seconds`` (Steps 1-4 and the evaluations of
+    every seed, data included, ablation excluded) and, once a seed has one, ``ablation`` (`combine_ablation`)."""
+    records = list(per_seed.values())
+    if len(meta.get("seeds", per_seed)) == 1:
+        results = {k: v for k, v in records[0].items() if k != "ablation"}
+    else:
+        results = {key: mean_tree([r[key] for r in records]) for key in (*STAGES, "per_appearance", "per_category")}
+        results["per_seed"] = {str(seed): r for seed, r in per_seed.items()}
+    results.update(meta)
+    results["seeds_done"] = list(per_seed)
+    results["spread"] = {key: {m: stats([headline(r[key])[m] for r in records]) for m in HEADLINE} for key in STAGES}
+    timing = {str(seed): {"steps": r["step_seconds"], "demo": r["wall_seconds"],
+                          "ablation_rows": r.get("ablation", {}).get("seconds", {}),
+                          "ablation_row_steps": r.get("ablation", {}).get("step_seconds", {}),
+                          "ablation": round(sum(r.get("ablation", {}).get("seconds", {}).values()), 1)}
+              for seed, r in per_seed.items()}
+    results["timing"] = {"per_seed": timing, "demo_seconds": demo_seconds,
+                         "ablation_seconds": round(sum(t["ablation"] for t in timing.values()), 1)}
+    results["wall_seconds"] = demo_seconds
+    if any("ablation" in r for r in records):
+        results["ablation"] = combine_ablation({seed: r["ablation"] for seed, r in per_seed.items() if "ablation" in r})
+    return results
+
+
+def combine_ablation(tables: dict[int, dict]) -> dict:
+    """The ablation table over the seeds: ``rows`` (each row's mean over the seeds where it did not collapse, in the
+    single seed's format; a row collapsed in every seed holds only ``collapsed``), ``spread`` (row -> headline figure
+    -> `stats`), ``vs_baseline`` (row -> headline figure -> `exceeds_spread` against ``BASELINE_ROW``: True a finding,
+    False within the spread, None without one), ``collapsed`` (row -> seed -> step and line), ``same_as``,
+    ``seconds`` (row -> seed -> wall time), ``flags``, ``seeds``, ``rule``."""
+    names = list(dict.fromkeys(key for t in tables.values() for key in t["rows"]))
+    rows, spread, collapsed = {}, {}, {}
+    for key in names:
+        entries = {seed: t["rows"][key] for seed, t in tables.items() if key in t["rows"]}
+        trained = [e for e in entries.values() if "collapsed" not in e]
+        gone = {str(seed): e["collapsed"] for seed, e in entries.items() if "collapsed" in e}
+        spread[key] = {m: stats([e["overall"].get(m) for e in trained]) for m in HEADLINE}
+        rows[key] = mean_tree(trained) if trained else {"collapsed": next(iter(gone.values()))}
+        rows[key]["n_seeds"] = len(trained)
+        if gone:
+            collapsed[key] = gone
+    base = spread.get(BASELINE_ROW)
+    vs = {key: {m: exceeds_spread(spread[key][m], base[m]) for m in HEADLINE}
+          for key in names if base is not None and key != BASELINE_ROW}
+    same_as = {name: row for t in tables.values() for name, row in t.get("same_as", {}).items()}
+    flags = {name: f for t in tables.values() for name, f in t["flags"].items()}
+    seconds = {name: {str(seed): t["seconds"][name] for seed, t in tables.items() if name in t["seconds"]}
+               for name in flags}
+    return {"rows": rows, "spread": spread, "vs_baseline": vs, "baseline": BASELINE_ROW, "collapsed": collapsed,
+            "same_as": same_as, "seconds": seconds, "flags": flags, "seeds": list(tables), "rule": SPREAD_RULE}
+
+
+ABLATION_COLUMNS = {"iou": "IoU", "f1": "F1", "all_face_iou": "all-face IoU", "occluder_iou": "occluder IoU",
+                    "occluder_recall": "occluder recall", "occluder_precision": "occluder precision",
+                    "landmark_px": "landmark px"}
+
+
+def spread_cell(figure: dict) -> str:
+    """``mean ± std`` of a `stats` entry (the mean alone for one value, n/a for none)."""
+    if figure["mean"] is None:
+        return "n/a"
+    return f"{figure['mean']:.3f}" + ("" if figure["std"] is None else f" ± {figure['std']:.3f}")
+
+
 def print_ablation(table: dict) -> None:
-    """The ablation table (Markdown): IoU and F1 overall, then IoU per appearance item and per occluder category."""
-    rows = table["rows"]
-    print("\nAblation (test split, paper protocol; Step-4 variants trained from the same Step-1 and Step-3 models):\n")
-    print("| row | IoU | F1 |\n|---|---|---|")
-    for row, values in rows.items():
-        print(f"| {row} | {values['overall']['iou']:.3f} | {values['overall']['f1']:.3f} |")
+    """The ablation table (Markdown): every headline figure as mean ± std over the seeds, the IoU difference from
+    the run's Step 4 marked as within or beyond the spread (`exceeds_spread`), collapsed rows as such; then IoU per
+    appearance item and per occluder category (means over the seeds)."""
+    rows, spread, n = table["rows"], table["spread"], len(table["seeds"])
+    base = spread[table["baseline"]]["iou"]["mean"]
+    print(f"\nAblation (test split, paper protocol; variants trained from the same earlier steps; mean ± std over "
+          f"{n} seed{'s' if n > 1 else ''}; {table['rule']}):\n")
+    print("| row | " + " | ".join(ABLATION_COLUMNS.values()) + f" | IoU vs {table['baseline']} |\n|---|"
+          + "---|" * (len(ABLATION_COLUMNS) + 1))
+    for key, values in rows.items():
+        gone = table["collapsed"].get(key, {})
+        note = f"collapsed in {next(iter(gone.values()))['step']} ({len(gone)} of {len(gone) + values['n_seeds']} " \
+               f"seeds)" if gone else ""
+        if "overall" not in values:
+            print(f"| {key} | " + " | ".join("—" for _ in ABLATION_COLUMNS) + f" | {note} |")
+            continue
+        cells = [spread_cell(spread[key][m]) for m in ABLATION_COLUMNS]
+        if key == table["baseline"]:
+            versus = "baseline"
+        else:
+            found = table["vs_baseline"][key]["iou"]
+            delta = spread[key]["iou"]["mean"]
+            versus = "n/a" if delta is None or base is None else f"{delta - base:+.3f} " + (
+                "(one seed: no spread)" if found is None else "beyond the spread" if found else "within the spread")
+            if key.removeprefix("step4_") in table["same_as"]:
+                versus = "same flags as the baseline"
+        print(f"| {key} | " + " | ".join(cells) + f" | {versus}{'; ' + note if note else ''} |")
+    trained = {key: values for key, values in rows.items() if "overall" in values}
     for group, title in (("per_appearance", "appearance item"), ("per_category", "occluder category")):
-        names = list(next(iter(rows.values()))[group])
+        names = list(dict.fromkeys(name for values in trained.values() for name in values[group]))
+        if not names:
+            continue
         print(f"\nIoU per {title}:\n")
         print("| row | " + " | ".join(names) + " |\n|---|" + "---|" * len(names))
-        for row, values in rows.items():
-            print(f"| {row} | " + " | ".join(f"{values[group].get(n, float('nan')):.3f}" for n in names) + " |")
+        for key, values in trained.items():
+            print(f"| {key} | " + " | ".join(_cell(values[group].get(name)) for name in names) + " |")
 
 
 def _cell(value) -> str:
-    return "n/a" if value is None or value != value else f"{value:.3f}"
+    return f"{value:.3f}" if _number(value) else "n/a"
 
 
 def print_table(results: dict) -> None:
@@ -406,14 +742,22 @@ def print_table(results: dict) -> None:
     all-face IoU and occluder recall per appearance item and per occluder category for every stage (Markdown)."""
     metrics = ["iou", "accuracy", "precision", "recall", "f1"]
     n_occluded = results[next(iter(STAGES))]["occluders"]["n_images"]
+    seeds = results.get("seeds", [0])
+    over = "" if len(seeds) < 2 else (f"; mean ± std (ddof 1) over {len(seeds)} seeds ({', '.join(map(str, seeds))}) "
+                                      "of the headline figures, the means of the others")
     print(f"\nTest split, paper protocol; all-face = the same region with every pixel called visible; occluder "
-          f"metrics pooled over the {n_occluded} images with a GT occluder:\n")
-    head = [*metrics, "all-face iou", "occluder iou", "occluder recall", "occluder precision"]
+          f"metrics pooled over the {n_occluded} images with a GT occluder{over}:\n")
+    head = [*metrics, "all-face iou", "occluder iou", "occluder recall", "occluder precision", "landmark px"]
     print("| stage | " + " | ".join(head) + " |\n|---|" + "---|" * len(head))
     for key in STAGES:
         r = results[key]
         values = [r[m] for m in metrics] + [r["all_face"]["iou"]] + [r["occluders"][m] for m in OCCLUDER_KEYS]
-        print(f"| {key} | " + " | ".join(_cell(v) for v in values) + " |")
+        cells = [_cell(v) for v in values] + [_cell(r.get("landmark_px"))]
+        if len(seeds) > 1:  # the headline figures with their spread
+            for column, figure in {0: "iou", 4: "f1", 5: "all_face_iou", 6: "occluder_iou", 7: "occluder_recall",
+                                   8: "occluder_precision", 9: "landmark_px"}.items():
+                cells[column] = spread_cell(results["spread"][key][figure])
+        print(f"| {key} | " + " | ".join(cells) + " |")
     for group, title, note in (("per_appearance", "appearance item", " (an image counts in every item it has)"),
                                ("per_category", "occluder category", "")):
         names = list(results.get(group, {}).get("step2_prelim", {}))
@@ -431,7 +775,9 @@ def print_table(results: dict) -> None:
                 values = [results[group].get(key, {}).get(name, {}).get(value) for key in STAGES]
                 print(f"| {name} | {n} | " + " | ".join(_cell(v) for v in values) + " |")
     print_recovered(results)
-    print(f"\nwall time: {results['wall_seconds']:.0f} s")
+    timing = results.get("timing", {})
+    print(f"\nwall time: {results['wall_seconds']:.0f} s" + (f" for {len(seeds)} seeds" if len(seeds) > 1 else "")
+          + (f"; ablation {timing['ablation_seconds']:.0f} s" if timing.get("ablation_seconds") else ""))
 
 
 def recovered_share(step2_recall: float, step4_recall: float) -> float | None:
