@@ -15,7 +15,9 @@ $(STAMP): requirements.txt requirements-landmarks.txt
 	$(PY) -m pip install --quiet -r requirements.txt -r requirements-landmarks.txt
 	touch $(STAMP)
 
+# Lint (ruff, settings in pyproject.toml), then the suite.
 test: $(STAMP)
+	$(PY) -m ruff check .
 	$(PY) -m pytest -q tests
 
 # The whole method on the synthetic default: demo face model, synthetic data, Steps 1-4, mask metrics.

@@ -3,7 +3,8 @@
 G2 (``util/load_dataset.py``, ``UNet/unet_load_data.py``; docs/method.md §3.2 step 4) draws, for every training
 sample, a shift of up to +-10 px at 224 px, a scale of 1 +- 0.1, a rotation of up to +-10 degrees and a horizontal
 flip with probability 0.5. The reference gives the ranges, not their distributions: here each is uniform on its
-range. The shift is scaled with the image (+-10 * S / 224 px at S px), so a 96-px demo image gets the same relative motion.
+range. The shift is scaled with the image (+-10 * S / 224 px at S px), so a 96-px demo image gets the same relative
+motion.
 
 All of it is one 2x3 affine ``M`` (source pixel -> augmented pixel, pixel centres at integer coordinates, the
 convention of ``cv2.warpAffine`` and ``datasets.scale_landmarks``), built about the image centre::

@@ -22,7 +22,7 @@ the region (`has_occluder`).
 from __future__ import annotations
 
 import math
-from typing import Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 
