@@ -61,7 +61,7 @@ def test_quick_demo_writes_results_for_every_stage(quick_demo):
 
 def test_tables_and_results_carry_the_yardsticks(capsys):
     """results.json and the printed table hold, beside each stage's metrics, the all-face mask's and the occluder
-    metrics pooled over the images with a GT occluder (hand-made masks of tests/test_evaluation.py: a hand found
+    metrics pooled over the images with an occluder (hand-made masks of tests/test_evaluation.py: a hand found
     by half, no occluder, a cup found whole)."""
     summary = summarise_rows(_yardstick_rows(), "step4", "test")
     results = {"wall_seconds": 1.0}
@@ -81,7 +81,7 @@ def test_tables_and_results_carry_the_yardsticks(capsys):
     assert head in text
     assert "| step4_final | 0.906 | " in text and "| 0.750 | 0.800 | 0.889 | 0.889 |" in text
     assert "Occluder recall per occluder category" in text and "| hand | 1 | 0.667 |" in text
-    assert "pooled over the 2 images with a GT occluder" in text
+    assert "pooled over the 2 images with an occluder" in text
 
 
 def check_fit_oracle_scores(folder, data) -> None:

@@ -31,7 +31,7 @@ from utils.evaluation.evaluate import EvalOptions, evaluate_split
 from utils.evaluation.metrics import mask_metrics
 from utils.evaluation.reconstruction import true_landmarks
 from utils.evaluation.report import format_markdown
-from utils.evaluation.scoring import COUNT_NAMES, image_scores, summarise_rows
+from utils.evaluation.scoring import COUNT_NAMES, image_scores, summarise_rows, with_occluder
 from utils.evaluation.stages import load_stage, predict_masks
 from utils.landmarks_csv import write_landmarks_csv
 from utils.training.builders import FINAL_NAME, build_mofa, build_unet, load_networks, step_dir
@@ -258,9 +258,25 @@ def test_occluder_metrics_pool_counts_over_the_images_with_a_gt_occluder():
     assert none["n_images"] == 0 and np.isnan(none["occluder_iou"])
     assert_close(s["paper_protocol"]["occluder_iou"]["mean"], (0.5 + 0.0 + 1.0) / 3)  # the per-image metric stays
     text = format_markdown(s)
-    assert "pooled over the 2 images with a GT occluder" in text and "| all-face | 0.0000 | 0.0000 | 0.0000 |" in text
+    assert "pooled over the 2 images with an occluder" in text and "| all-face | 0.0000 | 0.0000 | 0.0000 |" in text
     iou_line = next(line for line in text.splitlines() if line.startswith("| iou |"))
     assert iou_line.startswith("| iou | 0.9056 |") and iou_line.endswith("| 0.8929 | 0.7500 | 0.7500 |"), iou_line
+
+
+def test_occluder_pool_takes_the_category_where_it_is_known():
+    """A misfit puts GT-0 pixels (background, hair) inside the region of an unoccluded face: a 'none' (or AR
+    'neutral') image is not an image with an occluder, whatever its GT says inside the region; an image of unknown
+    category ('other') counts when its GT has occluder pixels there."""
+    rows = _yardstick_rows()
+    a, b, c = rows
+    misfit = {**a, "filename": "d.png", "category": "none"}  # GT occluder pixels inside the region, category none
+    unknown = {**a, "filename": "e.png", "category": "other"}
+    unknown_clean = {**b, "filename": "f.png", "category": "other"}
+    assert with_occluder([a, b, c, misfit, unknown, unknown_clean]) == [True, False, True, False, True, False]
+    neutral = {**a, "filename": "m-001-1.bmp", "category": "neutral"}
+    s = summarise_rows([a, b, c, misfit, neutral], "step4", "test")
+    assert s["occluders"]["n_images"] == 2
+    assert_close(s["occluders"]["occluder_iou"], 8 / 10)  # the misfit and neutral rows' counts are not pooled
 
 
 # ----- models -----------------------------------------------------------------------------------------------------

@@ -502,7 +502,7 @@ OCCLUDER_KEYS = ("occluder_iou", "occluder_recall", "occluder_precision")
 
 def _group_record(s: dict) -> dict:
     """One group's entry (a category or an appearance item): its image count, IoU / F1 / recall means, the all-face
-    mask's IoU, and the occluder metrics pooled over its images with a GT occluder (``n_occluded`` of them)."""
+    mask's IoU, and the occluder metrics pooled over its images with an occluder (``n_occluded`` of them)."""
     return {"n": s["n_with_gt"], **{m: s["paper_protocol"][m]["mean"] for m in ("iou", "f1", "recall")},
             "all_face_iou": s["all_face"]["paper_protocol"]["iou"]["mean"],
             "n_occluded": s["occluders"]["n_images"], **{m: s["occluders"][m] for m in OCCLUDER_KEYS}}
@@ -746,7 +746,7 @@ def print_table(results: dict) -> None:
     over = "" if len(seeds) < 2 else (f"; mean ± std (ddof 1) over {len(seeds)} seeds ({', '.join(map(str, seeds))}) "
                                       "of the headline figures, the means of the others")
     print(f"\nTest split, paper protocol; all-face = the same region with every pixel called visible; occluder "
-          f"metrics pooled over the {n_occluded} images with a GT occluder{over}:\n")
+          f"metrics pooled over the {n_occluded} images with an occluder{over}:\n")
     head = [*metrics, "all-face iou", "occluder iou", "occluder recall", "occluder precision", "landmark px"]
     print("| stage | " + " | ".join(head) + " |\n|---|" + "---|" * len(head))
     for key in STAGES:

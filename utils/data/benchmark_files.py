@@ -160,6 +160,11 @@ def read_ground_truth_rows(image_root: str | Path, split: str | None = None) -> 
 
 # ----- the AR face database -------------------------------------------------------------------------------------
 
+# Categories whose images carry no occluder: the synthetic benchmark's "none" and AR's "neutral". "other" (AR's
+# expressions, or a name without an AR number) says nothing either way.
+NO_OCCLUDER_CATEGORIES = frozenset({"none", "neutral"})
+UNKNOWN_CATEGORY = "other"
+
 # AR face database image numbers (the suffix of e.g. m-001-21): 1-13 first session, 14-26 second.
 AR_CATEGORIES = {
     "neutral": (1, 5, 6, 7, 14, 18, 19, 20),  # neutral expression, any lighting
@@ -179,4 +184,4 @@ def ar_category(filename: str | Path) -> str:
     for category, numbers in AR_CATEGORIES.items():
         if number in numbers:
             return category
-    return "other"
+    return UNKNOWN_CATEGORY

@@ -36,7 +36,7 @@ def format_markdown(summary: dict) -> str:
         lines.append(f"| {m} | {_fmt(s['mean'])} | {_fmt(s['std'])} | {_fmt(summary['pooled'][m])} | "
                      f"{_fmt(r['mean'])} | {_fmt(ref['pooled'][m])} |")
     occ = summary["occluders"]
-    lines += ["", f"Occluders, pooled over the {occ['n_images']} images with a GT occluder inside the face:", "",
+    lines += ["", f"Occluders, pooled over the {occ['n_images']} images with an occluder (scoring.with_occluder):", "",
               "| mask | " + " | ".join(OCCLUDER_METRIC_NAMES) + " |", "|---|---|---|---|",
               f"| {summary['stage']} | {_occluder_cells(occ)} |", f"| all-face | {_occluder_cells(ref['occluders'])} |"]
     for key, title in (("per_category", "category"), ("per_appearance", "appearance")):

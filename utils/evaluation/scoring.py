@@ -9,8 +9,8 @@ Yardsticks beside every stage's scores:
                mask that finds no occluder at all scores (columns ``all_face_*`` of a row, block ``all_face`` of a
                summary);
     occluders  occluder IoU / recall / precision (occluder = GT 0 inside F, estimated occluder = E 0), from the
-               counts pooled over the images whose GT has occluder pixels inside F (block ``occluders``; the
-               all-face mask's are in ``all_face.occluders``), overall, per category and per appearance item.
+               counts pooled over the images with an occluder (`with_occluder`; block ``occluders``; the all-face
+               mask's are in ``all_face.occluders``), overall, per category and per appearance item.
 """
 from __future__ import annotations
 
@@ -18,7 +18,8 @@ import math
 
 import torch
 
-from utils.data.benchmark_files import APPEARANCE_ITEMS, NO_APPEARANCE, appearance_items
+from utils.data.benchmark_files import (APPEARANCE_ITEMS, NO_APPEARANCE, NO_OCCLUDER_CATEGORIES, UNKNOWN_CATEGORY,
+                                        appearance_items)
 from utils.evaluation.metrics import (
     METRIC_NAMES,
     OCCLUDER_METRIC_NAMES,
@@ -56,10 +57,20 @@ def _counts(rows: list[dict], prefix: str = "") -> list[torch.Tensor]:
     return [torch.tensor([r[prefix + c] for r in rows], dtype=torch.float64) for c in COUNT_NAMES]
 
 
+def with_occluder(scored: list[dict]) -> list[bool]:
+    """Whether each row's image has an occluder. Its category decides where it is known (the synthetic benchmark's,
+    AR's sunglasses / scarf / neutral): an unoccluded face's region still holds GT-0 pixels wherever the fit is off
+    (background, hair), which are not an occluder. Otherwise (``UNKNOWN_CATEGORY``): the GT has occluder pixels
+    inside the region."""
+    in_gt = has_occluder(*_counts(scored)).tolist() if scored else []
+    return [r.get("category", UNKNOWN_CATEGORY) not in NO_OCCLUDER_CATEGORIES if
+            r.get("category", UNKNOWN_CATEGORY) != UNKNOWN_CATEGORY else gt for r, gt in zip(scored, in_gt)]
+
+
 def occluder_summary(scored: list[dict], prefix: str = "") -> dict:
-    """Occluder IoU / recall / precision of the counts summed over the rows whose GT has an occluder inside the
-    region; ``n_images`` of them (metrics NaN when there is none). ``prefix``: ``all_face_`` for the yardstick."""
-    occluded = [r for r, has in zip(scored, has_occluder(*_counts(scored)).tolist()) if has] if scored else []
+    """Occluder IoU / recall / precision of the counts summed over the rows with an occluder (`with_occluder`);
+    ``n_images`` of them (metrics NaN when there is none). ``prefix``: ``all_face_`` for the yardstick."""
+    occluded = [r for r, has in zip(scored, with_occluder(scored)) if has]
     if not occluded:
         return {"n_images": 0, **{m: math.nan for m in OCCLUDER_METRIC_NAMES}}
     sums = [c.sum() for c in _counts(occluded, prefix)]
