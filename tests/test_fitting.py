@@ -78,7 +78,7 @@ def test_the_unet_mask_is_re_predicted_at_every_step(scene):
 def test_fitting_moves_the_coefficients_only_and_improves_the_fit(scene, with_unet):
     mofa, unet = scene["mofa"], scene["unet"] if with_unet else None
     before = {name: p.detach().clone() for name, p in [*mofa.named_parameters(), *scene["unet"].named_parameters()]}
-    mofa.train()  # fit_images runs the encoder (and the UNet) in eval mode and restores the mode afterwards
+    mofa.train()  # the fit does not change the training mode of what it is given (see the test below)
     start = fit_coefficients(mofa.renderer, scene["start"], scene["images"], scene["landmarks"], steps=0)
     with torch.no_grad():  # callers inside no_grad (Step 2, the evaluation) get a fit too
         fitted = fit_coefficients(mofa.renderer, scene["start"], scene["images"], scene["landmarks"], steps=40,
@@ -102,6 +102,33 @@ def test_fit_images_starts_from_the_encoder_and_zero_steps_is_the_feed_forward_n
     assert result.unet_mask is None
     with_unet = fit_images(mofa, scene["images"], scene["landmarks"], steps=0, unet=scene["unet"])
     assert with_unet.unet_mask.shape == (4, 1, SIZE, SIZE)
+
+
+def test_fit_images_restores_the_training_modes(scene):
+    """The fit runs the encoder and the UNet in eval mode (per-image BatchNorm statistics) and gives each network
+    back in the mode it was in."""
+    mofa, unet = scene["mofa"], scene["unet"]
+    mofa.train()
+    unet.train()
+    try:
+        fit_images(mofa, scene["images"][:1], scene["landmarks"][:1], steps=1, unet=unet)
+        assert mofa.encoder.training and unet.training
+    finally:
+        mofa.eval()
+        unet.eval()
+
+
+def test_an_image_whose_fit_diverges_keeps_its_last_finite_coefficients(scene):
+    """One image's objective turns non-finite (its landmarks are NaN): it keeps the coefficients it started from,
+    and the other images are fitted exactly as they would be without it."""
+    landmarks = scene["landmarks"].clone()
+    landmarks[1] = float("nan")
+    args = (scene["mofa"].renderer, scene["start"], scene["images"])
+    fitted = fit_coefficients(*args, landmarks, steps=5)
+    assert torch.isfinite(fitted.coeffs).all()
+    torch.testing.assert_close(fitted.coeffs[1], scene["start"][1])
+    clean = fit_coefficients(*args, scene["landmarks"], steps=5)
+    torch.testing.assert_close(fitted.coeffs[[0, 2, 3]], clean.coeffs[[0, 2, 3]], atol=2e-5, rtol=1e-4)
 
 
 def test_fit_flags():

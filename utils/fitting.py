@@ -159,13 +159,20 @@ def fit_coefficients(renderer: nn.Module, coeffs: torch.Tensor, images: torch.Te
     scale = output_scale(renderer.layout).to(coeffs)
     x = (coeffs.detach().float() / scale).clone().requires_grad_(True)
     opt = torch.optim.Adam([x], lr=lr)
+    stopped = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)  # images whose fit left the finite numbers
     with _eval_mode(unet), torch.enable_grad():
         for _ in range(steps):
             loss, _ = per_image_sum(images, renderer(x * scale), landmarks, setup, preset, unet, identity)
+            # autograd.grad, not backward(): backward would fill the UNet's and the renderer's .grad too
             (grad,) = torch.autograd.grad(loss, [x])
-            x.grad = grad
+            kept = x.detach().clone()
+            stopped = stopped | ~torch.isfinite(grad).all(dim=1)
+            x.grad = torch.where(stopped[:, None], torch.zeros_like(grad), grad)
             opt.step()
             x.grad = None
+            with torch.no_grad():  # an image that diverges keeps its last finite coefficients; the others go on
+                stopped = stopped | ~torch.isfinite(x).all(dim=1)
+                x.copy_(torch.where(stopped[:, None], kept, x))
     with torch.no_grad(), _eval_mode(unet):
         fitted = (x * scale).detach()
         out = renderer(fitted)
