@@ -55,7 +55,7 @@ class FakePipeline:
         if cmd[0] == demo_pipeline.STEP_SCRIPTS[4] and root is not None and root.parent.name in self.collapse:
             raise demo_pipeline.CollapseStop(cmd[0], "mask collapse: the mean UNet mask inside the face was below 0.05")
 
-    def evaluate(self, args, data, save_root, stage, out):
+    def evaluate(self, args, data, save_root, stage, out, fit_steps=0):
         self.evaluations.append((Path(save_root), stage, Path(out)))
         row = 0.1 if "ablation" in Path(save_root).parts else 0.0
         return fake_summary(STAGE_IOU[stage] + 0.01 * seed_of(save_root) + row)
@@ -226,7 +226,7 @@ def test_old_demo_output_is_refused_with_one_line(tmp_path, monkeypatch, capsys)
     """A demo_output written before the evaluation's --out manifests is refused before any work, with one line
     naming make clean-demo; one the evaluation wrote passes."""
     from utils.evaluation.command import TOOL
-    from utils.evaluation.results_folder import MANIFEST_NAME
+    from utils.output_dir import MANIFEST_NAME
 
     fake = FakePipeline(monkeypatch)
     out = tmp_path / "out"
