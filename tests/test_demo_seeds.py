@@ -149,7 +149,8 @@ def test_one_seed_keeps_the_single_run_layout(tmp_path, monkeypatch):
 def test_ablation_rows_over_seeds_and_a_collapsed_row_is_recorded(tmp_path, monkeypatch, capsys):
     """The collapse guard's stop of one row is recorded with its step, the other rows go on; the rows are mean ± std
     over the seeds and compared with the run's Step 4 by the spread rule; no_augment reruns Steps 1-4 without
-    augmentation; a row whose flags are the run's (fit_off: Step 2 fits nothing by default) is not trained."""
+    augmentation; a row whose flags are the run's (fit_on: the demo's Step 2 fits FIT_STEPS) is not trained; fit_off
+    trains Steps 2-4 from the run's Step 1 with a feed-forward Step 2."""
     fake = FakePipeline(monkeypatch, collapse={"all_terms"})
     rows = "all_terms,all_terms_gt_landmarks,no_augment,fit_on,fit_off"
     results = run_main(tmp_path, "--seeds", "2", "--ablation", "--ablation_rows", rows)
@@ -163,8 +164,8 @@ def test_ablation_rows_over_seeds_and_a_collapsed_row_is_recorded(tmp_path, monk
     gt = table["spread"]["step4_all_terms_gt_landmarks"]["iou"]
     assert gt["n"] == 2 and gt["mean"] == pytest.approx(0.905) and gt["std"] == pytest.approx(0.00707107)
     assert table["vs_baseline"]["step4_all_terms_gt_landmarks"]["iou"] is True  # +0.1 against a spread of 0.007
-    assert table["vs_baseline"]["step4_fit_off"]["iou"] is False and table["same_as"] == {"fit_off": "step4_final"}
-    assert table["rows"]["step4_fit_off"]["overall"]["iou"] == pytest.approx(results["step4_final"]["iou"])
+    assert table["vs_baseline"]["step4_fit_on"]["iou"] is False and table["same_as"] == {"fit_on": "step4_final"}
+    assert table["rows"]["step4_fit_on"]["overall"]["iou"] == pytest.approx(results["step4_final"]["iou"])
     assert set(table["seconds"]["no_augment"]) == {"0", "1"}
     out = tmp_path / "out"
     for seed in (0, 1):
@@ -176,21 +177,21 @@ def test_ablation_rows_over_seeds_and_a_collapsed_row_is_recorded(tmp_path, monk
         row_root = folder / "ablation" / "no_augment" / "MoFA_UNet_Save"
         assert _flag(own[1], "--pretrained_MoFA") == str(row_root / "pretrain_mofa" / "final.pt")
         assert _flag(own[3], "--pretrained_unet") == str(row_root / "Pretrain_UNet" / "final.pt")
-        fit = [c for c in fake.commands if "--save_root" in c and "/ablation/fit_on/" in _flag(c, "--save_root")
+        fit = [c for c in fake.commands if "--save_root" in c and "/ablation/fit_off/" in _flag(c, "--save_root")
                and _flag(c, "--seed") == str(seed)]
         assert [c[0] for c in fit] == [demo_pipeline.STEP_SCRIPTS[n] for n in (2, 3, 4)]
-        assert _flag(fit[0], "--fit_steps") == str(demo_pipeline.FIT_STEPS)
+        assert _flag(fit[0], "--fit_steps") == "0"
         base = folder / "MoFA_UNet_Save"
         assert _flag(fit[0], "--pretrained_MoFA") == str(base / "pretrain_mofa" / "final.pt"), "the run's Step 1"
         assert _flag(fit[2], "--pretrained_MoFA") == str(base / "pretrain_mofa" / "final.pt")
         assert "--fit_steps" not in fit[1] and "--fit_steps" not in fit[2]
-    assert not [c for c in fake.commands if "/ablation/fit_off/" in " ".join(c)], "fit_off is the run itself"
+    assert not [c for c in fake.commands if "/ablation/fit_on/" in " ".join(c)], "fit_on is the run itself"
     assert results["timing"]["ablation_seconds"] >= 0 and "no_augment" in results["timing"]["per_seed"]["1"][
         "ablation_rows"]
     text = capsys.readouterr().out
     assert "collapsed in Step4_UNet_MoFA_EM.py (2 of 2 seeds)" in text
     assert re.search(r"\| step4_all_terms_gt_landmarks \| 0\.905 ± 0\.007 \|.*\| \+0\.100 beyond the spread \|", text)
-    assert "| step4_fit_off | 0.805 ± 0.007 |" in text and "same flags as the baseline" in text
+    assert "| step4_fit_on | 0.805 ± 0.007 |" in text and "same flags as the baseline" in text
 
 
 def test_a_collapse_in_the_run_itself_stops_the_demo(tmp_path, monkeypatch, capsys):

@@ -90,7 +90,6 @@ DEMO = {
 QUICK = {**DEMO, "num_images": 60, "image_size": 32,
          "step1": ["--max_iters", "4", "--batch_size", "8", "--optimizer", "adam", "--learning_rate", "1e-3",
                    "--identity", "none"],
-         "step2": ["--fit_steps", "2"],
          "step3": ["--max_iters", "2", "--batch_size", "8", "--optimizer", "adam", "--learning_rate", "1e-3"],
          "step4": ["--max_iters", "3", "--batch_size", "8", "--em_cycle", "3", "--unet_iters", "1",
                    "--optimizer", "adam", "--drop_terms", "dist"]}
