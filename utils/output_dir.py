@@ -205,7 +205,11 @@ def _fill_in_place(new: Path, folder: Path, recheck: Callable[[], None] | None) 
 
 def swap_in(new: Path, folder: Path, recheck: Callable[[], None] | None = None) -> None:
     """Move the complete folder ``new`` to ``folder``, replacing it (the old one is moved aside, then deleted). A
-    ``folder`` that cannot be renamed (a mount point: EBUSY) is emptied and filled in place (`_fill_in_place`)."""
+    ``folder`` that cannot be renamed (a mount point: EBUSY) is emptied and filled in place (`_fill_in_place`).
+    ``recheck`` runs first: what arrived in ``folder`` while ``new`` was built (another run's output, a user's
+    file) is refused then, not replaced."""
+    if recheck is not None:
+        recheck()
     old = None
     if folder.exists():
         old = folder.with_name(f".{folder.name}.old-{secrets.token_hex(4)}")
@@ -253,7 +257,7 @@ def build_beside(folder: str | Path, tool: str, overwrite: bool, flag: str = "--
         yield new
         with writing(f"{flag} {folder}"):
             write_manifest(new, tool)
-            swap_in(new, folder, lambda: check_target(folder, tool, True, flag, legacy_owned))
+            swap_in(new, folder, lambda: check_target(folder, tool, overwrite, flag, legacy_owned))
     except OutputWriteError as exc:
         raise OutputWriteError(f"{exc}; {flag} {folder} was left as it was") from None
     except OSError as exc:

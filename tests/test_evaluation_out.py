@@ -21,7 +21,7 @@ from utils.output_dir import MANIFEST_NAME, OutputDirError, build_beside, read_m
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory, tiny_bfm_h5) -> dict:
-    base = tmp_path_factory.mktemp("results_folder")
+    base = tmp_path_factory.mktemp("evaluation_out")
     face_model, spec = make_checkpoints(base / "save", tiny_bfm_h5)
     make_image_root(base / "root", face_model, spec)
     return {"save_root": base / "save", "img_path": base / "root", "bfm": tiny_bfm_h5}
@@ -170,3 +170,27 @@ def test_a_linked_out_gets_the_results_where_it_points(tmp_path):
     with build_beside(tmp_path / "link", "tool", False) as new:
         (new / "a.txt").write_text("1")
     assert (tmp_path / "link").is_symlink() and (tmp_path / "real" / "a.txt").read_text() == "1"
+
+
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_what_arrives_while_a_build_runs_is_refused_not_replaced(tmp_path, overwrite):
+    """A second run's output or a user's file that lands in --out while this run builds beside it is checked again
+    at the swap: the build is refused and what arrived stays (the check at the start alone deleted both)."""
+    from utils.output_dir import OutputDirError, build_beside
+
+    out = tmp_path / "out"
+    with pytest.raises(OutputDirError, match="user_notes.txt"):
+        with build_beside(out, "tool_a", overwrite) as new:
+            (new / "a.txt").write_text("a")
+            out.mkdir()
+            (out / "user_notes.txt").write_text("mine")
+    assert sorted(p.name for p in out.iterdir()) == ["user_notes.txt"]
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out.")], "the partial folder is removed"
+    if not overwrite:  # another run's complete output (its manifest) is not replaced without --overwrite either
+        (out / "user_notes.txt").unlink()
+        with pytest.raises(OutputDirError):
+            with build_beside(out, "tool_a", False) as first:
+                with build_beside(out, "tool_a", False) as second:
+                    (second / "b.txt").write_text("b")
+                (first / "a.txt").write_text("a")
+        assert sorted(p.name for p in out.iterdir()) == [".mofa_manifest.json", "b.txt"]
