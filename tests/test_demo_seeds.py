@@ -148,11 +148,11 @@ def test_one_seed_keeps_the_single_run_layout(tmp_path, monkeypatch):
 
 def test_ablation_rows_over_seeds_and_a_collapsed_row_is_recorded(tmp_path, monkeypatch, capsys):
     """The collapse guard's stop of one row is recorded with its step, the other rows go on; the rows are mean ± std
-    over the seeds and compared with the run's Step 4 by the spread rule; no_augment reruns Steps 1-4 without
+    over the seeds and compared with the run's Step 4 by the spread rule; augment reruns Steps 1-4 with G2's
     augmentation; a row whose flags are the run's (fit_on: the demo's Step 2 fits FIT_STEPS) is not trained; fit_off
     trains Steps 2-4 from the run's Step 1 with a feed-forward Step 2."""
     fake = FakePipeline(monkeypatch, collapse={"all_terms"})
-    rows = "all_terms,all_terms_gt_landmarks,no_augment,fit_on,fit_off"
+    rows = "all_terms,all_terms_gt_landmarks,augment,fit_on,fit_off"
     results = run_main(tmp_path, "--seeds", "2", "--ablation", "--ablation_rows", rows)
     table = results["ablation"]
     variants = [f"step4_{row}" for row in rows.split(",")]
@@ -166,15 +166,16 @@ def test_ablation_rows_over_seeds_and_a_collapsed_row_is_recorded(tmp_path, monk
     assert table["vs_baseline"]["step4_all_terms_gt_landmarks"]["iou"] is True  # +0.1 against a spread of 0.007
     assert table["vs_baseline"]["step4_fit_on"]["iou"] is False and table["same_as"] == {"fit_on": "step4_final"}
     assert table["rows"]["step4_fit_on"]["overall"]["iou"] == pytest.approx(results["step4_final"]["iou"])
-    assert set(table["seconds"]["no_augment"]) == {"0", "1"}
+    assert set(table["seconds"]["augment"]) == {"0", "1"}
     out = tmp_path / "out"
     for seed in (0, 1):
         folder = out / f"seed_{seed}"
-        own = [c for c in fake.commands if "--save_root" in c and "/ablation/no_augment/" in _flag(c, "--save_root")
+        own = [c for c in fake.commands if "--save_root" in c and "/ablation/augment/" in _flag(c, "--save_root")
                and _flag(c, "--seed") == str(seed)]
         assert [c[0] for c in own] == [demo_pipeline.STEP_SCRIPTS[n] for n in (1, 2, 3, 4)]
-        assert ["--no_augment" in c for c in own] == [True, False, True, True]
-        row_root = folder / "ablation" / "no_augment" / "MoFA_UNet_Save"
+        assert ["--augment" in c for c in own] == [True, False, False, True]  # the demo's Step 3 augments already
+        assert ["--no_augment" in c for c in own] == [False, False, False, False]
+        row_root = folder / "ablation" / "augment" / "MoFA_UNet_Save"
         assert _flag(own[1], "--pretrained_MoFA") == str(row_root / "pretrain_mofa" / "final.pt")
         assert _flag(own[3], "--pretrained_unet") == str(row_root / "Pretrain_UNet" / "final.pt")
         fit = [c for c in fake.commands if "--save_root" in c and "/ablation/fit_off/" in _flag(c, "--save_root")
@@ -186,7 +187,7 @@ def test_ablation_rows_over_seeds_and_a_collapsed_row_is_recorded(tmp_path, monk
         assert _flag(fit[2], "--pretrained_MoFA") == str(base / "pretrain_mofa" / "final.pt")
         assert "--fit_steps" not in fit[1] and "--fit_steps" not in fit[2]
     assert not [c for c in fake.commands if "/ablation/fit_on/" in " ".join(c)], "fit_on is the run itself"
-    assert results["timing"]["ablation_seconds"] >= 0 and "no_augment" in results["timing"]["per_seed"]["1"][
+    assert results["timing"]["ablation_seconds"] >= 0 and "augment" in results["timing"]["per_seed"]["1"][
         "ablation_rows"]
     text = capsys.readouterr().out
     assert "collapsed in Step4_UNet_MoFA_EM.py (2 of 2 seeds)" in text
@@ -275,6 +276,8 @@ def test_with_flags_appends_a_switch_once():
     switched = demo_pipeline.with_flags(["--max_iters", "3"], {"--no_augment": None})
     assert switched == ["--max_iters", "3", "--no_augment"]
     assert demo_pipeline.with_flags(["--no_augment"], {"--no_augment": None}) == ["--no_augment"]
+    assert demo_pipeline.with_flags(["--no_augment", "--max_iters", "3"], {"--augment": None}) == [
+        "--augment", "--max_iters", "3"]  # a switch replaces its opposite
     assert demo_pipeline.without_defaults(["--fit_steps", "0", "--x", "1"]) == ["--x", "1"]
     assert demo_pipeline.without_defaults(["--fit_steps", "20"]) == ["--fit_steps", "20"]
 
