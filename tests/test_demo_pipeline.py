@@ -191,8 +191,8 @@ def test_ablation_variants_parse_as_step_flags(name):
             args = parse_args(["--img_path", ".", *flags])
             for flag, value in overrides.items():
                 got = getattr(args, parser._option_string_actions[flag].dest)
-                if value is None:  # a switch: it changed the default
-                    assert got != parser._option_string_actions[flag].default, (name, flag)
+                if value is None:  # a switch: it took effect over the profile's flags (its opposite included)
+                    assert got == parser._option_string_actions[flag].const, (name, flag)
                     continue
                 value = flags[flags.index(flag) + 1]
                 assert (",".join(got) if isinstance(got, (tuple, list)) else str(got)) == value, (name, flag)
