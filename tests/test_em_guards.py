@@ -98,6 +98,25 @@ def test_a_collapse_in_step4_stops_with_one_line_and_latest_from_before_it(tmp_p
     assert all(float(r["mask_in_face"]) < 0.05 for r in rows[4:])
 
 
+def test_a_collapse_right_after_a_resume_names_the_steps_since_the_resume(tmp_path, capsys, monkeypatch, inputs):
+    """The guard starts at the run's start step (built in EMTrainer.start, as in Step 3): a run resumed at step 4
+    whose UNet collapses at once reports steps 5-6, and the weights after step 4 (not step 0) as the first bad ones."""
+    save = tmp_path / "save"
+    assert step4.main(step4_argv(inputs, save, "--max_iters", "4", "--em_cycle", "3", "--unet_iters", "1")) == 0
+    original = step4.EMTrainer.start
+
+    def start_collapsed(self, spec):
+        start = original(self, spec)
+        with torch.no_grad():
+            self.unet.head.bias.fill_(-10.0)
+        return start
+
+    monkeypatch.setattr(step4.EMTrainer, "start", start_collapsed)
+    line = fails(capsys, step4.main, step4_argv(inputs, save, "--max_iters", "8", "--em_cycle", "3", "--unet_iters",
+                                                 "1", "--collapse_patience", "2", "--resume"))
+    assert "steps 5-6)" in line and "the weights after step 4 trained into the mask collapse" in line, line
+
+
 def test_collapse_warn_trains_on(tmp_path, caplog, monkeypatch, inputs):
     def collapsed(self, step):
         with torch.no_grad():
