@@ -171,12 +171,14 @@ class EMTrainer:
                       for name, opt in optimizers.items()}
         self.state = TrainState({"encoder": mofa.encoder, "unet": unet}, optimizers, schedulers)
         self.gap = GapProbe(unet, self.eval_mask_in_face)
-        self.collapse = CollapseGuard(COLLAPSE_HINTS, args.collapse, args.collapse_patience, device=self.device)
 
     def start(self, spec: dict) -> int:
-        """Resume (with --resume: networks, optimisers, schedulers, RNG) and return the first step."""
+        """Resume (with --resume: networks, optimisers, schedulers, RNG) and return the first step; the collapse
+        guard is built here, where the start step is known (as in Step 3)."""
         start = self.run.resume(*self.state.parts(), spec)
-        self.collapse.last_step = start
+        args = self.args
+        self.collapse = CollapseGuard(COLLAPSE_HINTS, args.collapse, args.collapse_patience, device=self.device,
+                                      last_step=start)
         return start
 
     # ---- one EM step --------------------------------------------------------------------------------------------

@@ -55,6 +55,7 @@ from utils.landmarks_csv import read_landmarks_csv
 from utils.output_dir import build_beside, check_target, writing
 from utils.prepare.detect_landmarks import align_face, detect_landmarks68, load_dlib
 from utils.training.builders import FINAL_NAME, Networks, load_networks
+from utils.training.flags import check_flags
 from utils.training.checkpoint import CheckpointError
 
 log = logging.getLogger("reconstruct")
@@ -85,6 +86,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add_identity_args(p)
     add_fit_args(p, "the outputs")
     args = resolve_identity_flag(cli.resolve_paths(p.parse_args(argv), ("image", "bfm", "out", "checkpoint")))
+    check_flags(args)  # --fit_steps, --fit_lr: one line, no work done
     if args.fit_steps and args.landmarks is None:
         raise DataError(f"--fit_steps {args.fit_steps} fits the image's landmarks too: pass --landmarks auto or CSV")
     check_target(args.out, TOOL, args.overwrite)  # a file or a used folder: one line, no work done

@@ -1,23 +1,26 @@
-"""What test-time fitting (utils/fitting.py) buys and costs: landmark error, the Step-2 rule's masks, and time, for a
+"""What test-time fitting (utils/fitting.py) buys and costs: landmark error, the stage's masks, and time, for a
 number of fitting steps, on one split of a synthetic image root (ground_truth.csv beside it).
 
     python benchmarks/test_time_fit.py --img_path demo_data --save_root demo_output/MoFA_UNet_Save
                                        [--split test] [--steps 0,10,20,50] [--lr 0.05] [--batch_size 40]
+                                       [--stage step2|step3|step4] [--checkpoint PATH]
 
-For every N in --steps, every image's coefficients start from the Step-1 encoder's prediction and take N Adam steps
-on Step 1's loss (the preset of the Step-1 checkpoint); the Step-2 rule (the robust loss's inlier mask) is applied
-to the fitted render. Printed per N (a Markdown table):
+Every N in --steps is one run of the evaluation's own pieces (`utils.evaluation`): the stage's networks
+(`stages.stage_networks`, --checkpoint overriding the stage's final.pt as in the evaluation command), the split
+evaluated with `evaluate.evaluate_split` and test-time fitting `stages.FitSetting(N, --lr, the checkpoint's preset)`
+(so the masks come from `stages.predict_masks`), summarised by `scoring.summarise_rows`; the benchmark and the
+evaluation (``tests/evaluate_segmentation.py --fit_steps N``) cannot disagree. step2 (default): the Step-1 encoder
+fitted on Step 1's terms, the Step-2 rule on the fitted render; step3 / step4: Step 4's MoFA-phase terms with the
+stage's UNet, whose mask is scored. Printed per N (a Markdown table):
 
 - landmark_px: mean 2-D landmark distance in pixels of the network image against the render of the true
-  coefficients (the evaluation's ``landmark_px``);
+  coefficients (the evaluation's ``reconstruction.landmark_px``);
 - iou: visible-face IoU inside the rendered face, mean over the images with a GT mask (the paper protocol);
-  all_face: the same for the mask that calls the whole rendered face visible (the yardstick of issue 18);
-- occ_iou / occ_recall / occ_precision: occluder (= not visible face) IoU, recall and precision inside the rendered
-  face, pixels pooled over the images with an occluder (ground_truth.csv category other than 'none');
-- seconds: wall time of the fitting (and the encoder) for the split; ms/img/step: per image and step.
-
-With --unet (a Step-3 or Step-4 checkpoint) the fit uses Step 4's MoFA-phase terms with that UNet's mask, and the
-mask scored is the UNet's (F * U >= 0.5) instead of the Step-2 rule.
+  all_face: the same for the mask that calls the whole rendered face visible (the all-face yardstick);
+- occ_iou / occ_recall / occ_precision: the evaluation's occluder IoU, recall and precision (pooled over the
+  images with an occluder);
+- seconds: wall time of the split's evaluation (encoder, fitting, scoring); ms/img/step: the time over that of
+  N = 0 (always run, after an untimed warm-up pass) per image and fitting step.
 """
 from __future__ import annotations
 
@@ -30,75 +33,50 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere: find utils/
 
-from models.face_model import FaceModel  # noqa: E402
-from models.layout import CoeffLayout  # noqa: E402
-from utils import losses  # noqa: E402
 from utils.cli import resolve_device  # noqa: E402
-from utils.data.datasets import FaceDataset, collate_faces  # noqa: E402
-from utils.evaluation.evaluate import read_ground_truth, reconstruction_errors  # noqa: E402
-from utils.evaluation.metrics import confusion_counts, mask_metrics  # noqa: E402
-from utils.fitting import DEFAULT_FIT_LR, checkpoint_preset, fit_images  # noqa: E402
-from utils.training.builders import load_mofa, load_unet, previous_checkpoint  # noqa: E402
-from utils.training.checkpoint import load_checkpoint  # noqa: E402
+from utils.data.benchmark_files import read_ground_truth  # noqa: E402
+from utils.data.datasets import FaceDataset  # noqa: E402
+from utils.data.image_root import ImageRoot  # noqa: E402
+from utils.evaluation.evaluate import EvalOptions, evaluate_split  # noqa: E402
+from utils.evaluation.scoring import summarise_rows  # noqa: E402
+from utils.evaluation.stages import STAGES, FitSetting, stage_label, stage_networks  # noqa: E402
+from utils.fitting import DEFAULT_FIT_LR, checkpoint_preset  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--img_path", required=True, help="synthetic image root (with ground_truth.csv)")
-    p.add_argument("--save_root", required=True, help="the run's save root (Step 1's final.pt under it)")
+    p.add_argument("--save_root", required=True, help="the run's save root (the steps' final.pt under it)")
     p.add_argument("--bfm", default=None, help="face model h5 (default: <img_path>/../demo_face_model.h5, else the "
                                                "repository's basel_3DMM/demo_face_model.h5)")
     p.add_argument("--split", default="test")
     p.add_argument("--steps", default="0,10,20,50", help="comma-separated numbers of fitting steps")
     p.add_argument("--lr", type=float, default=DEFAULT_FIT_LR)
     p.add_argument("--batch_size", type=int, default=40)
-    p.add_argument("--unet", default=None, help="a Step-3/Step-4 checkpoint: fit with Step 4's MoFA-phase terms")
+    p.add_argument("--stage", choices=STAGES, default="step2", help="which networks make the masks (as the "
+                                                                     "evaluation's --stage)")
+    p.add_argument("--checkpoint", default=None, help="checkpoint overriding the stage's final.pt (as the "
+                                                      "evaluation's --checkpoint)")
     p.add_argument("--device", default="cpu")
     return p.parse_args(argv)
 
 
-def scores(gt: torch.Tensor, est: torch.Tensor, region: torch.Tensor) -> dict[str, torch.Tensor]:
-    tp, fp, tn, fn = confusion_counts(gt, est, region)
-    return {"tp": tp, "fp": fp, "tn": tn, "fn": fn, "iou": mask_metrics(tp, fp, tn, fn)["iou"]}
-
-
-def summary(rows: list[dict], prefix: str) -> dict[str, float]:
-    """Mean IoU over the images, and the occluder metrics pooled over the images with an occluder (ground_truth.csv
-    category other than 'none') and GT pixels that are not visible face inside the region."""
-    iou = torch.cat([r[f"{prefix}iou"] for r in rows]).mean().item()
-    fp, tn, fn = (torch.cat([r[f"{prefix}{k}"] for r in rows]) for k in ("fp", "tn", "fn"))
-    occluded = ((tn + fp) > 0) & torch.cat([r["has_occluder"] for r in rows])
-    otp, ofp, ofn = tn[occluded].sum(), fn[occluded].sum(), fp[occluded].sum()  # occluder = the negative class
-    return {"iou": iou, "occ_iou": (otp / (otp + ofp + ofn)).item(), "occ_recall": (otp / (otp + ofn)).item(),
-            "occ_precision": (otp / (otp + ofp)).item() if otp + ofp > 0 else float("nan"),
-            "n_occluded": int(occluded.sum())}
-
-
-def run_one(steps: int, args, mofa, unet, preset, dataset, truth, device) -> dict:
-    loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, collate_fn=collate_faces)
-    rows, landmark, seconds, n = [], [], 0.0, 0
-    for batch in loader:
-        images, lms = batch["image"].to(device), batch["landmarks"].to(device)
-        t = time.perf_counter()
-        result = fit_images(mofa, images, lms, steps, args.lr, preset, unet=unet)
-        seconds += time.perf_counter() - t
-        out = result.out
-        if unet is None:
-            est = losses.inlier_mask(images, out.image, out.mask)
-        else:
-            est = result.unet_mask * out.mask
-        has = batch["has_gt_mask"]
-        gt, region = batch["gt_mask"].to(device)[has], out.mask[has]
-        categories = [truth.category(name) if truth else None for name in batch["filename"]]
-        occluder = torch.tensor([c not in (None, "none") for c in categories])[has]
-        rows.append({**scores(gt, est[has], region), **{f"all_{k}": v for k, v in scores(gt, region, region).items()},
-                     "has_occluder": occluder})
-        landmark.append(reconstruction_errors(mofa, out, lms, list(batch["filename"]), truth)["landmark_px"])
-        n += len(images)
-    lm = torch.cat(landmark)
-    return {"steps": steps, "landmark_px": lm[~lm.isnan()].mean().item(), **summary(rows, ""),
-            "all_face": summary(rows, "all_")["iou"], "seconds": seconds,
-            "ms_per_image_step": 1000 * seconds / n / steps if steps else float("nan"), "n": n}
+def run_one(steps: int, args, nets, dataset, truth, device) -> dict:
+    """The evaluation of the split with ``steps`` fitting steps, timed; the table's numbers."""
+    fit = FitSetting(steps, args.lr, checkpoint_preset(nets.mofa_payload)) if steps else None
+    options = EvalOptions(batch_size=args.batch_size, fit=fit)
+    t = time.perf_counter()
+    rows = evaluate_split(args.stage, nets.mofa, nets.unet, dataset, device, options, truth)
+    seconds = time.perf_counter() - t
+    summary = summarise_rows(rows, stage_label(args.stage, steps), args.split)
+    recon = summary.get("reconstruction")
+    occluders = summary["occluders"]
+    return {"steps": steps, "landmark_px": recon["landmark_px"]["mean"] if recon else float("nan"),
+            "iou": summary["paper_protocol"]["iou"]["mean"],
+            "all_face": summary["all_face"]["paper_protocol"]["iou"]["mean"],
+            "occ_iou": occluders["occluder_iou"], "occ_recall": occluders["occluder_recall"],
+            "occ_precision": occluders["occluder_precision"], "n_occluded": occluders["n_images"],
+            "seconds": seconds, "n": summary["n_images"]}
 
 
 def main(argv=None) -> int:
@@ -107,21 +85,22 @@ def main(argv=None) -> int:
     bfm = args.bfm or next((p for p in (Path(args.img_path).parent / "demo_face_model.h5",
                                         Path(__file__).resolve().parents[1] / "basel_3DMM" / "demo_face_model.h5")
                             if p.is_file()), None)
-    face_model = FaceModel.from_h5(bfm, CoeffLayout()).to(device)
-    mofa, payload, spec = load_mofa(previous_checkpoint(None, args.save_root, step=1), face_model, device)
-    preset, unet = checkpoint_preset(payload), None
-    if args.unet:
-        upayload = load_checkpoint(Path(args.unet), map_location=device)
-        unet = load_unet(upayload, upayload["extra"]["model"]["unet_width"], Path(args.unet), device)
-        if "encoder" in upayload["models"]:  # a Step-4 checkpoint: its encoder and its preset
-            mofa.encoder.load_state_dict(upayload["models"]["encoder"])
-            preset = checkpoint_preset(upayload)
-    dataset = FaceDataset(args.img_path, args.split, spec["image_size"], test_mode=True)
-    truth = read_ground_truth(args.img_path)
-    results = [run_one(int(s), args, mofa, unet, preset, dataset, truth, device) for s in args.steps.split(",")]
+    nets = stage_networks(args.stage, args.save_root, bfm, device, args.checkpoint)
+    dataset = FaceDataset(args.img_path, args.split, nets.spec["image_size"], test_mode=True)
+    truth = read_ground_truth(ImageRoot(args.img_path).root)
+    steps = [int(n) for n in args.steps.split(",")]
+    if any(n < 0 for n in steps):
+        raise SystemExit(f"--steps {args.steps}: every number of fitting steps must be at least 0")
+    run_one(0, args, nets, dataset, truth, device)  # warm-up (first-call costs), not timed into the baseline
+    results = [run_one(n, args, nets, dataset, truth, device) for n in [0, *(n for n in steps if n)]]
+    base = results[0]["seconds"]
+    for r in results:
+        r["ms_per_image_step"] = 1000 * (r["seconds"] - base) / r["n"] / r["steps"] if r["steps"] else float("nan")
+    results = [r for r in results if r["steps"] or 0 in steps]
     n = results[0]["n"]
     print(f"\n{args.split} split, {n} images, {results[0]['n_occluded']} with an occluder; "
-          f"Adam lr {args.lr}, batch {args.batch_size}, {'UNet mask' if unet else 'Step-2 rule'}, "
+          f"Adam lr {args.lr}, batch {args.batch_size}, stage {args.stage} "
+          f"({'the Step-2 rule' if args.stage == 'step2' else 'its UNet mask'}), "
           f"torch threads {torch.get_num_threads()}\n")
     print("| fit steps | landmark px | visible-face IoU | all-face IoU | occluder IoU | occ. recall | occ. precision "
           "| seconds | ms / image / step |")

@@ -27,6 +27,18 @@ def common_args(image_root: Path, bfm: Path, save_root: Path) -> list[str]:
             "--workers", "0", "--image_size", str(SIZE), "--encoder", "resnet18", "--unet_width", str(UNET_WIDTH)]
 
 
+# Quiet, short training flags (Steps 3 and 4): log every step, no visuals or evaluation, one validation batch.
+FAST = ["--batch_size", "4", "--log_every", "1", "--vis_every", "1000", "--eval_every", "1000", "--val_batches", "1",
+        "--optimizer", "adam"]
+
+
+def step4_argv(inputs: dict, save_root: Path, *extra: str) -> list[str]:
+    """A Step-4 command line on ``step4_inputs`` (its Step-1 and Step-3 checkpoints), FAST flags, then ``extra``."""
+    return [*common_args(inputs["root"], inputs["bfm"], save_root), "--pretrained_MoFA",
+            str(inputs["save"] / "pretrain_mofa"), "--pretrained_unet", str(inputs["save"] / "Pretrain_UNet"),
+            *FAST, *extra]
+
+
 def step4_inputs(base: Path, bfm: Path, num_images: int = 14) -> dict:
     """An image root (14 images: 12 train, 1 val, 1 test) and Step-1 / Step-3 ``final.pt`` under ``base/save``."""
     from utils.synthetic.faces import generate_dataset

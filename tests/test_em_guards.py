@@ -12,7 +12,7 @@ import torch
 import Step3_Pretrain_Unet as step3
 import Step4_UNet_MoFA_EM as step4
 from models.unet import UNet
-from tests.step_inputs import common_args, step4_inputs, unet_trainset
+from tests.step_inputs import FAST, common_args, step4_argv, step4_inputs, unet_trainset
 from tests.test_reliability import fails
 from utils.training import flags
 from utils.training.batchnorm import batchnorm_layers
@@ -20,20 +20,12 @@ from utils.training.checkpoint import load_checkpoint
 from utils.training.guards import CollapseGuard, MaskCollapseError
 from utils.training.monitor import RunMonitor
 
-FAST = ["--batch_size", "4", "--log_every", "1", "--vis_every", "1000", "--eval_every", "1000", "--val_batches", "1",
-        "--optimizer", "adam"]
 HINTS = {"low": "low hint", "high": "high hint"}
 
 
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory, demo_bfm_h5) -> dict:
     return step4_inputs(tmp_path_factory.mktemp("em_guard_inputs"), demo_bfm_h5)
-
-
-def _step4_args(inputs: dict, save_root, *extra: str) -> list[str]:
-    return [*common_args(inputs["root"], inputs["bfm"], save_root), "--pretrained_MoFA",
-            str(inputs["save"] / "pretrain_mofa"), "--pretrained_unet", str(inputs["save"] / "Pretrain_UNet"),
-            *FAST, *extra]
 
 
 def _rows(path) -> list[dict]:
@@ -91,7 +83,7 @@ def test_a_collapse_in_step4_stops_with_one_line_and_latest_from_before_it(tmp_p
     monkeypatch.setattr(step4.EMTrainer, "after_step", collapse_after_step_4)
     save = tmp_path / "save"
     run = save / "MoFA_UNet"
-    line = fails(capsys, step4.main, _step4_args(inputs, save, "--max_iters", "12", "--ckpt_every", "2",
+    line = fails(capsys, step4.main, step4_argv(inputs, save, "--max_iters", "12", "--ckpt_every", "2",
                                                  "--keep_ckpts", "0", "--em_cycle", "3", "--unet_iters", "1"))
     assert line.startswith("error: stopped after step 7: mask collapse: the mean UNet mask inside the face was "
                            "below 0.05 at 3 log steps in a row"), line
@@ -106,6 +98,25 @@ def test_a_collapse_in_step4_stops_with_one_line_and_latest_from_before_it(tmp_p
     assert all(float(r["mask_in_face"]) < 0.05 for r in rows[4:])
 
 
+def test_a_collapse_right_after_a_resume_names_the_steps_since_the_resume(tmp_path, capsys, monkeypatch, inputs):
+    """The guard starts at the run's start step (built in EMTrainer.start, as in Step 3): a run resumed at step 4
+    whose UNet collapses at once reports steps 5-6, and the weights after step 4 (not step 0) as the first bad ones."""
+    save = tmp_path / "save"
+    assert step4.main(step4_argv(inputs, save, "--max_iters", "4", "--em_cycle", "3", "--unet_iters", "1")) == 0
+    original = step4.EMTrainer.start
+
+    def start_collapsed(self, spec):
+        start = original(self, spec)
+        with torch.no_grad():
+            self.unet.head.bias.fill_(-10.0)
+        return start
+
+    monkeypatch.setattr(step4.EMTrainer, "start", start_collapsed)
+    line = fails(capsys, step4.main, step4_argv(inputs, save, "--max_iters", "8", "--em_cycle", "3", "--unet_iters",
+                                                 "1", "--collapse_patience", "2", "--resume"))
+    assert "steps 5-6)" in line and "the weights after step 4 trained into the mask collapse" in line, line
+
+
 def test_collapse_warn_trains_on(tmp_path, caplog, monkeypatch, inputs):
     def collapsed(self, step):
         with torch.no_grad():
@@ -113,7 +124,7 @@ def test_collapse_warn_trains_on(tmp_path, caplog, monkeypatch, inputs):
 
     monkeypatch.setattr(step4.EMTrainer, "after_step", collapsed)
     with caplog.at_level(logging.WARNING):
-        assert step4.main(_step4_args(inputs, tmp_path / "save", "--max_iters", "4", "--em_cycle", "3",
+        assert step4.main(step4_argv(inputs, tmp_path / "save", "--max_iters", "4", "--em_cycle", "3",
                                       "--unet_iters", "1", "--collapse", "warn", "--collapse_patience", "2")) == 0
     assert "MASK COLLAPSE".lower() in caplog.text.lower() and "--dist_landmarks gt" in caplog.text
     assert load_checkpoint(tmp_path / "save" / "MoFA_UNet" / "final.pt")["step"] == 4
@@ -152,7 +163,7 @@ def test_every_logged_key_is_a_step4_csv_column_and_total_has_one_meaning(tmp_pa
     absent from validation (no phase is trained there)."""
     seen = _logged_keys(monkeypatch)
     save = tmp_path / "save"
-    assert step4.main(_step4_args(inputs, save, "--max_iters", "3", "--em_cycle", "3", "--unet_iters", "1",
+    assert step4.main(step4_argv(inputs, save, "--max_iters", "3", "--em_cycle", "3", "--unet_iters", "1",
                                   "--eval_every", "3", "--identity", "dlib")) == 0
     rows = _check_columns(save / "MoFA_UNet", seen)
     train, val = rows["train"], rows["val"]
@@ -213,7 +224,7 @@ def test_step4_reestimates_batchnorm_at_the_end_of_every_unet_phase(tmp_path, in
     runs = {}
     for images in ("4", "0"):
         save = tmp_path / images
-        assert step4.main(_step4_args(inputs, save, "--max_iters", "4", "--ckpt_every", "1", "--keep_ckpts", "0",
+        assert step4.main(step4_argv(inputs, save, "--max_iters", "4", "--ckpt_every", "1", "--keep_ckpts", "0",
                                       "--em_cycle", "3", "--unet_iters", "1", "--bn_recalibration", images)) == 0
         runs[images] = {k: load_checkpoint(save / "MoFA_UNet" / f"ckpt_{k:06d}.pt")["models"]["unet"]
                         for k in range(1, 5)}
@@ -243,7 +254,7 @@ def test_a_mofa_step_computes_no_unet_weight_gradient(tmp_path, monkeypatch, inp
 
     monkeypatch.setattr(step4.EMTrainer, "__init__", init)
     monkeypatch.setattr(step4.EMTrainer, "forward", forward)
-    assert step4.main(_step4_args(inputs, tmp_path / "save", "--max_iters", "3", "--em_cycle", "3",
+    assert step4.main(step4_argv(inputs, tmp_path / "save", "--max_iters", "3", "--em_cycle", "3",
                                   "--unet_iters", "0")) == 0
     assert "unet" in computed and "mofa" not in computed, sorted(set(computed))
 

@@ -99,6 +99,11 @@ def test_reconstruct_fits_with_the_landmarks_and_needs_them(ckpt, tmp_path, caps
         cli.cli_main(reconstruct.main, argv)
     err = capsys.readouterr().err.strip()
     assert exc.value.code == 2 and "--landmarks" in err and len(err.splitlines()) == 1, err  # not the checkpoint
+    for bad in (["--fit_steps", "-1"], ["--fit_steps", "2", "--fit_lr", "0"]):  # check_flags, before the checkpoint
+        with pytest.raises(SystemExit) as exc:
+            cli.cli_main(reconstruct.main, argv[:-2] + bad + ["--landmarks", str(tmp_path / "lm.csv")])
+        err = capsys.readouterr().err.strip()
+        assert exc.value.code == 2 and bad[-2] in err and len(err.splitlines()) == 1, err
     run(ckpt, tmp_path / "plain", "--landmarks", str(tmp_path / "lm.csv"), step=1)
     run(ckpt, tmp_path / "fit", "--landmarks", str(tmp_path / "lm.csv"), "--fit_steps", "10", step=1)
     assert (tmp_path / "fit" / "face.obj").read_bytes() != (tmp_path / "plain" / "face.obj").read_bytes()

@@ -11,6 +11,7 @@ from models.face_model import FaceModel
 from models.layout import CoeffLayout
 from utils.fitting import add_fit_args, fit_coefficients, fit_images
 from utils.training.builders import build_mofa, build_unet
+from utils.training.flags import FlagError, check_flags
 
 SIZE = 32
 
@@ -137,9 +138,12 @@ def test_fit_flags():
     args = parser.parse_args([])
     assert args.fit_steps == 0 and args.fit_lr == 0.05
     assert parser.parse_args(["--fit_steps", "20", "--fit_lr", "0.02"]).fit_steps == 20
-    for bad in (["--fit_steps", "-1"], ["--fit_lr", "0"], ["--fit_lr", "nan"], ["--fit_steps", "x"]):
-        with pytest.raises(SystemExit):
-            parser.parse_args(bad)
+    check_flags(parser.parse_args(["--fit_steps", "0", "--fit_lr", "1e-3"]))
+    for bad in (["--fit_steps", "-1"], ["--fit_lr", "0"], ["--fit_lr", "nan"], ["--fit_lr", "inf"]):
+        with pytest.raises(FlagError, match=bad[0]):  # the one range check of numeric flags
+            check_flags(parser.parse_args(bad))
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--fit_steps", "x"])
 
 
 def test_step2_writes_the_masks_of_the_fitted_coefficients(tmp_path, demo_bfm_h5):

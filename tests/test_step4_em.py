@@ -13,23 +13,14 @@ import pytest
 import torch
 
 import Step4_UNet_MoFA_EM as step4
-from tests.step_inputs import STEP1_LR_GAMMA, STEP1_LR_STEP, STEP1_STEPS, common_args, step4_inputs
+from tests.step_inputs import STEP1_LR_GAMMA, STEP1_LR_STEP, STEP1_STEPS, step4_argv, step4_inputs
 from utils import losses
 from utils.training.checkpoint import CheckpointError, load_checkpoint
-
-FAST = ["--batch_size", "4", "--log_every", "1", "--vis_every", "1000", "--eval_every", "1000", "--val_batches", "1",
-        "--optimizer", "adam"]
 
 
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory, demo_bfm_h5) -> dict:
     return step4_inputs(tmp_path_factory.mktemp("step4_inputs"), demo_bfm_h5)
-
-
-def _args(inputs: dict, save_root, *extra: str) -> list[str]:
-    return [*common_args(inputs["root"], inputs["bfm"], save_root), "--pretrained_MoFA",
-            str(inputs["save"] / "pretrain_mofa"), "--pretrained_unet", str(inputs["save"] / "Pretrain_UNet"),
-            *FAST, *extra]
 
 
 def _same(a: dict, b: dict) -> bool:
@@ -44,7 +35,7 @@ def _changed_parameters(a: dict, b: dict) -> int:
 def em_run(tmp_path_factory, inputs) -> dict:
     """Four Step-4 steps with a checkpoint after each; StepLR halves the MoFA rate and quarters the UNet's per step."""
     save = tmp_path_factory.mktemp("em_run")
-    assert step4.main(_args(inputs, save, "--max_iters", "4", "--ckpt_every", "1", "--em_cycle", "3",
+    assert step4.main(step4_argv(inputs, save, "--max_iters", "4", "--ckpt_every", "1", "--em_cycle", "3",
                             "--unet_iters", "1", "--lr_step", "1", "--lr_gamma_mofa", "0.5",
                             "--lr_gamma_unet", "0.25")) == 0
     payloads = {k: load_checkpoint(save / "MoFA_UNet" / f"ckpt_{k:06d}.pt") for k in range(1, 5)}
@@ -102,13 +93,13 @@ def test_resume_across_an_epoch_boundary_with_two_workers_is_exact(tmp_path, inp
     from latest.pt at step 2 and logs steps 3-5 only after the first call's 1-2."""
     extra = ["--em_cycle", "3", "--unet_iters", "0", "--lr_step", "2", "--ckpt_every", "1000", "--workers", "2"]
     straight, split = tmp_path / "straight", tmp_path / "split"
-    assert step4.main(_args(inputs, straight, *extra, "--max_iters", "5")) == 0
-    assert step4.main(_args(inputs, split, *extra, "--max_iters", "2")) == 0
+    assert step4.main(step4_argv(inputs, straight, *extra, "--max_iters", "5")) == 0
+    assert step4.main(step4_argv(inputs, split, *extra, "--max_iters", "2")) == 0
     latest = split / "MoFA_UNet" / "latest.pt"
     assert load_checkpoint(latest)["step"] == 2
     first_rows = _loss_rows(split)
     with caplog.at_level(logging.INFO):
-        assert step4.main(_args(inputs, split, *extra, "--max_iters", "5", "--resume")) == 0
+        assert step4.main(step4_argv(inputs, split, *extra, "--max_iters", "5", "--resume")) == 0
     assert f"resumed from {latest} at step 2" in caplog.text
     rows = _loss_rows(split)
     assert [r[0] for r in rows] == ["step", "1", "2", "3", "4", "5"]
@@ -128,7 +119,7 @@ def test_dropped_terms_are_skipped_in_training_and_logged_in_validation(tmp_path
     """--drop_terms dist: the UNet-phase training rows log no dist (it is not computed), validation logs it; the
     other UNet-phase terms are logged in both."""
     save = tmp_path / "drop"
-    assert step4.main(_args(inputs, save, "--max_iters", "2", "--em_cycle", "3", "--unet_iters", "1",
+    assert step4.main(step4_argv(inputs, save, "--max_iters", "2", "--em_cycle", "3", "--unet_iters", "1",
                             "--identity", "dlib", "--drop_terms", "dist", "--eval_every", "2")) == 0
 
     def rows(name):

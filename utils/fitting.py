@@ -67,32 +67,13 @@ class FitResult:
     steps: int
 
 
-def _non_negative_int(value: str) -> int:
-    try:
-        number = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{value!r} is not an integer") from None
-    if number < 0:
-        raise argparse.ArgumentTypeError(f"{number}: must be 0 (no fitting) or a positive number of steps")
-    return number
-
-
-def _positive_float(value: str) -> float:
-    try:
-        number = float(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{value!r} is not a number") from None
-    if not (number > 0 and number < float("inf")):
-        raise argparse.ArgumentTypeError(f"{value}: must be a positive number")
-    return number
-
-
 def add_fit_args(parser: argparse.ArgumentParser, what: str = "the masks") -> None:
-    """``--fit_steps N`` (default 0: the paper's feed-forward network) and ``--fit_lr`` (Adam, default 0.05)."""
-    parser.add_argument("--fit_steps", type=_non_negative_int, default=0,
+    """``--fit_steps N`` (default 0: the paper's feed-forward network) and ``--fit_lr`` (Adam, default 0.05); their
+    ranges are checked by ``utils.training.flags.check_flags`` (every command with them runs it first)."""
+    parser.add_argument("--fit_steps", type=int, default=0,
                         help=f"test-time fitting: refine each image's coefficients by N Adam steps on its own loss "
                              f"before {what} are computed (utils/fitting.py; default 0 = the feed-forward network)")
-    parser.add_argument("--fit_lr", type=_positive_float, default=DEFAULT_FIT_LR,
+    parser.add_argument("--fit_lr", type=float, default=DEFAULT_FIT_LR,
                         help="Adam learning rate of the test-time fitting (default %(default)s)")
 
 

@@ -156,16 +156,23 @@ def check_target(folder: str | Path, tool: str, overwrite: bool, flag: str = "--
                              f"pass --overwrite to replace it, or another {flag}")
 
 
-def _lock_dir(path: Path) -> int:
-    """Open ``path`` and take an exclusive, non-blocking flock on it; returns the descriptor (OSError if held)."""
-    fd = os.open(path, os.O_RDONLY)
+def flock_or_close(fd: int) -> None:
+    """Take an exclusive, non-blocking flock on the open descriptor ``fd``; when another process holds it, close
+    ``fd`` and raise OSError. Without fcntl (not POSIX) nothing is locked. The one flock helper: output folders
+    here and training run folders (utils/training/run_folder.py) both lock through it."""
     if fcntl is None:
-        return fd
+        return
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
         os.close(fd)
         raise
+
+
+def _lock_dir(path: Path) -> int:
+    """Open ``path`` and lock it (flock_or_close); returns the descriptor (OSError if held)."""
+    fd = os.open(path, os.O_RDONLY)
+    flock_or_close(fd)
     return fd
 
 

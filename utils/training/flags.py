@@ -11,12 +11,13 @@ from utils.errors import MofaError
 
 ENCODERS = ("resnet50", "resnet18", "resnet34", "dlib")
 MIN_IMAGE_SIZE = 16  # the UNet halves the image four times
-# Numeric flags of the steps (and of the evaluation command) and the smallest value each accepts (``check_flags``);
-# a flag a command lacks is skipped.
+# Numeric flags of the steps (and of the evaluation command and reconstruct.py) and the smallest value each accepts
+# (``check_flags``); a flag a command lacks is skipped.
 INT_MINIMA = {"batch_size": 1, "image_size": MIN_IMAGE_SIZE, "workers": 0, "epochs": 1, "max_iters": 1,
               "ckpt_every": 1, "keep_ckpts": 0, "val_batches": 0, "lr_step": 1, "em_cycle": 1, "unet_iters": 0,
-              "unet_width": 1, "bn_recalibration": 0, "collapse_patience": 1}
-POSITIVE_FLOATS = ("learning_rate", "lr_gamma", "lr_gamma_mofa", "lr_gamma_unet", "sigma", "lr_mofa", "lr_unet")
+              "unet_width": 1, "bn_recalibration": 0, "collapse_patience": 1, "fit_steps": 0}
+POSITIVE_FLOATS = ("learning_rate", "lr_gamma", "lr_gamma_mofa", "lr_gamma_unet", "sigma", "lr_mofa", "lr_unet",
+                   "fit_lr")
 
 
 # Former --loss_preset names -> the one-line error that names the new one and says why.

@@ -28,13 +28,8 @@ from pathlib import Path
 
 from utils.errors import MofaError
 from utils.atomic_write import atomic_write
-from utils.output_dir import MANIFEST_NAME, owned_files, write_manifest
+from utils.output_dir import MANIFEST_NAME, flock_or_close, owned_files, write_manifest
 from utils.training.checkpoint import remove_orphans
-
-try:
-    import fcntl
-except ImportError:  # not POSIX: runs are not locked
-    fcntl = None
 
 RUN_CONFIG_NAME = "run_config.json"
 LOCK_NAME = ".run.lock"
@@ -67,12 +62,9 @@ def _holder(path: Path) -> str:
 
 
 def _flock(fd: int, lock_path: Path, out_dir: Path) -> None:
-    if fcntl is None:
-        return
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        flock_or_close(fd)  # not POSIX: runs are not locked
     except OSError:
-        os.close(fd)
         raise RunLockedError(f"{out_dir} is in use by another run ({_holder(lock_path)}): wait for it to end or stop "
                              "it (a --resume or --overwrite of a live run is refused), or pass another --save_root"
                              ) from None
