@@ -43,6 +43,7 @@ class FakePipeline:
     def __init__(self, monkeypatch, collapse=()):
         self.commands: list[list[str]] = []
         self.evaluations: list[tuple[Path, str, Path]] = []
+        self.fit_steps: dict[str, int] = {}  # evaluation folder name -> its --fit_steps
         self.collapse = set(collapse)
         monkeypatch.setattr(demo_pipeline, "run", self.run)
         monkeypatch.setattr(demo_pipeline, "evaluate_stage", self.evaluate)
@@ -57,6 +58,7 @@ class FakePipeline:
 
     def evaluate(self, args, data, save_root, stage, out, fit_steps=0):
         self.evaluations.append((Path(save_root), stage, Path(out)))
+        self.fit_steps[Path(out).name] = fit_steps
         row = 0.1 if "ablation" in Path(save_root).parts else 0.0
         return fake_summary(STAGE_IOU[stage] + 0.01 * seed_of(save_root) + row)
 
@@ -281,3 +283,12 @@ def test_with_flags_appends_a_switch_once():
     assert demo_pipeline.without_defaults(["--fit_steps", "0", "--x", "1"]) == ["--x", "1"]
     assert demo_pipeline.without_defaults(["--fit_steps", "20"]) == ["--fit_steps", "20"]
 
+
+def test_the_step2_row_scores_the_masks_step2_wrote(tmp_path, monkeypatch):
+    """The demo's Step 2 fits (--fit_steps FIT_STEPS): its row is evaluated with the same fitting, and the
+    step4_fitted row fits the final model; the other rows are the feed-forward networks."""
+    fake = FakePipeline(monkeypatch)
+    run_main(tmp_path)
+    assert _flag(fake.steps(2)[0], "--fit_steps") == str(demo_pipeline.FIT_STEPS)
+    n = demo_pipeline.FIT_STEPS
+    assert fake.fit_steps == {"fit_oracle": 0, "step2_prelim": n, "step3_unet": 0, "step4_final": 0, "step4_fitted": n}

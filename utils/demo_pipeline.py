@@ -377,6 +377,13 @@ def main(argv=None) -> int:
     return 0
 
 
+def step2_fit_steps(step_flags: dict) -> int:
+    """The ``--fit_steps`` of the run's Step 2 (0 without): the step2 stage is evaluated with them, so that its row
+    scores the preliminary masks Step 2 wrote, not the feed-forward encoder's."""
+    flags = step_flags.get("step2", [])
+    return int(flags[flags.index("--fit_steps") + 1]) if "--fit_steps" in flags else 0
+
+
 def run_seed(args, cfg: dict, data: Path, seed: int, folder: Path, reused: dict, step_flags: dict) -> dict:
     """Steps from_step..4 of one seed into <folder>/MoFA_UNet_Save, then every stage's evaluation into
     <folder>/<stage>/; returns the seed's results (the single run's results.json layout: the stages, per_appearance,
@@ -394,7 +401,7 @@ def run_seed(args, cfg: dict, data: Path, seed: int, folder: Path, reused: dict,
             timings[name] = round(time.time() - t, 1)
     results = {"seed": seed, "per_appearance": {}, "per_category": {}}
     for key, stage in STAGES.items():
-        fit = FIT_STEPS if key in FITTED_STAGES else 0
+        fit = FIT_STEPS if key in FITTED_STAGES else step2_fit_steps(step_flags) if stage == "step2" else 0
         record_stage(results, key, evaluate_stage(args, data, save_root, stage, folder / key, fit))
     results["step_seconds"] = timings
     results["wall_seconds"] = round(time.time() - t0, 1)
