@@ -59,7 +59,7 @@ def test_quick_demo_writes_results_for_every_stage(quick_demo):
         assert results["per_appearance"][stage] and results["per_category"][stage]
     assert set(results["per_appearance"]["step4_final"]) <= {*APPEARANCE_ITEMS, "none"}
     figure = cv2.imread(str(out / "figure.png"))
-    assert figure.shape[1] == (2 + len(demo_pipeline.STAGES)) * size, "input, GT and the mask of every stage side by side"
+    assert figure.shape[1] == (2 + len(demo_pipeline.STAGES)) * size, "input, GT and every stage's mask side by side"
     assert figure.shape[0] > 2 * size
 
 
