@@ -30,7 +30,7 @@ demo: $(STAMP)
 	$(PY) -m utils.demo_pipeline --seeds $(SEEDS)
 
 # The ablation table (variants trained from the demo's own earlier steps, per seed); run after `make demo` with the
-# same SEEDS. ROWS=a,b picks rows (no_augment retrains Steps 1-4: a whole demo per seed; fit_on Steps 2-4).
+# same SEEDS. ROWS=a,b picks rows (augment retrains Steps 1-4: a whole demo per seed; fit_off Steps 2-4).
 ablation: $(STAMP)
 	$(PY) -m utils.demo_pipeline --from_step 5 --ablation --seeds $(SEEDS) $(if $(ROWS),--ablation_rows $(ROWS))
 
