@@ -209,14 +209,14 @@ def test_ablation_variants_parse_as_step_flags(name):
 
 def test_ablation_trains_each_variant_from_the_demo_models(quick_demo, demo_bfm_h5):
     """``--from_step 5 --ablation`` (make ablation) reruns no step, trains Step-4 variants from the demo's Step-1 and
-    Step-3 models with their flags, and reports their rows next to Steps 2, 3 and 4. Three rows (the two with every
-    term, one without identity) stand for all: every row's flags are checked by
-    test_ablation_variants_parse_as_step_flags, and each row costs a Step-4 run."""
+    Step-3 models with their flags, and reports their rows next to Steps 2, 3 and 4. The two rows with every term
+    stand for all: every row's flags are checked by test_ablation_variants_parse_as_step_flags, and each row costs
+    a Step-4 run."""
     out, data = quick_demo
     save_root = out / "MoFA_UNet_Save"
     before = {p: p.stat().st_mtime_ns for p in save_root.rglob("*.pt")}
     demo_seconds = json.loads((out / "results.json").read_text())["step_seconds"]
-    names = ["all_terms", "all_terms_gt_landmarks", "no_identity"]
+    names = ["all_terms", "all_terms_gt_landmarks"]
     assert all(set(demo_pipeline.ABLATIONS[name]) == {"step4"} for name in names)
     assert demo_pipeline.main(["--profile", "quick", "--out", str(out), "--data", str(data), "--bfm", str(demo_bfm_h5),
                                "--device", "cpu", "--from_step", "5", "--ablation",
