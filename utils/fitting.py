@@ -96,19 +96,16 @@ def per_image_sum(images: torch.Tensor, out: RenderOutput, landmarks: torch.Tens
                   ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The fitting objective: the sum over images of each image's loss (module doc), and the UNet mask or None."""
     batch = images.shape[0]
+    skip = frozenset(name for name in ("identity",) if identity is None)
     if unet is None:
         weights = preset.step1
-        skip = frozenset(name for name in ("identity",) if identity is None)
         terms, _ = step1_terms(out, images, landmarks, setup, identity, skip)
         return batch * losses.weighted_sum(terms, weights), None
     weights = preset.step4_mofa
     U = unet_mask(unet, out, images).float()
-    skip = frozenset(name for name in ("identity",) if identity is None)
-    terms = step4_mofa_terms(U, out, images, landmarks, setup, identity, skip)
-    if terms["rec"] is not None:  # pooled over the batch in training: here image by image
-        M = out.mask * U
-        terms["rec"] = sum(losses.masked_reconstruction(images[b:b + 1], out.image[b:b + 1], M[b:b + 1])
-                           for b in range(batch)) / batch
+    terms = step4_mofa_terms(U, out, images, landmarks, setup, identity, skip | {"rec"})
+    if weights.rec:  # pooled over the batch in training: here image by image
+        terms["rec"] = losses.masked_reconstruction(images, out.image, out.mask * U, per_image=True).mean()
     return batch * losses.weighted_sum(terms, weights), U
 
 

@@ -138,16 +138,19 @@ def identity_loss(f_rec: torch.Tensor, f_gt: torch.Tensor) -> torch.Tensor:
 # Step 3 / Step 4
 # --------------------------------------------------------------------------------------------------------------
 
-def masked_reconstruction(I: torch.Tensor, R: torch.Tensor, M: torch.Tensor) -> torch.Tensor:
+def masked_reconstruction(I: torch.Tensor, R: torch.Tensor, M: torch.Tensor, per_image: bool = False
+                          ) -> torch.Tensor:
     """Pooled masked L2,1 reconstruction loss (docs/method.md §8.3).
 
-    sum over (b, pixels) of ||M * (I - R)||_RGB / max(sum M, 1): one scalar for the whole batch.
+    sum over (b, pixels) of ||M * (I - R)||_RGB / max(sum M, 1): one scalar for the whole batch (training pools
+    it as G2 does); ``per_image``: the same for each image alone, (B,) (test-time fitting).
     M: (B, 1, H, W) in [0, 1], so ||M (I - R)|| = M ||I - R||; the norm has NORM_EPS inside its square root,
     so the gradient is finite (zero) where I = R, and an all-zero M gives exactly 0.
     """
     _check_image_pair(I, R, "masked_reconstruction")
     _check_mask(M, I, "masked_reconstruction")
-    return (M * _rgb_norm(I - R)).sum() / M.sum().clamp_min(1.0)
+    dims = (1, 2, 3) if per_image else None
+    return (M * _rgb_norm(I - R)).sum(dims) / M.sum(dims).clamp_min(1.0)
 
 
 def area_loss(F_mask: torch.Tensor, U: torch.Tensor) -> torch.Tensor:

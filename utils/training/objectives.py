@@ -127,7 +127,7 @@ def step4_mofa_terms(U: torch.Tensor, out, images: torch.Tensor, landmarks_gt: t
     """Step 4 MoFA-phase terms (docs/method.md §8.3): masked reconstruction, identity, regulariser, landmark, area."""
     M = out.mask * U
     return _without({
-        "rec": losses.masked_reconstruction(images, out.image, M),
+        "rec": None if "rec" in skip else losses.masked_reconstruction(images, out.image, M),
         "identity": None if "identity" in skip else _identity(identity, out, images, landmarks_gt),
         **_prior_terms(out, landmarks_gt, setup),
         "area": losses.area_loss(out.mask, U),
